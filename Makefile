@@ -1,0 +1,46 @@
+# The README's commands. `make demo` runs the whole stack with a demo model;
+# `make test` runs every check CI runs. Both set up .venv first when needed.
+PY := .venv/bin/python
+STAMP := .venv/.ferry-setup
+
+.PHONY: setup protos protos-check lint format test test-unit test-integration test-e2e demo bench clean
+
+$(STAMP): pyproject.toml constraints.txt tools/setup.sh
+	bash tools/setup.sh
+
+setup: $(STAMP)
+
+protos: $(STAMP)
+	$(PY) tools/gen_protos.py
+
+protos-check: $(STAMP)
+	$(PY) tools/gen_protos.py --check
+
+lint: $(STAMP)
+	.venv/bin/ruff check .
+	.venv/bin/ruff format --check .
+
+format: $(STAMP)
+	.venv/bin/ruff check --fix .
+	.venv/bin/ruff format .
+
+test: protos-check lint
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: $(STAMP)
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: $(STAMP)
+	$(PY) -m pytest -q tests/e2e
+
+demo: $(STAMP)
+	.venv/bin/ferry demo
+
+bench: $(STAMP)
+	.venv/bin/ferry bench
+
+clean:
+	rm -rf .venv .pytest_cache .ruff_cache .ferry

@@ -1,0 +1,1 @@
+"""The ``ferry`` command line: one entry point, one module per command family."""

@@ -1,0 +1,112 @@
+"""One exception tree for every Ferry service, each class carrying its gRPC status.
+
+Servicers only raise; one server interceptor (``ferry.core.grpcserver``) turns a
+``FerryError`` into its status and message, and anything else into INTERNAL with
+a generic message while the details go to the log. The client turns statuses
+back into the same classes, so a caller catches ``NotFound`` whether the error
+was raised locally or three hops away.
+
+    FerryError
+    ├── InvalidArgument      INVALID_ARGUMENT   bad shape, dtype, name, spec
+    ├── NotFound             NOT_FOUND          unknown model, version, job
+    ├── AlreadyExists        ALREADY_EXISTS
+    ├── FailedPrecondition   FAILED_PRECONDITION  job not finished, checkpoint missing
+    ├── Unavailable          UNAVAILABLE        model not ready, no healthy worker, draining
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED queue full, over a size or rate limit
+    ├── DeadlineExceeded     DEADLINE_EXCEEDED
+    ├── Cancelled            CANCELLED
+    ├── Unauthenticated      UNAUTHENTICATED
+    ├── PermissionDenied     PERMISSION_DENIED
+    ├── Unimplemented        UNIMPLEMENTED
+    └── Internal             INTERNAL
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FerryError(Exception):
+    """Base of every error Ferry raises on purpose; ``code`` is what the caller sees."""
+
+    code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(FerryError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(FerryError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(FerryError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(FerryError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Unavailable(FerryError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class ResourceExhausted(FerryError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class DeadlineExceeded(FerryError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(FerryError):
+    code = grpc.StatusCode.CANCELLED
+
+
+class Unauthenticated(FerryError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FerryError):
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unimplemented(FerryError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
+class Internal(FerryError):
+    code = grpc.StatusCode.INTERNAL
+
+
+_BY_CODE: dict[grpc.StatusCode, type[FerryError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Unavailable,
+        ResourceExhausted,
+        DeadlineExceeded,
+        Cancelled,
+        Unauthenticated,
+        PermissionDenied,
+        Unimplemented,
+        Internal,
+    )
+}
+
+
+def error_for_status(code: grpc.StatusCode, message: str) -> FerryError:
+    """The Ferry exception a client raises for a status a server answered."""
+    cls = _BY_CODE.get(code, FerryError)
+    err = cls(message)
+    if cls is FerryError:
+        err.code = code
+    return err

@@ -1,0 +1,202 @@
+"""gRPC server plumbing every Ferry service shares.
+
+``build_server`` returns an asyncio server with the standard ``grpc.health.v1``
+service, server reflection, message-size limits and ``ErrorInterceptor``, the
+one place where exceptions become statuses. ``serve_until_signal`` runs it until
+SIGTERM/SIGINT, then drains: health turns NOT_SERVING (so load balancers route
+away), in-flight calls get ``grace`` seconds to finish, then the process exits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from ferry._proto._pool import POOL
+from ferry.core.errors import FerryError
+
+log = logging.getLogger("ferry.grpc")
+
+
+def _abort_code(err: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(err, FerryError):
+        return err.code, err.message
+    incident = uuid.uuid4().hex[:12]
+    log.error("unexpected error, incident %s", incident, exc_info=err, extra={"incident": incident})
+    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)"
+
+
+class ErrorInterceptor(grpc.aio.ServerInterceptor):
+    """Maps ``FerryError`` to its status and anything unexpected to a generic INTERNAL."""
+
+    def __init__(self) -> None:
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = handler_call_details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        wrapped = _wrap_handler(handler)
+        self._wrapped[method] = wrapped
+        return wrapped
+
+
+def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+    def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await fn(request, context)
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as err:
+                code, message = _abort_code(err)
+                await context.abort(code, message)
+
+        return call
+
+    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            try:
+                async for item in fn(request, context):
+                    yield item
+            except (grpc.aio.AbortError, asyncio.CancelledError):
+                raise
+            except Exception as err:
+                code, message = _abort_code(err)
+                await context.abort(code, message)
+
+        return call
+
+    kinds = {
+        "unary_unary": (grpc.unary_unary_rpc_method_handler, unary),
+        "stream_unary": (grpc.stream_unary_rpc_method_handler, unary),
+        "unary_stream": (grpc.unary_stream_rpc_method_handler, streaming),
+        "stream_stream": (grpc.stream_stream_rpc_method_handler, streaming),
+    }
+    for attr, (factory, wrap) in kinds.items():
+        fn = getattr(handler, attr)
+        if fn is not None:
+            return factory(
+                wrap(fn),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+    return handler
+
+
+@dataclass
+class ServerHandle:
+    """A built server, the port it bound, and its health servicer."""
+
+    server: grpc.aio.Server
+    port: int
+    health: health.aio.HealthServicer
+    services: list[str] = field(default_factory=list)
+    on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+
+    async def set_serving(self, serving: bool) -> None:
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        for name in ["", *self.services]:
+            await self.health.set(name, status)
+
+    async def stop(self, grace: float) -> None:
+        await self.set_serving(False)
+        for hook in self.on_stop:
+            await hook()
+        await self.server.stop(grace)
+
+
+def server_credentials(
+    cert_file: str | None, key_file: str | None, client_ca_file: str | None = None
+) -> grpc.ServerCredentials | None:
+    """TLS credentials from PEM files; with ``client_ca_file``, clients must present a certificate."""
+    if not cert_file or not key_file:
+        return None
+    with open(cert_file, "rb") as c, open(key_file, "rb") as k:
+        pair = (k.read(), c.read())
+    root = None
+    if client_ca_file:
+        with open(client_ca_file, "rb") as f:
+            root = f.read()
+    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+
+
+def build_server(
+    host: str,
+    port: int,
+    register: Callable[[grpc.aio.Server], Iterable[str]],
+    *,
+    max_message_bytes: int = 64 * 1024 * 1024,
+    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
+    reuse_port: bool = False,
+) -> ServerHandle:
+    """Create the server, register services via ``register`` (returns their full names), bind.
+
+    The error interceptor comes last so it sees exactly what the servicer raised.
+    """
+    options = [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1 if reuse_port else 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ]
+    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=options)
+    services = list(register(server))
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server, pool=POOL)
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"cannot bind {address}: the port is taken or the address is not local")
+    return ServerHandle(server=server, port=bound, health=health_servicer, services=services)
+
+
+async def serve_until_signal(
+    handle: ServerHandle, grace: float = 10.0, ready: Callable[[], Awaitable[None]] | None = None
+) -> None:
+    """Start, mark SERVING, wait for SIGTERM/SIGINT, then drain and stop."""
+    await handle.server.start()
+    if ready is not None:
+        await ready()
+    await handle.set_serving(True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(handle.server.wait_for_termination())
+    signalled = asyncio.create_task(stop.wait())
+    await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
+    if stop.is_set():
+        log.warning("stopping: draining in-flight calls", extra={"grace_s": grace})
+        await handle.stop(grace)
+    waiter.cancel()
+    signalled.cancel()
+
+
+def ready_line(service: str, port: int, **extra: Any) -> str:
+    """The one line a service prints on stdout once it serves; tools and tests wait for it."""
+    fields = " ".join(f"{k}={v}" for k, v in extra.items())
+    return f"FERRY_READY service={service} port={port} {fields}".rstrip()

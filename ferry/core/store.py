@@ -1,0 +1,178 @@
+"""The model store: one folder that every service shares, laid out like Triton's.
+
+    models/<model>/config.json            serving config (see ferry.core.modelconfig)
+    models/<model>/<version>/model.onnx   versions are positive integers
+    models/<model>/<version>/meta.json    lineage and the exporter's report
+    checkpoints/<job>/<tag>/...           weights.safetensors, spec.json, metrics.json
+    jobs/<job>.json                       job records
+    datasets/<name>.npz                   uploaded datasets
+
+Every write lands beside its target and is renamed into place, so a reader sees
+the old file or the new one, never half of one. A version folder appears in one
+rename of a complete staging folder (``.staging-*``), which is why a worker that
+scans during an export never loads a partial version. Names that become paths
+are validated before they touch the file system.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from ferry.core.errors import InvalidArgument, NotFound
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+MODEL_FILE = "model.onnx"
+CONFIG_FILE = "config.json"
+META_FILE = "meta.json"
+
+
+def validate_name(name: str, what: str = "name") -> str:
+    """Reject anything that could escape its folder or surprise a shell."""
+    if not isinstance(name, str) or not NAME_RE.match(name) or ".." in name:
+        raise InvalidArgument(
+            f"invalid {what} {name!r}: use 1-128 letters, digits, '_', '-', '.', starting with a letter "
+            "or digit, no path separators and no '..'"
+        )
+    return name
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+class Store:
+    """A local model store rooted at ``root`` (created on first use)."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.models_dir = self.root / "models"
+        self.checkpoints_dir = self.root / "checkpoints"
+        self.jobs_dir = self.root / "jobs"
+        self.datasets_dir = self.root / "datasets"
+        for folder in (self.models_dir, self.checkpoints_dir, self.jobs_dir, self.datasets_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    # --- models -------------------------------------------------------------------------------
+
+    def model_dir(self, model: str) -> Path:
+        return self.models_dir / validate_name(model, "model name")
+
+    def version_dir(self, model: str, version: int) -> Path:
+        if version < 1:
+            raise InvalidArgument(f"invalid version {version}: versions are positive integers")
+        return self.model_dir(model) / str(version)
+
+    def list_models(self) -> list[str]:
+        return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
+
+    def list_versions(self, model: str) -> list[int]:
+        """Published versions: integer folders holding a model file (staging folders never match)."""
+        folder = self.model_dir(model)
+        if not folder.is_dir():
+            return []
+        return sorted(
+            int(p.name)
+            for p in folder.iterdir()
+            if p.name.isdigit() and int(p.name) > 0 and (p / MODEL_FILE).is_file()
+        )
+
+    def model_file(self, model: str, version: int) -> Path:
+        path = self.version_dir(model, version) / MODEL_FILE
+        if not path.is_file():
+            raise NotFound(f"model {model!r} has no version {version} in the store")
+        return path
+
+    def read_config(self, model: str) -> dict[str, Any] | None:
+        path = self.model_dir(model) / CONFIG_FILE
+        return read_json(path) if path.is_file() else None
+
+    def write_config(self, model: str, config: dict[str, Any]) -> None:
+        atomic_write_json(self.model_dir(model) / CONFIG_FILE, config)
+
+    def read_meta(self, model: str, version: int) -> dict[str, Any] | None:
+        path = self.version_dir(model, version) / META_FILE
+        return read_json(path) if path.is_file() else None
+
+    @contextlib.contextmanager
+    def _model_lock(self, model: str) -> Iterator[None]:
+        folder = self.model_dir(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / ".lock", "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def staging_dir(self, model: str) -> Path:
+        """A private folder to assemble a version in; hand it to ``publish_version``."""
+        folder = self.model_dir(model)
+        folder.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+
+    def publish_version(self, model: str, staged: Path, config: dict[str, Any] | None = None) -> int:
+        """Make ``staged`` the next version of ``model`` in one rename; returns the version.
+
+        The lock serialises concurrent publishers of one model so each gets its own
+        number; ``config`` (when given) is written before the version appears, so a
+        worker that sees the version also sees its serving config.
+        """
+        if not (staged / MODEL_FILE).is_file():
+            raise InvalidArgument(f"staged folder {staged} holds no {MODEL_FILE}")
+        with self._model_lock(model):
+            if config is not None:
+                self.write_config(model, config)
+            folder = self.model_dir(model)
+            taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+            version = max(taken, default=0) + 1
+            os.rename(staged, folder / str(version))
+        return version
+
+    def delete_version(self, model: str, version: int) -> None:
+        path = self.version_dir(model, version)
+        if not path.is_dir():
+            raise NotFound(f"model {model!r} has no version {version} in the store")
+        with self._model_lock(model):
+            trash = path.with_name(f".deleting-{version}")
+            os.rename(path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    # --- jobs, checkpoints, datasets ----------------------------------------------------------
+
+    def job_file(self, job_id: str) -> Path:
+        return self.jobs_dir / f"{validate_name(job_id, 'job id')}.json"
+
+    def checkpoint_dir(self, job_id: str, tag: str = "final") -> Path:
+        return self.checkpoints_dir / validate_name(job_id, "job id") / validate_name(tag, "checkpoint tag")
+
+    def dataset_file(self, name: str) -> Path:
+        return self.datasets_dir / validate_name(name, "dataset name")

@@ -1,0 +1,65 @@
+"""Tiny real models exported by the tests themselves with torch.onnx.export."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def export_mlp(path: Path, in_features: int = 8, classes: int = 3, seed: int = 0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(in_features, 16), torch.nn.ReLU(), torch.nn.Linear(16, classes)
+    ).eval()
+    return _export(model, torch.randn(2, in_features), path)
+
+
+def export_cnn(path: Path, channels: int = 3, size: int = 8, classes: int = 4, seed: int = 0) -> Path:
+    import torch
+
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(channels, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4, classes),
+    ).eval()
+    return _export(model, torch.randn(2, channels, size, size), path)
+
+
+def _export(model: object, example: object, path: Path) -> Path:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["input"],
+        output_names=["output"],
+        dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+        dynamo=False,
+    )
+    return path
+
+
+def publish(store_root: Path, model: str, version: int, onnx_file: Path, config: dict | None = None) -> Path:
+    """Place an ONNX file as ``models/<model>/<version>/model.onnx`` (tests write the store directly)."""
+    folder = store_root / "models" / model / str(version)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.onnx").write_bytes(onnx_file.read_bytes())
+    if config is not None:
+        (store_root / "models" / model / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def ort_run(onnx_file: Path, x: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
