@@ -1,0 +1,1 @@
+"""Python clients for Ferry services: numpy in, numpy out, Ferry errors out."""
