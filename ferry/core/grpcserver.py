@@ -175,13 +175,19 @@ def build_server(
 
 
 async def serve_until_signal(
-    handle: ServerHandle, grace: float = 10.0, ready: Callable[[], Awaitable[None]] | None = None
+    handle: ServerHandle,
+    grace: float = 10.0,
+    on_start: Callable[[], Awaitable[None]] | None = None,
+    ready_message: str | None = None,
 ) -> None:
-    """Start, mark SERVING, wait for SIGTERM/SIGINT, then drain and stop."""
+    """Start, run ``on_start`` (e.g. load models), mark SERVING, print ``ready_message``,
+    wait for SIGTERM/SIGINT, then drain and stop."""
     await handle.server.start()
-    if ready is not None:
-        await ready()
+    if on_start is not None:
+        await on_start()
     await handle.set_serving(True)
+    if ready_message:
+        print(ready_message, flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -156,6 +156,18 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
     )
 
 
+def version_policy_of(config: dict[str, Any] | None) -> VersionPolicy:
+    """The version policy a ``config.json`` names (latest 1 when it names none)."""
+    vp = (config or {}).get("version_policy") or {}
+    if "all" in vp:
+        return VersionPolicy(kind="all")
+    if "specific" in vp:
+        return VersionPolicy(
+            kind="specific", versions=tuple(int(v) for v in vp["specific"].get("versions", []))
+        )
+    return VersionPolicy(kind="latest", num_versions=int(vp.get("latest", {}).get("num_versions", 1)))
+
+
 def spec_to_config(spec: ModelSpec) -> dict[str, Any]:
     """The ``config.json`` form of a spec (what the exporter writes)."""
     config: dict[str, Any] = {

@@ -9,15 +9,20 @@ import time.
 
 from __future__ import annotations
 
+import argparse
 import contextvars
+import types
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Literal, Self, TypeVar, Union, get_args, get_origin
 
 import yaml
+from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from ferry.core.errors import InvalidArgument
 
+S = TypeVar("S", bound="ServiceSettings")
 _yaml_values: contextvars.ContextVar[dict[str, Any]] = contextvars.ContextVar("ferry_yaml")
 
 
@@ -67,3 +72,42 @@ class ServiceSettings(BaseSettings):
             return cls(**{k: v for k, v in flags.items() if v is not None})
         finally:
             _yaml_values.reset(token)
+
+
+def _flag_type(annotation: Any) -> dict[str, Any]:
+    """argparse options for one settings field, from its type annotation."""
+    origin = get_origin(annotation)
+    if annotation is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if origin is list:
+        return {"type": lambda text: [item for item in text.split(",") if item], "metavar": "A,B"}
+    if origin is Literal:
+        return {"choices": list(get_args(annotation))}
+    if origin in (Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return _flag_type(inner[0]) if len(inner) == 1 else {}
+    if annotation in (int, float):
+        return {"type": annotation}
+    return {}
+
+
+def settings_from_argv(cls: type[S], argv: Sequence[str] | None, prog: str, description: str = "") -> S:
+    """Parse ``argv`` into ``cls``: one ``--flag`` per field (help from its description), plus
+    ``--config FILE`` for YAML. Flags left out fall through to env, the file and defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
+    parser.add_argument(
+        "--config", metavar="FILE", help="YAML file with settings (lowest precedence but defaults)"
+    )
+    for name, field in cls.model_fields.items():
+        default = field.default if field.default is not PydanticUndefined else None
+        hint = field.description or ""
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            help=f"{hint} (default: {default!r})".strip(),
+            **_flag_type(field.annotation),
+        )
+    args = parser.parse_args(argv)
+    given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
+    return cls.load(args.config, **given)

@@ -1,0 +1,1 @@
+"""Ferry services: each one a process of its own; they share only ferry.core."""

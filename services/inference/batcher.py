@@ -1,0 +1,322 @@
+"""Dynamic batching: concurrent requests for one model version become one ORT run.
+
+The policy half is pure (``plan_batch``, ``queue_wait``) and unit-tested without
+a server. The async half (``Batcher``) keeps a bounded queue per priority level
+and dispatches as soon as a runner slot is free: while a batch runs, the next
+one forms by itself, so at concurrency 1 nothing waits on a timer, and under load
+batches grow up to ``max_batch_size`` rows. ``max_queue_delay_us`` (default 0)
+optionally holds a small batch back to let it grow.
+
+Only requests whose non-batch dimensions agree are concatenated (a text model
+with a free sequence length runs one batch per length). If a merged run fails,
+each request is run alone, so one bad request never fails its neighbours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ferry.core.errors import (
+    DeadlineExceeded,
+    FerryError,
+    Internal,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
+from ferry.core.modelconfig import BatchingPolicy
+from services.inference.stats import ModelStats
+
+Outputs = dict[str, np.ndarray]
+RunFn = Callable[[dict[str, np.ndarray]], Outputs]
+
+
+@dataclass(eq=False)
+class Pending:
+    """One queued request."""
+
+    inputs: dict[str, np.ndarray]
+    rows: int
+    key: tuple[tuple[int, ...], ...]
+    future: asyncio.Future[Any]
+    enqueued_ns: int
+    deadline: float | None = None  # time.monotonic() seconds
+    timings: dict[str, int] = field(default_factory=dict)
+
+
+def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple[tuple[int, ...], ...]:
+    """Requests with equal keys can be concatenated along the first axis."""
+    return tuple(a.shape[1:] if batched else a.shape for a in inputs.values())
+
+
+def plan_batch(items: Sequence[tuple[int, Any]], max_rows: int, preferred: Sequence[int] = ()) -> list[int]:
+    """Pick which queued requests (``(rows, key)`` in arrival order) run together.
+
+    The first request always runs; later ones join while their key matches and the
+    row total stays within ``max_rows``. With preferred sizes, the batch is cut at
+    the largest preferred size that a prefix of the picked requests hits exactly.
+    """
+    if not items:
+        return []
+    first_rows, first_key = items[0]
+    picked, total = [0], first_rows
+    if max_rows > 0:
+        for i in range(1, len(items)):
+            rows, key = items[i]
+            if key != first_key:
+                continue
+            if total + rows > max_rows:
+                break
+            picked.append(i)
+            total += rows
+    if preferred and len(picked) > 1:
+        sums, acc = {}, 0
+        for n, i in enumerate(picked):
+            acc += items[i][0]
+            sums[acc] = n + 1
+        hits = [p for p in preferred if p in sums]
+        if hits:
+            picked = picked[: sums[max(hits)]]
+    return picked
+
+
+def queue_wait(policy: BatchingPolicy, queued_rows: int, oldest_wait_us: float, max_rows: int) -> float:
+    """Seconds to hold a batch back so it can grow; 0 means dispatch now."""
+    if policy.max_queue_delay_us <= 0:
+        return 0.0
+    target = max(policy.preferred_batch_sizes, default=max_rows)
+    if queued_rows >= target:
+        return 0.0
+    return max(0.0, (policy.max_queue_delay_us - oldest_wait_us) / 1e6)
+
+
+class Batcher:
+    """The queue and dispatcher of one model version."""
+
+    def __init__(
+        self,
+        label: str,
+        run: RunFn,
+        *,
+        max_batch_size: int,
+        policy: BatchingPolicy | None,
+        slots: int,
+        stats: ModelStats,
+    ) -> None:
+        self.label = label
+        self._run = run
+        self._batched = max_batch_size > 0
+        self._max_rows = max_batch_size if (policy is not None and self._batched) else 0
+        self._policy = policy or BatchingPolicy()
+        self._stats = stats
+        self._queues: list[deque[Pending]] = [deque() for _ in range(self._policy.priority_levels)]
+        self._count = 0
+        self._inflight = 0
+        self._closed = False
+        self._slots = slots
+        self._free = slots
+        self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"ort-{label}")
+        self._wakeup = asyncio.Event()
+        self._drained = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._task = self._loop.create_task(self._dispatch(), name=f"batcher-{label}")
+
+    # --- submitting ---------------------------------------------------------------------------
+
+    def submit(
+        self, inputs: dict[str, np.ndarray], rows: int, priority: int = 0, timeout_s: float | None = None
+    ) -> asyncio.Future[Any]:
+        """Queue a request; the future resolves to ``(outputs, timings)``. Synchronous on purpose:
+        a caller that resolved this version enqueues before any switch can close it."""
+        if self._closed:
+            raise Unavailable(f"model {self.label} is unloading; retry to reach the current version")
+        if self._count >= self._policy.max_queue_size:
+            raise ResourceExhausted(
+                f"queue of model {self.label} is full ({self._policy.max_queue_size} requests)"
+            )
+        level = min(max(priority or self._policy.default_priority_level, 1), len(self._queues)) - 1
+        default_s = self._policy.default_timeout_us / 1e6 if self._policy.default_timeout_us else None
+        limits = [t for t in (timeout_s, default_s) if t is not None]
+        deadline = time.monotonic() + min(limits) if limits else None
+        future: asyncio.Future[Any] = self._loop.create_future()
+        self._queues[level].append(
+            Pending(inputs, rows, shape_key(inputs, self._batched), future, time.perf_counter_ns(), deadline)
+        )
+        self._count += 1
+        self._wakeup.set()
+        return future
+
+    # --- dispatching --------------------------------------------------------------------------
+
+    def _queued(self) -> deque[Pending] | None:
+        return next((q for q in self._queues if q), None)
+
+    def _drop_dead(self, queue: deque[Pending]) -> None:
+        now = time.monotonic()
+        while queue:
+            head = queue[0]
+            if head.future.done():
+                pass
+            elif head.deadline is not None and now >= head.deadline:
+                head.future.set_exception(
+                    DeadlineExceeded(f"request to model {self.label} expired in the queue before it ran")
+                )
+            else:
+                return
+            queue.popleft()
+            self._count -= 1
+
+    async def _dispatch(self) -> None:
+        while True:
+            queue = self._queued()
+            if queue is not None:
+                self._drop_dead(queue)
+                queue = self._queued()
+            if queue is None or self._free == 0:
+                if self._closed and self._count == 0 and self._inflight == 0:
+                    self._drained.set()
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            wait = queue_wait(
+                self._policy,
+                sum(p.rows for p in queue),
+                (time.perf_counter_ns() - queue[0].enqueued_ns) / 1e3,
+                self._max_rows,
+            )
+            if wait > 0 and not self._closed:
+                self._wakeup.clear()
+                try:
+                    await asyncio.wait_for(self._wakeup.wait(), wait)
+                except TimeoutError:
+                    pass
+                else:
+                    continue
+                queue = self._queued()
+                if queue is None:
+                    continue
+            self._launch(queue)
+
+    def _launch(self, queue: deque[Pending]) -> None:
+        items = list(queue)
+        picked = plan_batch(
+            [(p.rows, p.key) for p in items], self._max_rows, self._policy.preferred_batch_sizes
+        )
+        chosen = [items[i] for i in picked]
+        keep = set(picked)
+        queue.clear()
+        queue.extend(p for i, p in enumerate(items) if i not in keep)
+        self._count -= len(picked)
+        now = time.monotonic()
+        for p in chosen:
+            if not p.future.done() and p.deadline is not None and now >= p.deadline:
+                p.future.set_exception(
+                    DeadlineExceeded(f"request to model {self.label} expired in the queue")
+                )
+        chosen = [p for p in chosen if not p.future.done()]
+        if not chosen:
+            return
+        self._free -= 1
+        self._inflight += 1
+        start = time.perf_counter_ns()
+        cf = self._loop.run_in_executor(
+            self._executor, self._execute, [p.inputs for p in chosen], [p.rows for p in chosen]
+        )
+        cf.add_done_callback(lambda f: self._finish(chosen, f, start))
+
+    def _execute(
+        self, inputs: list[dict[str, np.ndarray]], rows: list[int]
+    ) -> tuple[list[Any], int, int, int, int]:
+        """Runs in an executor thread: concatenate, run, split. Returns per-request results."""
+        t0 = time.perf_counter_ns()
+        total = sum(rows)
+        if len(inputs) == 1:
+            feeds = inputs[0]
+        else:
+            feeds = {name: np.concatenate([r[name] for r in inputs], axis=0) for name in inputs[0]}
+        t1 = time.perf_counter_ns()
+        try:
+            outputs = self._run(feeds)
+        except Exception as err:
+            if len(inputs) == 1:
+                return [_as_ferry_error(err, self.label)], total, t1 - t0, 0, 0
+            return [self._run_alone(r) for r in inputs], total, t1 - t0, 0, 0
+        t2 = time.perf_counter_ns()
+        if len(inputs) == 1:
+            results: list[Any] = [outputs]
+        else:
+            results, offset = [], 0
+            for n in rows:
+                results.append(
+                    {
+                        k: (v[offset : offset + n] if v.ndim and v.shape[0] == total else v)
+                        for k, v in outputs.items()
+                    }
+                )
+                offset += n
+        t3 = time.perf_counter_ns()
+        return results, total, t1 - t0, t2 - t1, t3 - t2
+
+    def _run_alone(self, feeds: dict[str, np.ndarray]) -> Any:
+        try:
+            return self._run(feeds)
+        except Exception as err:
+            return _as_ferry_error(err, self.label)
+
+    def _finish(self, chosen: list[Pending], done: asyncio.Future[Any], start_ns: int) -> None:
+        self._free += 1
+        self._inflight -= 1
+        self._wakeup.set()
+        try:
+            results, total, input_ns, infer_ns, output_ns = done.result()
+        except Exception as err:
+            results, total, input_ns, infer_ns, output_ns = (
+                [_as_ferry_error(err, self.label)] * len(chosen),
+                0,
+                0,
+                0,
+                0,
+            )
+        if infer_ns:
+            self._stats.record_execution(total, input_ns, infer_ns, output_ns)
+        timings = {"queue_start": start_ns, "input": input_ns, "infer": infer_ns, "output": output_ns}
+        for pending, result in zip(chosen, results, strict=True):
+            if pending.future.done():
+                continue
+            if isinstance(result, BaseException):
+                pending.future.set_exception(result)
+            else:
+                pending.timings = timings
+                pending.future.set_result((result, start_ns - pending.enqueued_ns, timings))
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def idle(self) -> bool:
+        return self._count == 0 and self._inflight == 0
+
+    async def close(self) -> None:
+        """Stop taking requests, finish every queued and running one, then release threads."""
+        self._closed = True
+        self._wakeup.set()
+        if not self.idle:
+            await self._drained.wait()
+        self._task.cancel()
+        self._executor.shutdown(wait=False)
+
+
+def _as_ferry_error(err: BaseException, label: str) -> FerryError:
+    if isinstance(err, FerryError):
+        return err
+    kind = type(err).__name__
+    if kind == "InvalidArgument" and "onnxruntime" in type(err).__module__:
+        return InvalidArgument(f"model {label} rejected the input: {err}")
+    return Internal(f"model {label} failed to run: {kind}: {err}")

@@ -1,0 +1,294 @@
+"""Which model versions this worker serves, and the switch from one to the next.
+
+The store is the source of truth: every ``poll_interval_s`` the repository
+compares what the store holds (and each model's version policy) with what is
+loaded. A new version is loaded and warmed up off the event loop while the old
+one keeps serving; only then is it switched in, and the old version drains its
+queue before its sessions are released. Requests resolve a version and enqueue
+in one synchronous step, so a switch never strands a request on a closed queue.
+The repository API (load/unload, optionally of one version) pins or excludes
+versions on top of the policy. A version that fails to load is reported
+UNAVAILABLE with its error and retried only when its file changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, Unavailable
+from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
+from ferry.core.store import Store
+from services.inference.batcher import Batcher
+from services.inference.runner import OrtRunner, provider_list
+from services.inference.settings import WorkerSettings
+from services.inference.stats import ModelStats
+
+log = logging.getLogger("ferry.worker.repository")
+
+READY, LOADING, UNLOADING, UNAVAILABLE = "READY", "LOADING", "UNLOADING", "UNAVAILABLE"
+
+
+@dataclass(eq=False)
+class Version:
+    """One loaded, serving model version."""
+
+    model: str
+    number: int
+    spec: ModelSpec
+    runner: OrtRunner
+    batcher: Batcher
+    stats: ModelStats
+
+
+@dataclass
+class ModelState:
+    name: str
+    wanted: bool = True
+    pinned: set[int] = field(default_factory=set)
+    excluded: set[int] = field(default_factory=set)
+    ready: dict[int, Version] = field(default_factory=dict)
+    status: dict[int, tuple[str, str]] = field(default_factory=dict)
+    failed_mtime: dict[int, float] = field(default_factory=dict)
+    stats: dict[int, ModelStats] = field(default_factory=dict)
+
+
+class Repository:
+    def __init__(self, store: Store, settings: WorkerSettings) -> None:
+        self.store = store
+        self.settings = settings
+        self.models: dict[str, ModelState] = {}
+        self._lock = asyncio.Lock()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._providers = provider_list(
+            settings.providers,
+            settings.cuda_device_id,
+            settings.cuda_mem_limit_bytes,
+            settings.cudnn_conv_algo_search,
+        )
+
+    # --- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        await self.sync()
+        if self.settings.poll_interval_s > 0:
+            self._watch_task = asyncio.create_task(self._watch(), name="store-watch")
+
+    async def _watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.poll_interval_s)
+            try:
+                await self.sync()
+            except Exception:
+                log.exception("store scan failed; serving what is loaded")
+
+    async def close(self) -> None:
+        if self._watch_task:
+            self._watch_task.cancel()
+        async with self._lock:
+            for state in self.models.values():
+                for number in list(state.ready):
+                    await self._unload_version(state, number)
+
+    # --- syncing with the store ---------------------------------------------------------------
+
+    async def sync(self, only: str | None = None) -> None:
+        async with self._lock:
+            names = [only] if only else sorted(set(self.store.list_models()) | set(self.models))
+            for name in names:
+                await self._sync_model(name)
+
+    def _state(self, name: str) -> ModelState:
+        state = self.models.get(name)
+        if state is None:
+            wanted = not self.settings.models or name in self.settings.models
+            state = self.models[name] = ModelState(name, wanted=wanted)
+        return state
+
+    async def _sync_model(self, name: str) -> None:
+        state = self._state(name)
+        available = self.store.list_versions(name)
+        config: dict[str, Any] | None = None
+        target: set[int] = set()
+        if state.wanted and available:
+            try:
+                config = self.store.read_config(name)
+            except (OSError, ValueError) as err:
+                for v in available:
+                    state.status[v] = (UNAVAILABLE, f"config.json unreadable: {err}")
+                return
+            target = set(version_policy_of(config).select(available)) | (state.pinned & set(available))
+            target -= state.excluded
+        for number in sorted(target - set(state.ready)):
+            await self._load_version(state, number, config)
+        for number in sorted(set(state.ready) - target):
+            await self._unload_version(state, number)
+        for number in list(state.status):
+            if number not in available:
+                state.status.pop(number, None)
+                state.failed_mtime.pop(number, None)
+
+    async def _load_version(self, state: ModelState, number: int, config: dict[str, Any] | None) -> None:
+        path = self.store.version_dir(state.name, number) / "model.onnx"
+        mtime = path.stat().st_mtime if path.exists() else 0.0
+        if state.failed_mtime.get(number) == mtime:
+            return
+        state.status[number] = (LOADING, "")
+        try:
+            runner, spec = await asyncio.get_running_loop().run_in_executor(
+                None, self._build, state.name, number, config
+            )
+        except Exception as err:
+            reason = err.message if isinstance(err, FerryError) else f"{type(err).__name__}: {err}"
+            state.status[number] = (UNAVAILABLE, f"failed to load: {reason}")
+            state.failed_mtime[number] = mtime
+            log.warning("model %s version %s failed to load: %s", state.name, number, reason)
+            return
+        stats = state.stats.setdefault(number, ModelStats())
+        batcher = Batcher(
+            f"{state.name}:{number}",
+            runner.run,
+            max_batch_size=spec.max_batch_size,
+            policy=spec.batching,
+            slots=len(runner.sessions),
+            stats=stats,
+        )
+        state.ready[number] = Version(state.name, number, spec, runner, batcher, stats)
+        state.status[number] = (READY, "")
+        state.failed_mtime.pop(number, None)
+        log.info("model %s version %s ready on %s", state.name, number, runner.providers)
+
+    def _build(self, name: str, number: int, config: dict[str, Any] | None) -> tuple[OrtRunner, ModelSpec]:
+        s = self.settings
+        instances = s.instances or int((config or {}).get("instance_count", 1))
+        runner = OrtRunner(
+            self.store.model_file(name, number),
+            providers=self._providers,
+            instances=max(1, instances),
+            optimization=s.graph_optimization,
+            intra_op_threads=s.intra_op_threads,
+            inter_op_threads=s.inter_op_threads,
+        )
+        derived = runner.derive_spec(name, s.max_batch_size)
+        spec = spec_from_config(name, config, derived) if config else derived
+        missing = [t.name for t in spec.inputs if t.name not in runner.input_names]
+        if missing:
+            raise InvalidArgument(f"config.json names inputs the graph does not have: {missing}")
+        if s.warmup:
+            runner.warmup(spec)
+        return runner, spec
+
+    async def _unload_version(self, state: ModelState, number: int) -> None:
+        version = state.ready.pop(number, None)
+        if version is None:
+            return
+        state.status[number] = (UNLOADING, "")
+        await version.batcher.close()
+        state.status.pop(number, None)
+        log.info("model %s version %s unloaded", state.name, number)
+
+    # --- serving ------------------------------------------------------------------------------
+
+    def resolve(self, name: str, version: str = "") -> Version:
+        """The version a request goes to: the named one, or the highest ready one."""
+        state = self.models.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}")
+        if not version:
+            if not state.ready:
+                raise Unavailable(f"model {name!r} has no version ready ({self._why(state)})")
+            return state.ready[max(state.ready)]
+        number = parse_version(version)
+        if number in state.ready:
+            return state.ready[number]
+        if number in state.status:
+            st, reason = state.status[number]
+            raise Unavailable(f"model {name!r} version {number} is {st}{': ' + reason if reason else ''}")
+        raise NotFound(f"model {name!r} has no version {number}")
+
+    @staticmethod
+    def _why(state: ModelState) -> str:
+        if not state.wanted:
+            return "the model is not loaded"
+        details = [f"v{v} {st}{': ' + r if r else ''}" for v, (st, r) in sorted(state.status.items())]
+        return "; ".join(details) or "no published version"
+
+    def is_ready(self, name: str, version: str = "") -> bool:
+        try:
+            self.resolve(name, version)
+        except FerryError:
+            return False
+        return True
+
+    def index(self, ready_only: bool = False) -> list[tuple[str, str, str, str]]:
+        rows: list[tuple[str, str, str, str]] = []
+        for name in sorted(set(self.store.list_models()) | set(self.models)):
+            state = self.models.get(name)
+            statuses = dict(state.status) if state else {}
+            if not statuses and not ready_only:
+                rows.append(
+                    (name, "", UNAVAILABLE, "unloaded" if state and not state.wanted else "no version loaded")
+                )
+            for number, (st, reason) in sorted(statuses.items()):
+                if not ready_only or st == READY:
+                    rows.append((name, str(number), st, reason))
+        return rows
+
+    # --- repository API -----------------------------------------------------------------------
+
+    async def load(self, name: str, version: int | None = None) -> None:
+        if not self.store.list_versions(name):
+            raise NotFound(f"model {name!r} is not in the store")
+        state = self._state(name)
+        state.wanted = True
+        if version is not None:
+            if version not in self.store.list_versions(name):
+                raise NotFound(f"model {name!r} has no version {version} in the store")
+            state.pinned.add(version)
+            state.excluded.discard(version)
+            state.failed_mtime.pop(version, None)
+        else:
+            state.excluded.clear()
+            state.failed_mtime.clear()
+        await self.sync(only=name)
+        failed = {v: r for v, (st, r) in state.status.items() if st == UNAVAILABLE and (version in (None, v))}
+        if failed:
+            raise FailedPrecondition(
+                f"model {name!r}: " + "; ".join(f"version {v} {r}" for v, r in failed.items())
+            )
+
+    async def unload(self, name: str, version: int | None = None) -> None:
+        state = self.models.get(name)
+        if state is None:
+            raise NotFound(f"unknown model {name!r}")
+        if version is None:
+            state.wanted = False
+            state.pinned.clear()
+        else:
+            state.excluded.add(version)
+            state.pinned.discard(version)
+        await self.sync(only=name)
+
+    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, int, ModelStats]]:
+        if name and name not in self.models:
+            raise NotFound(f"unknown model {name!r}")
+        number = parse_version(version) if version else None
+        out = []
+        for model in [name] if name else sorted(self.models):
+            for v, stats in sorted(self.models[model].stats.items()):
+                if number is None or v == number:
+                    out.append((model, v, stats))
+        if name and number is not None and not out:
+            raise NotFound(f"model {name!r} has no version {number}")
+        return out
+
+
+def parse_version(text: str) -> int:
+    with contextlib.suppress(ValueError):
+        number = int(text)
+        if number > 0:
+            return number
+    raise InvalidArgument(f"invalid model version {text!r}: versions are positive integers")

@@ -1,0 +1,140 @@
+"""ONNX Runtime sessions for one model version, and the signature they imply.
+
+A runner holds one session per instance; ``run`` borrows an idle one, so
+``instances`` sessions run side by side on the batcher's threads. Execution
+providers come from settings: by default CUDA first when onnxruntime-gpu offers
+it, then CPU. ``derive_spec`` reads names, datatypes and dims from the graph,
+which is what serves when ``config.json`` says nothing.
+"""
+
+from __future__ import annotations
+
+import queue
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ferry.core.codec import numpy_dtype
+from ferry.core.modelconfig import DEFAULT_MAX_BATCH_SIZE, BatchingPolicy, ModelSpec, TensorSpec
+
+ORT_TYPES = {
+    "tensor(bool)": "BOOL",
+    "tensor(uint8)": "UINT8",
+    "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32",
+    "tensor(uint64)": "UINT64",
+    "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16",
+    "tensor(int32)": "INT32",
+    "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16",
+    "tensor(float)": "FP32",
+    "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
+}
+
+OPT_LEVELS = {
+    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def default_providers() -> list[str]:
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def provider_list(
+    names: list[str], cuda_device_id: int = 0, cuda_mem_limit: int = 0, cudnn_search: str = "HEURISTIC"
+) -> list[Any]:
+    """Providers with their options; CUDA gets the device id, memory limit and cuDNN search mode."""
+    out: list[Any] = []
+    for name in names or default_providers():
+        if name == "CUDAExecutionProvider":
+            options: dict[str, Any] = {"device_id": cuda_device_id, "cudnn_conv_algo_search": cudnn_search}
+            if cuda_mem_limit:
+                options["gpu_mem_limit"] = cuda_mem_limit
+            out.append((name, options))
+        else:
+            out.append(name)
+    return out
+
+
+class OrtRunner:
+    """``instances`` ORT sessions of one model file."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        providers: list[Any],
+        instances: int = 1,
+        optimization: str = "all",
+        intra_op_threads: int = 0,
+        inter_op_threads: int = 0,
+    ) -> None:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = OPT_LEVELS[optimization]
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = inter_op_threads
+        model_bytes = Path(path).read_bytes()
+        self.sessions = [
+            ort.InferenceSession(model_bytes, options, providers=providers) for _ in range(instances)
+        ]
+        self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
+        for s in self.sessions:
+            self._idle.put(s)
+        first = self.sessions[0]
+        self.input_names = [i.name for i in first.get_inputs()]
+        self.output_names = [o.name for o in first.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions[0].get_providers()
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        session = self._idle.get()
+        try:
+            values = session.run(self.output_names, feeds)
+        finally:
+            self._idle.put(session)
+        return dict(zip(self.output_names, values, strict=True))
+
+    def derive_spec(self, name: str, default_max_batch: int = DEFAULT_MAX_BATCH_SIZE) -> ModelSpec:
+        """The serving signature the graph implies: a dynamic first axis on every input means batching."""
+        first = self.sessions[0]
+        ins, outs = first.get_inputs(), first.get_outputs()
+        batchable = all(i.shape and not isinstance(i.shape[0], int) for i in ins) and all(
+            o.shape and not isinstance(o.shape[0], int) for o in outs
+        )
+
+        def tensor(node: Any) -> TensorSpec:
+            dims = [d if isinstance(d, int) and d >= 0 else -1 for d in node.shape]
+            return TensorSpec(
+                node.name, ORT_TYPES.get(node.type, node.type), tuple(dims[1:] if batchable else dims)
+            )
+
+        return ModelSpec(
+            name=name,
+            inputs=tuple(tensor(i) for i in ins),
+            outputs=tuple(tensor(o) for o in outs),
+            max_batch_size=default_max_batch if batchable else 0,
+            batching=BatchingPolicy() if batchable else None,
+        )
+
+    def warmup(self, spec: ModelSpec, rounds: int = 2) -> None:
+        """Run every session on zeros first, so the first real request pays no lazy initialisation."""
+        feeds = {}
+        for t in spec.inputs:
+            shape = [1 if d < 0 else d for d in spec.full_shape(t)]
+            if t.datatype == "BYTES":
+                feeds[t.name] = np.full(shape, b"", dtype=object)
+            else:
+                feeds[t.name] = np.zeros(shape, dtype=numpy_dtype(t.datatype))
+        for session in self.sessions:
+            for _ in range(rounds):
+                session.run(self.output_names, feeds)

@@ -1,0 +1,64 @@
+"""``ferry serve worker``: wire settings, store, repository and servicer into a server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.core.grpcserver import build_server, ready_line, serve_until_signal, server_credentials
+from ferry.core.settings import settings_from_argv
+from ferry.core.store import Store
+from ferry.core.telemetry import setup_logging, start_metrics_server
+from services.inference.metrics import WorkerMetrics
+from services.inference.repository import Repository
+from services.inference.servicer import InferenceServicer
+from services.inference.settings import WorkerSettings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+async def serve(settings: WorkerSettings) -> None:
+    store = Store(settings.store)
+    repo = Repository(store, settings)
+    servicer = InferenceServicer(repo, WorkerMetrics())
+
+    def register(server: object) -> list[str]:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    handle = build_server(
+        settings.host,
+        settings.port,
+        register,
+        max_message_bytes=settings.max_message_bytes,
+        credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+        reuse_port=settings.reuse_port,
+    )
+
+    async def on_start() -> None:
+        await repo.start()
+        servicer.ready = True
+
+    async def on_stop() -> None:
+        servicer.ready = False
+
+    handle.on_stop.append(on_stop)
+    metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    try:
+        await serve_until_signal(
+            handle,
+            settings.grace_s,
+            on_start=on_start,
+            ready_message=ready_line("worker", handle.port, metrics_port=metrics_port, store=store.root),
+        )
+    finally:
+        await repo.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_argv(WorkerSettings, argv, "ferry serve worker")
+    setup_logging(settings.log_level, "worker")
+    asyncio.run(serve(settings))
+    return 0

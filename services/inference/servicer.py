@@ -1,0 +1,174 @@
+"""The worker's v2 GRPCInferenceService: thin, it decodes, delegates and encodes.
+
+Every check raises a Ferry error; the server's error interceptor turns it into
+the status the caller sees. In a stream, an error becomes that response's
+``error_message`` and the stream goes on, as the protocol asks.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+import ferry
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.core.codec import add_output, decode_inputs
+from ferry.core.errors import FerryError, InvalidArgument
+from ferry.core.modelconfig import config_proto, metadata_proto, validate_request
+from services.inference.metrics import WorkerMetrics
+from services.inference.repository import Repository, Version
+
+EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
+
+
+def _param_int(params: object, key: str) -> int | None:
+    if key not in params:  # type: ignore[operator]
+        return None
+    p = params[key]  # type: ignore[index]
+    kind = p.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(p, kind))
+    if kind == "string_param" and p.string_param.isdigit():
+        return int(p.string_param)
+    raise InvalidArgument(f"parameter {key!r} must be an integer")
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, repo: Repository, metrics: WorkerMetrics) -> None:
+        self.repo = repo
+        self.metrics = metrics
+        self.ready = False
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.ready)
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self.repo.is_ready(request.name, request.version))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        version = self.repo.resolve(request.name, request.version)
+        return metadata_proto(version.spec, sorted(self.repo.models[request.name].ready))
+
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelConfigResponse:
+        version = self.repo.resolve(request.name, request.version)
+        return pb.ModelConfigResponse(config=config_proto(version.spec))
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, context.time_remaining())
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        async for request in request_iterator:
+            try:
+                response = await self._infer(request, None)
+            except FerryError as err:
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                yield pb.ModelStreamInferResponse(error_message=err.message, infer_response=failed)
+            else:
+                yield pb.ModelStreamInferResponse(infer_response=response)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse:
+        start = time.perf_counter_ns()
+        version: Version | None = None
+        try:
+            version = self.repo.resolve(request.model_name, request.model_version)
+            rows = validate_request(version.spec, request)
+            inputs = decode_inputs(request)
+            params = request.parameters
+            priority = _param_int(params, "priority") or 0
+            timeout_us = _param_int(params, "timeout")
+            limits = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None) if t is not None]
+            outputs, queue_ns, timings = await version.batcher.submit(
+                inputs, rows, priority, min(limits) if limits else None
+            )
+            response = pb.ModelInferResponse(
+                model_name=request.model_name, model_version=str(version.number), id=request.id
+            )
+            names = [o.name for o in request.outputs] or version.spec.output_names()
+            for name in names:
+                add_output(response, name, outputs[name])
+            total = time.perf_counter_ns() - start
+            version.stats.record_request(
+                rows, queue_ns, timings["input"], timings["infer"], timings["output"], total
+            )
+            self.metrics.observe(request.model_name, "OK", total)
+            return response
+        except FerryError as err:
+            total = time.perf_counter_ns() - start
+            if version is not None:
+                version.stats.record_failure(total)
+            # Unknown names stay out of the label set, so clients cannot grow it without bound.
+            self.metrics.observe(request.model_name if version else "_unknown", err.code.name, total)
+            raise
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        for model, number, stats in self.repo.statistics(request.name, request.version):
+            response.model_stats.append(stats.to_proto(model, number))
+        return response
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.repo.index(ready_only=request.ready):
+            response.models.add(name=name, version=version, state=state, reason=reason)
+        return response
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelLoadResponse:
+        await self.repo.load(request.model_name, _version_param(request.parameters))
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: grpc.aio.ServicerContext
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.repo.unload(request.model_name, _version_param(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _version_param(params: object) -> int | None:
+    """Ferry's ``version`` repository parameter: load or unload one version only."""
+    if "version" not in params:  # type: ignore[operator]
+        return None
+    p = params["version"]  # type: ignore[index]
+    kind = p.WhichOneof("parameter_choice")
+    value = p.int64_param if kind == "int64_param" else p.string_param if kind == "string_param" else None
+    try:
+        number = int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgument(
+            f"repository parameter 'version' must be a positive integer, got {value!r}"
+        ) from None
+    if number < 1:
+        raise InvalidArgument(f"repository parameter 'version' must be a positive integer, got {number}")
+    return number

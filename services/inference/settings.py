@@ -1,0 +1,49 @@
+"""The worker's settings: flags > FERRY_WORKER_* environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from ferry.core.settings import ServiceSettings
+
+
+class WorkerSettings(ServiceSettings):
+    """Everything an inference worker can be told; each field is also ``FERRY_WORKER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_WORKER_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
+    port: int = Field(8001, description="gRPC port; 0 picks a free one (printed on the ready line)")
+    store: str = Field(".ferry/store", description="model store root folder")
+    models: list[str] = Field(default_factory=list, description="serve only these models (empty: all)")
+    providers: list[str] = Field(
+        default_factory=list,
+        description="ORT execution providers in order (empty: CUDA when available, then CPU)",
+    )
+    cuda_device_id: int = Field(0, description="GPU this worker uses (one worker per GPU)")
+    cuda_mem_limit_bytes: int = Field(0, description="CUDA arena limit, 0 = no limit")
+    cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
+    graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
+    intra_op_threads: int = Field(0, description="ORT threads inside one operator (0: ORT decides)")
+    inter_op_threads: int = Field(0, description="ORT threads across operators (0: ORT decides)")
+    instances: int = Field(
+        0, description="sessions per model version; 0 keeps each model's config (default 1)"
+    )
+    max_batch_size: int = Field(64, description="max_batch_size for models whose config does not say")
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
+    poll_interval_s: float = Field(
+        2.0, description="how often the store is scanned for new versions; 0 = never"
+    )
+    warmup: bool = Field(True, description="run each new session once before it serves")
+    grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight requests get to finish")
+    metrics_port: int = Field(0, description="Prometheus /metrics port, 0 = off")
+    reuse_port: bool = Field(False, description="SO_REUSEPORT, so several worker processes share one port")
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = Field(
+        None, description="require client certificates signed by this CA (mTLS)"
+    )
+    log_level: str = "WARNING"
