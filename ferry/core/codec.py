@@ -162,14 +162,20 @@ def _populated_contents(tensor: pb.ModelInferRequest.InferInputTensor) -> bool:
     )
 
 
-def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
-    """All input tensors of a request as numpy arrays (raw and typed both accepted, not mixed)."""
+def check_content_form(request: pb.ModelInferRequest) -> None:
+    """A request sends every input raw or every input typed; one raw entry per input."""
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgument(
             f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
             "raw and typed contents cannot be mixed in one request"
         )
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """All input tensors of a request as numpy arrays (raw and typed both accepted, not mixed)."""
+    check_content_form(request)
+    raw = request.raw_input_contents
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(request.inputs):
         if tensor.name in arrays:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import model_config_pb2 as mc
-from ferry.core.codec import DATATYPES
+from ferry.core.codec import DATATYPES, check_content_form
 from ferry.core.errors import InvalidArgument
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -207,6 +207,7 @@ def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> int:
     Only metadata is read (names, datatypes, shapes), so this runs before any
     tensor is decoded. Byte sizes are checked by the codec when decoding.
     """
+    check_content_form(request)
     seen: set[str] = set()
     rows = -1
     for tensor in request.inputs:

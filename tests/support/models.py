@@ -63,3 +63,22 @@ def ort_run(onnx_file: Path, x: np.ndarray) -> np.ndarray:
 
     sess = ort.InferenceSession(str(onnx_file), providers=["CPUExecutionProvider"])
     return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def export_slow(path: Path, width: int = 256, rows: int = 512, depth: int = 24) -> Path:
+    """A model that takes a noticeable time per row (a chain of matmuls), for queue and drain tests."""
+    import torch
+
+    class Slow(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.w = torch.nn.Parameter(torch.randn(width, width) / width**0.5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = x.unsqueeze(1).expand(-1, rows, -1)
+            for _ in range(depth):
+                h = torch.tanh(h @ self.w)
+            return h.mean(1)
+
+    return _export(Slow().eval(), torch.randn(2, width), path)

@@ -1,0 +1,398 @@
+"""A real worker process on a loopback port, driven by the Ferry client and by tritonclient."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.client.inference import InferenceClient, SyncInferenceClient, build_request
+from ferry.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from tests.support.models import export_cnn, export_mlp, export_slow, ort_run, publish
+from tests.support.procs import ServiceProcess
+
+tc = pytest.importorskip("tritonclient.grpc")
+
+
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("onnx")
+    return {
+        "mlp": export_mlp(d / "mlp.onnx"),
+        "mlp2": export_mlp(d / "mlp2.onnx", seed=1),
+        "cnn": export_cnn(d / "cnn.onnx"),
+        "slow": export_slow(d / "slow.onnx"),
+    }
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path]) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    publish(root, "mlp", 1, onnx_files["mlp"], {"max_batch_size": 16})
+    publish(root, "cnn", 1, onnx_files["cnn"])
+    publish(
+        root, "slow", 1, onnx_files["slow"], {"max_batch_size": 4, "dynamic_batching": {"max_queue_size": 2}}
+    )
+    broken = root / "models" / "broken" / "1"
+    broken.mkdir(parents=True)
+    (broken / "model.onnx").write_bytes(b"this is not an onnx file")
+    return root
+
+
+@pytest.fixture(scope="module")
+def worker(store: Path) -> Iterator[ServiceProcess]:
+    proc = ServiceProcess.serve(
+        "worker",
+        "--store",
+        str(store),
+        "--port",
+        "0",
+        "--poll-interval-s",
+        "0.3",
+        "--max-message-bytes",
+        "1048576",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(worker: ServiceProcess) -> Iterator[SyncInferenceClient]:
+    with SyncInferenceClient(worker.address) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def triton(worker: ServiceProcess) -> object:
+    return tc.InferenceServerClient(worker.address)
+
+
+def triton_input(name: str, array: np.ndarray, datatype: str = "FP32") -> object:
+    inp = tc.InferInput(name, list(array.shape), datatype)
+    inp.set_data_from_numpy(array)
+    return inp
+
+
+# --- every RPC through tritonclient -----------------------------------------------------------
+
+
+def test_triton_health_and_metadata(triton: object) -> None:
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready("mlp") and not triton.is_model_ready("broken")
+    meta = triton.get_server_metadata()
+    assert meta.name == "ferry" and "statistics" in meta.extensions and "model_repository" in meta.extensions
+    model = triton.get_model_metadata("cnn")
+    assert (
+        model.versions == ["1"]
+        and model.inputs[0].datatype == "FP32"
+        and list(model.inputs[0].shape) == [-1, 3, 8, 8]
+    )
+    config = triton.get_model_config("mlp").config
+    assert (
+        config.max_batch_size == 16
+        and config.platform == "onnxruntime_onnx"
+        and list(config.input[0].dims) == [8]
+    )
+
+
+@pytest.mark.parametrize(("model", "shape"), [("mlp", (5, 8)), ("cnn", (3, 3, 8, 8))])
+def test_triton_infer_matches_onnxruntime(
+    triton: object, onnx_files: dict[str, Path], model: str, shape: tuple
+) -> None:
+    x = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+    result = triton.infer(model, [triton_input("input", x)], outputs=[tc.InferRequestedOutput("output")])
+    np.testing.assert_allclose(result.as_numpy("output"), ort_run(onnx_files[model], x), atol=1e-5)
+
+
+def test_triton_stream_infer(triton: object, onnx_files: dict[str, Path]) -> None:
+    results: list[object] = []
+    triton.start_stream(callback=lambda result, error: results.append(error or result))
+    x = np.ones((2, 8), np.float32)
+    try:
+        for i in range(3):
+            triton.async_stream_infer("mlp", [triton_input("input", x)], request_id=str(i))
+        triton.async_stream_infer(
+            "mlp", [triton_input("input", np.ones((2, 7), np.float32))], request_id="bad"
+        )
+        deadline = time.monotonic() + 20
+        while len(results) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        triton.stop_stream()
+    good = [r for r in results if not isinstance(r, Exception)]
+    bad = [r for r in results if isinstance(r, Exception)]
+    assert len(good) == 3 and len(bad) == 1 and "does not match" in str(bad[0])
+    for r in good:
+        np.testing.assert_allclose(r.as_numpy("output"), ort_run(onnx_files["mlp"], x), atol=1e-5)
+
+
+def test_triton_repository_and_statistics(triton: object) -> None:
+    index = {m.name: m for m in triton.get_model_repository_index().models}
+    assert index["mlp"].state == "READY" and index["broken"].state == "UNAVAILABLE"
+    assert "INVALID_PROTOBUF" in index["broken"].reason
+    triton.infer("mlp", [triton_input("input", np.ones((1, 8), np.float32))])
+    stats = triton.get_inference_statistics("mlp").model_stats[0]
+    assert stats.name == "mlp" and stats.inference_count >= 1 and stats.execution_count >= 1
+    assert stats.inference_stats.success.count >= 1 and stats.inference_stats.queue.count >= 1
+    assert stats.inference_stats.compute_infer.ns > 0
+    triton.unload_model("cnn")
+    assert not triton.is_model_ready("cnn")
+    with pytest.raises(tc.InferenceServerException, match="not loaded"):
+        triton.infer("cnn", [triton_input("input", np.ones((1, 3, 8, 8), np.float32))])
+    triton.load_model("cnn")
+    assert triton.is_model_ready("cnn")
+
+
+# --- the Ferry client -------------------------------------------------------------------------
+
+
+def test_client_infer_int_and_outputs(client: SyncInferenceClient, onnx_files: dict[str, Path]) -> None:
+    x = np.random.default_rng(2).standard_normal((4, 8)).astype(np.float32)
+    result = client.infer("mlp", {"input": x}, request_id="abc")
+    assert result.id == "abc" and result.model_version == "1"
+    np.testing.assert_allclose(result["output"], ort_run(onnx_files["mlp"], x), atol=1e-5)
+
+
+def test_concurrent_requests_are_batched(worker: ServiceProcess, onnx_files: dict[str, Path]) -> None:
+    xs = [np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32) for i in range(64)]
+
+    async def run() -> tuple[list[object], object]:
+        async with InferenceClient(worker.address) as c:
+            before = (await c.statistics("cnn")).model_stats[0]
+            results = await asyncio.gather(*(c.infer("cnn", {"input": x}) for x in xs))
+            after = (await c.statistics("cnn")).model_stats[0]
+            return results, (before, after)
+
+    results, (before, after) = asyncio.run(run())
+    for x, r in zip(xs, results, strict=True):
+        np.testing.assert_allclose(r["output"], ort_run(onnx_files["cnn"], x), atol=1e-5)
+    runs = after.execution_count - before.execution_count
+    assert after.inference_count - before.inference_count == 64
+    assert runs < 64, "64 concurrent requests should share executions"
+    assert max(b.batch_size for b in after.batch_stats) > 1
+
+
+# --- bad input --------------------------------------------------------------------------------
+
+
+def test_unknown_model_and_version(client: SyncInferenceClient) -> None:
+    x = {"input": np.ones((1, 8), np.float32)}
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        client.infer("nope", x)
+    with pytest.raises(NotFound, match="has no version 9"):
+        client.infer("mlp", x, version=9)
+    with pytest.raises(InvalidArgument, match="invalid model version 'x'"):
+        client.infer("mlp", x, version="x")
+
+
+def raw_request(
+    shape: list[int], datatype: str = "FP32", raw: bytes | None = None, name: str = "input"
+) -> pb.ModelInferRequest:
+    r = pb.ModelInferRequest(model_name="mlp")
+    r.inputs.add(name=name, datatype=datatype, shape=shape)
+    count = int(np.prod(shape)) if shape else 1
+    r.raw_input_contents.append(raw if raw is not None else b"\0" * 4 * count)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("request_", "message"),
+    [
+        (pb.ModelInferRequest(model_name="mlp"), "missing input(s) 'input'"),
+        (raw_request([1, 8], name="features"), "has no input 'features'"),
+        (
+            raw_request([1, 8], datatype="FP64", raw=b"\0" * 64),
+            "datatype FP64 does not match the model's FP32",
+        ),
+        (raw_request([8]), "has rank 1 but the model expects [-1, 8]"),
+        (raw_request([1, 9]), "shape [1, 9] does not match the model's [-1, 8]"),
+        (raw_request([1, 8], raw=b"\0" * 31), "raw content is 31 bytes but shape [1, 8] of FP32 needs 32"),
+        (raw_request([17, 8]), "batch size 17 exceeds the model's max_batch_size 16"),
+        (raw_request([0, 8]), "empty batch"),
+    ],
+    ids=["missing", "unknown-input", "dtype", "rank", "dims", "byte-size", "batch-limit", "empty-batch"],
+)
+def test_bad_inputs_are_invalid_argument(
+    client: SyncInferenceClient, request_: pb.ModelInferRequest, message: str
+) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        client.infer_request(request_)
+    assert message in err.value.message
+
+
+def test_mixed_raw_and_typed_contents(client: SyncInferenceClient) -> None:
+    r = raw_request([1, 8])
+    typed = r.inputs.add(name="extra", datatype="FP32", shape=[1])
+    typed.contents.fp32_contents.append(1.0)
+    with pytest.raises(InvalidArgument, match="raw and typed contents cannot be mixed"):
+        client.infer_request(r)
+
+
+def test_unknown_requested_output(client: SyncInferenceClient) -> None:
+    with pytest.raises(InvalidArgument, match="has no output 'probs'"):
+        client.infer("mlp", {"input": np.ones((1, 8), np.float32)}, outputs=["probs"])
+
+
+def test_message_over_limit_is_resource_exhausted(client: SyncInferenceClient) -> None:
+    with pytest.raises(ResourceExhausted, match="larger than max"):
+        client.infer("mlp", {"input": np.ones((16, 20000), np.float32)})
+
+
+def test_typed_contents_are_accepted(client: SyncInferenceClient, onnx_files: dict[str, Path]) -> None:
+    x = np.arange(8, dtype=np.float32).reshape(1, 8)
+    r = pb.ModelInferRequest(model_name="mlp")
+    r.inputs.add(name="input", datatype="FP32", shape=[1, 8]).contents.fp32_contents.extend(
+        x.ravel().tolist()
+    )
+    from ferry.core.codec import decode_outputs
+
+    out = decode_outputs(client.infer_request(r))["output"]
+    np.testing.assert_allclose(out, ort_run(onnx_files["mlp"], x), atol=1e-5)
+
+
+def test_full_queue_is_resource_exhausted(worker: ServiceProcess) -> None:
+    x = np.ones((1, 256), np.float32)
+
+    async def run() -> list[object]:
+        async with InferenceClient(worker.address) as c:
+            return await asyncio.gather(
+                *(c.infer("slow", {"input": x}) for _ in range(10)), return_exceptions=True
+            )
+
+    results = asyncio.run(run())
+    rejected = [r for r in results if isinstance(r, ResourceExhausted)]
+    assert rejected and "queue of model slow:1 is full (2 requests)" in rejected[0].message
+    assert all(isinstance(r, dict | ResourceExhausted) for r in results)
+
+
+def test_deadline_expired_in_queue_is_not_run(worker: ServiceProcess) -> None:
+    x = np.ones((1, 256), np.float32)
+
+    async def run() -> tuple[object, object, int, int]:
+        async with InferenceClient(worker.address) as c:
+            before = (await c.statistics("slow")).model_stats[0].inference_count
+            first = asyncio.create_task(c.infer("slow", {"input": np.ones((4, 256), np.float32)}))
+            await asyncio.sleep(0.05)
+            late = await asyncio.gather(c.infer("slow", {"input": x}, timeout=0.02), return_exceptions=True)
+            await first
+            await asyncio.sleep(0.5)
+            after = (await c.statistics("slow")).model_stats[0].inference_count
+            return first.result(), late[0], before, after
+
+    _first, late, before, after = asyncio.run(run())
+    assert isinstance(late, DeadlineExceeded)
+    assert after - before == 4, (
+        "only the first request's rows ran; the expired one was dropped from the queue"
+    )
+
+
+def test_corrupt_model_does_not_stop_the_others(client: SyncInferenceClient) -> None:
+    index = {(m.name, m.version): m for m in client.repository_index()}
+    assert index[("broken", "1")].state == "UNAVAILABLE" and "failed to load" in index[("broken", "1")].reason
+    assert client.model_ready("mlp")
+
+
+# --- versions, hot swap and drain ------------------------------------------------------------
+
+
+def test_load_and_unload_a_specific_version(
+    client: SyncInferenceClient, store: Path, onnx_files: dict[str, Path]
+) -> None:
+    publish(store, "pinned", 1, onnx_files["mlp"])
+    publish(store, "pinned", 2, onnx_files["mlp2"])
+    deadline = time.monotonic() + 20
+    while not client.model_ready("pinned", 2) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.model_ready("pinned", 2) and not client.model_ready("pinned", 1)  # latest 1 by default
+    client.load("pinned", version=1)
+    assert client.model_ready("pinned", 1) and client.model_ready("pinned", 2)
+    client.unload("pinned", version=2)
+    assert not client.model_ready("pinned", 2) and client.model_ready("pinned", 1)
+    assert client.infer("pinned", {"input": np.ones((1, 8), np.float32)}).model_version == "1"
+    with pytest.raises(NotFound, match="no version 5"):
+        client.load("pinned", version=5)
+
+
+def test_hot_swap_under_load_fails_nothing(
+    worker: ServiceProcess, store: Path, onnx_files: dict[str, Path]
+) -> None:
+    shutil.copytree(store / "models" / "mlp", store / "models" / "swap")
+    x = np.ones((1, 8), np.float32)
+    expected = {"1": ort_run(onnx_files["mlp"], x), "2": ort_run(onnx_files["mlp2"], x)}
+
+    async def run() -> tuple[list[str], int]:
+        async with InferenceClient(worker.address) as c:
+            while not await c.model_ready("swap"):
+                await asyncio.sleep(0.1)
+            seen: list[str] = []
+            failures = 0
+            stop_at = time.monotonic() + 30
+
+            async def loop() -> None:
+                nonlocal failures
+                while time.monotonic() < stop_at and seen.count("2") < 50:
+                    try:
+                        r = await c.infer("swap", {"input": x})
+                    except Exception:
+                        failures += 1
+                        continue
+                    np.testing.assert_allclose(r["output"], expected[r.model_version], atol=1e-5)
+                    seen.append(r.model_version)
+
+            tasks = [asyncio.create_task(loop()) for _ in range(8)]
+            await asyncio.sleep(0.5)
+            publish(store, "swap", 2, onnx_files["mlp2"])
+            await asyncio.gather(*tasks)
+            return seen, failures
+
+    seen, failures = asyncio.run(run())
+    assert failures == 0
+    assert "1" in seen and "2" in seen
+    assert seen.index("2") > 0 and "1" not in seen[seen.index("2") + 8 * 2 :], "the old version kept serving"
+
+
+def test_sigterm_drains_in_flight_requests(store: Path) -> None:
+    proc = ServiceProcess.serve(
+        "worker", "--store", str(store), "--port", "0", "--models", "slow", "--poll-interval-s", "0"
+    ).start()
+    x = np.ones((1, 256), np.float32)
+
+    async def run() -> list[object]:
+        async with InferenceClient(proc.address) as c:
+            tasks = [asyncio.create_task(c.infer("slow", {"input": x}, timeout=30)) for _ in range(3)]
+            await asyncio.sleep(0.2)
+            proc.signal(signal.SIGTERM)
+            return await asyncio.gather(*tasks, return_exceptions=True)
+
+    try:
+        results = asyncio.run(run())
+        assert proc.wait(30) == 0
+    finally:
+        proc.stop()
+    assert all(isinstance(r, dict) for r in results), results
+    assert '"stopping: draining in-flight calls"' in proc.output()
+
+
+def test_health_service_reports_serving(worker: ServiceProcess) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(worker.address) as channel:
+        reply = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(service=""), timeout=5
+        )
+    assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_request_builder_round_trip() -> None:
+    r = build_request("m", {"a": np.zeros((1, 2), np.int64)}, parameters={"priority": 1, "x": "y"})
+    assert r.inputs[0].datatype == "INT64" and r.parameters["priority"].int64_param == 1
+    assert json.dumps(list(r.inputs[0].shape)) == "[1, 2]"
