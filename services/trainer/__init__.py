@@ -1,0 +1,1 @@
+"""The Ferry trainer: PyTorch training jobs over gRPC, each in its own process."""

@@ -1,0 +1,122 @@
+"""Checkpoints in the store, the contract the exporter builds against (docs/trainer.md).
+
+    checkpoints/<job>/<tag>/weights.safetensors   the model's state_dict
+    checkpoints/<job>/<tag>/spec.json             job, model entry, input, output, task, dataset, classes
+    checkpoints/<job>/<tag>/metrics.json          epoch metrics (final: plus the test evaluation)
+    checkpoints/<job>/<tag>/optimizer.safetensors optimizer tensors, to resume (epoch tags only)
+    checkpoints/<job>/<tag>/state.json            optimizer scalars and loop state, to resume
+
+Tags are ``epoch-0001``, ``epoch-0002``... and ``final``. Nothing is pickled. A
+checkpoint is written into a ``.staging-*`` folder and renamed into place, so a
+reader (or a resume after SIGKILL) never sees half of one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ferry.core.store import atomic_write_json
+
+FINAL = "final"
+SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes")
+
+
+def epoch_tag(epoch: int) -> str:
+    return f"epoch-{epoch:04d}"
+
+
+def list_tags(job_dir: Path) -> list[str]:
+    """Complete checkpoints of a job, epochs in order, ``final`` last."""
+    if not job_dir.is_dir():
+        return []
+    epochs = sorted(p.name for p in job_dir.iterdir() if p.name.startswith("epoch-") and p.is_dir())
+    return [*epochs, *([FINAL] if (job_dir / FINAL).is_dir() else [])]
+
+
+def last_epoch_tag(job_dir: Path) -> str:
+    epochs = [t for t in list_tags(job_dir) if t != FINAL]
+    return epochs[-1] if epochs else ""
+
+
+def remove_staging(job_dir: Path) -> None:
+    """Drop half-written checkpoints a killed process left behind."""
+    if job_dir.is_dir():
+        for p in job_dir.glob(".staging-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, Any] = {}
+    for idx, per_param in state["state"].items():
+        for key, value in per_param.items():
+            name = f"{idx}.{key}"
+            if isinstance(value, torch.Tensor):
+                tensors[name] = value.detach().cpu().contiguous()
+            else:
+                scalars[name] = value
+    return tensors, {"scalars": scalars, "param_groups": state["param_groups"]}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for name, value in [*tensors.items(), *meta["scalars"].items()]:
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(
+    job_dir: Path,
+    tag: str,
+    model: torch.nn.Module,
+    spec: dict[str, Any],
+    metrics: dict[str, Any],
+    optimizer: torch.optim.Optimizer | None = None,
+    loop_state: dict[str, Any] | None = None,
+) -> Path:
+    """Write one complete checkpoint and rename it into ``job_dir/tag``."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    staged = Path(tempfile.mkdtemp(dir=job_dir, prefix=f".staging-{tag}-"))
+    try:
+        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(weights, str(staged / "weights.safetensors"))
+        atomic_write_json(staged / "spec.json", {k: spec[k] for k in ("job", *SPEC_KEYS) if k in spec})
+        atomic_write_json(staged / "metrics.json", metrics)
+        if optimizer is not None:
+            tensors, meta = _flatten_optimizer(optimizer.state_dict())
+            save_file(tensors, str(staged / "optimizer.safetensors"))
+            atomic_write_json(staged / "state.json", {"optimizer": meta, "loop": loop_state or {}})
+        target = job_dir / tag
+        if target.exists():  # a resumed run rewrites the epoch it re-ran
+            trash = job_dir / f".staging-old-{tag}-{os.getpid()}"
+            os.rename(target, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(staged, target)
+        return target
+    except BaseException:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(staged)
+        raise
+
+
+def load_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(folder / "weights.safetensors"))
+
+
+def load_resume(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Restore model and optimizer from an epoch checkpoint; returns the loop state."""
+    model.load_state_dict(load_weights(folder))
+    state = json.loads((folder / "state.json").read_text())
+    tensors = load_file(str(folder / "optimizer.safetensors"))
+    optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+    return dict(state["loop"])

@@ -1,0 +1,56 @@
+"""``ferry serve trainer``: the Trainer gRPC service over a store.
+
+Wiring only: flags -> settings -> logging -> job manager -> server -> ready line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import grpc
+
+from ferry._proto.ferry.v1 import trainer_pb2, trainer_pb2_grpc
+from ferry.core.grpcserver import build_server, ready_line, serve_until_signal
+from ferry.core.settings import settings_from_argv
+from ferry.core.store import Store
+from ferry.core.telemetry import setup_logging, start_metrics_server
+from services.trainer.jobs import JobManager
+from services.trainer.servicer import TrainerServicer
+from services.trainer.settings import TrainerSettings
+
+SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+
+
+async def serve(settings: TrainerSettings) -> None:
+    store = Store(settings.store)
+    manager = JobManager(store, settings)
+    await manager.start()
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(manager), server)
+        return [SERVICE_NAME]
+
+    handle = build_server(settings.host, settings.port, register)
+    handle.on_stop.append(manager.stop)
+
+    metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    try:
+        await serve_until_signal(
+            handle,
+            settings.grace_s,
+            ready_message=ready_line("trainer", handle.port, metrics_port=metrics_port, store=store.root),
+        )
+    finally:
+        await manager.stop()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_argv(TrainerSettings, argv, "ferry serve trainer")
+    setup_logging(settings.log_level, "trainer")
+    asyncio.run(serve(settings))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,29 @@
+"""Trainer settings: flags > ``FERRY_TRAINER_*`` environment > YAML file > these defaults."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from ferry.core.settings import ServiceSettings
+
+
+class TrainerSettings(ServiceSettings):
+    """Everything the trainer service reads, resolved once in ``main()``."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_TRAINER_", extra="forbid", validate_default=True)
+
+    store: str = Field(".ferry/store", description="store root: jobs/, checkpoints/, datasets/")
+    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for every interface)")
+    port: int = Field(8102, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    max_concurrent_jobs: int = Field(2, ge=1, description="jobs running at once; the rest queue")
+    threads_per_job: int = Field(0, ge=0, description="torch threads per job; 0 = CPUs / concurrent jobs")
+    max_nprocs: int = Field(8, ge=1, description="largest nprocs (DDP processes) a job may ask for")
+    resume_interrupted: bool = Field(
+        True, description="on start, resume jobs a stopped trainer left running (else mark them FAILED)"
+    )
+    cancel_grace_s: float = Field(3.0, gt=0, description="SIGTERM to SIGKILL delay when cancelling")
+    max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest dataset upload")
+    grace_s: float = Field(5.0, ge=0, description="drain time on SIGTERM")
+    log_level: str = Field("WARNING", description="log level (DEBUG, INFO, WARNING...)")
+    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
