@@ -1,0 +1,1 @@
+"""The Ferry gateway: one v2 front door that routes, coalesces, retries and caches."""

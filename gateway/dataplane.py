@@ -1,0 +1,257 @@
+"""ModelInfer at the gateway: admit, resolve, validate, cache, single-flight, coalesce, route.
+
+    request -> admission (bounded in-flight, else RESOURCE_EXHAUSTED at once)
+            -> resolve the version (Discovery) and the model's signature
+            -> prepare: validate like a worker, bring inputs to raw bytes
+            -> cacheable? key = model + resolved version + canonical digest
+               -> single-flight: identical concurrent misses share one execution
+            -> Batcher: per model version and merge signature
+               -> dispatch: one MGET for the batch's keys, hits answered,
+                  misses merged into one upstream ModelInfer (Upstream: routed,
+                  retried), answer split by rows, one pipeline fills the cache.
+
+A merged call that fails for a reason other than the transport (a worker
+rejecting something the gateway could not see) is re-run request by request,
+so one bad request still fails alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core.errors import FerryError, ResourceExhausted, Unavailable
+from gateway import metrics
+from gateway.cache import HIT_PARAMETER, ResultCache, SingleFlight, cache_key, cache_opt_out, request_digest
+from gateway.coalescer import Batcher, Pending, Prepared, as_raw_request, merge, prepare, split
+from gateway.discovery import Discovery
+from gateway.upstream import Upstream
+
+log = logging.getLogger("ferry.gateway.dataplane")
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass
+class CacheCounters:
+    """Per model version cache outcomes, reported in ModelStatistics."""
+
+    hit: Duration = field(default_factory=Duration)
+    miss: Duration = field(default_factory=Duration)
+
+
+@dataclass
+class Job:
+    """What rides with a request through the batcher."""
+
+    model: str
+    digest: str | None
+    deadline: float | None
+    request_id: str
+    pinned: bool
+
+
+class DataPlane:
+    def __init__(
+        self,
+        discovery: Discovery,
+        upstream: Upstream,
+        cache: ResultCache | None,
+        *,
+        max_in_flight: int = 2048,
+        coalesce: bool = True,
+        max_batch: int = 64,
+        upstream_per_worker: int = 2,
+    ) -> None:
+        self.discovery = discovery
+        self.upstream = upstream
+        self.cache = cache
+        self.max_in_flight = max_in_flight
+        self.coalesce = coalesce
+        self.upstream_per_worker = upstream_per_worker
+        self.flights = SingleFlight()
+        self.batcher = Batcher(self._dispatch, max_rows=max_batch if coalesce else 1)
+        self.in_flight = 0
+        self.cache_counters: dict[tuple[str, str], CacheCounters] = defaultdict(CacheCounters)
+
+    async def infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        if self.in_flight >= self.max_in_flight:
+            metrics.REJECTED.inc()
+            raise ResourceExhausted(
+                f"gateway overloaded: {self.in_flight} requests in flight (limit {self.max_in_flight}); "
+                "retry later or on another replica"
+            )
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        started = time.perf_counter()
+        model = request.model_name
+        status = "OK"
+        try:
+            response = await self._infer(request, deadline, request_id)
+            return response
+        except FerryError as err:
+            status = err.code.name
+            raise
+        except Exception:
+            status = "INTERNAL"
+            raise
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+            metrics.REQUESTS.labels(model, status).inc()
+            metrics.LATENCY.labels(model).observe(time.perf_counter() - started)
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        model = request.model_name
+        pinned = bool(request.model_version)
+        if not self.discovery.has_model(model) and self.discovery.healthy():
+            # no worker lists it: let a worker answer, so the caller sees the worker's own error
+            return await self._forward_unknown(request, deadline, request_id)
+        version = self.discovery.resolve(model, request.model_version)
+        spec = await self.discovery.spec(model, version)
+        item = prepare(spec, request)
+        digest = None
+        if self.cache is not None and spec.response_cache and not cache_opt_out(request):
+            digest = request_digest(request, item.raw)
+        job = Job(model, digest, deadline, request_id, pinned)
+        concurrency = self.upstream_per_worker * max(1, len(self.discovery.candidates(model, version)))
+        key: Hashable = (model, version, pinned)
+
+        async def run() -> tuple[pb.ModelInferResponse, bool]:
+            return await self.batcher.submit(key, item, concurrency, job)
+
+        if digest is not None:
+            (response, hit), shared = await self.flights.do(cache_key(model, version, digest), run)
+            if shared:
+                metrics.SINGLE_FLIGHT.inc()
+        else:
+            response, hit = await run()
+        out = pb.ModelInferResponse()
+        out.CopyFrom(response)
+        out.id = request.id
+        if hit:
+            out.parameters[HIT_PARAMETER].bool_param = True
+        return out
+
+    async def _forward_unknown(
+        self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        from ferry.client._channel import translate
+
+        worker = self.discovery.healthy()[0]
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return await worker.stub.ModelInfer(
+                request, timeout=timeout, metadata=(("x-request-id", request_id),)
+            )
+        except Exception as err:
+            import grpc
+
+            if isinstance(err, grpc.aio.AioRpcError):
+                raise translate(err) from err
+            raise
+
+    # -- the batch path ------------------------------------------------------------------------
+    async def _dispatch(self, key: Hashable, batch: list[Pending]) -> None:
+        (model, version, pinned), _signature = key  # type: ignore[misc]
+        jobs: list[Job] = [p.extra for p in batch]
+        keyed = [n for n, j in enumerate(jobs) if j.digest is not None]
+        misses = list(range(len(batch)))
+        if keyed and self.cache is not None:
+            t0 = time.perf_counter_ns()
+            keys = [cache_key(model, version, jobs[n].digest or "") for n in keyed]
+            values = await self.cache.get_many(keys)
+            per = (time.perf_counter_ns() - t0) // max(1, len(keyed))
+            counters = self.cache_counters[(model, version)]
+            hit_set: set[int] = set()
+            for n, value in zip(keyed, values, strict=True):
+                if value is None:
+                    counters.miss.add(per)
+                    metrics.CACHE.labels(model, "miss").inc()
+                    continue
+                try:
+                    cached = pb.ModelInferResponse.FromString(value)
+                except Exception:
+                    counters.miss.add(per)
+                    metrics.CACHE.labels(model, "corrupt").inc()
+                    continue
+                counters.hit.add(per)
+                metrics.CACHE.labels(model, "hit").inc()
+                hit_set.add(n)
+                if not batch[n].future.done():
+                    batch[n].future.set_result((cached, True))
+            misses = [n for n in misses if n not in hit_set]
+        misses = [n for n in misses if not batch[n].future.done()]
+        if not misses:
+            return
+        items = [batch[n].item for n in misses]
+        deadline = self._latest_deadline([jobs[n] for n in misses])
+        rid = ",".join(jobs[n].request_id for n in misses[:16])
+        metrics.UPSTREAM_BATCH.labels(model).observe(len(items))
+        try:
+            merged = merge(items, version)
+            response = await self.upstream.infer(merged, deadline, rid, pinned)
+            answers = split(response, [i.rows for i in items])
+        except FerryError as err:
+            if len(items) > 1 and not isinstance(err, Unavailable):
+                await self._one_by_one([batch[n] for n in misses], version, pinned)
+                return
+            for n in misses:
+                if not batch[n].future.done():
+                    batch[n].future.set_exception(err)
+            return
+        fills: list[tuple[str, bytes]] = []
+        served = response.model_version or version
+        for n, answer in zip(misses, answers, strict=True):
+            if not batch[n].future.done():
+                batch[n].future.set_result((answer, False))
+            digest = jobs[n].digest
+            if digest is not None:
+                fills.append((cache_key(model, served, digest), answer.SerializeToString()))
+        if fills and self.cache is not None:
+            await self.cache.set_many(fills)
+
+    async def _one_by_one(self, pendings: list[Pending], version: str, pinned: bool) -> None:
+        async def one(p: Pending) -> None:
+            job: Job = p.extra
+            try:
+                resp = await self.upstream.infer(
+                    as_raw_request(p.item, version), job.deadline, job.request_id, pinned
+                )
+            except FerryError as err:
+                if not p.future.done():
+                    p.future.set_exception(err)
+                return
+            if not p.future.done():
+                p.future.set_result((resp, False))
+
+        await asyncio.gather(*(one(p) for p in pendings))
+
+    @staticmethod
+    def _latest_deadline(jobs: list[Job]) -> float | None:
+        if any(j.deadline is None for j in jobs):
+            return None
+        return max(j.deadline for j in jobs if j.deadline is not None)
+
+    def cache_stats(self, model: str, version: str) -> CacheCounters:
+        return self.cache_counters.get((model, version), CacheCounters())
+
+
+__all__ = ["DataPlane", "Prepared"]

@@ -1,0 +1,346 @@
+"""Which workers exist, which are healthy, and which model versions each has READY.
+
+Workers come from a static list and/or DNS names re-resolved every
+``dns_interval_s`` (a Kubernetes headless Service resolves to one address per
+pod). For each worker the gateway keeps a ``grpc.health.v1`` Watch stream open
+(a dead or draining worker leaves the pool the moment its stream breaks or says
+NOT_SERVING) and polls its RepositoryIndex (new versions roll in, old ones
+unload, with no health change). The parsing helpers are pure and unit-tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry._proto.inference import model_config_pb2 as mc
+from ferry.core.errors import InvalidArgument, NotFound, Unavailable
+from ferry.core.modelconfig import ModelSpec, spec_from_config
+
+log = logging.getLogger("ferry.gateway.discovery")
+
+READY = "READY"
+
+
+def parse_target(target: str) -> tuple[str, int]:
+    """``host:port`` (or ``[v6]:port``) -> (host, port); raises ``InvalidArgument``."""
+    host, sep, port = target.strip().rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InvalidArgument(f"worker address {target!r} is not HOST:PORT")
+    return host, int(port)
+
+
+def format_address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def index_from_response(resp: pb.RepositoryIndexResponse) -> dict[str, dict[str, str]]:
+    """RepositoryIndex -> {model: {version: state}}; entries without a version are skipped."""
+    out: dict[str, dict[str, str]] = {}
+    for entry in resp.models:
+        if entry.version:
+            out.setdefault(entry.name, {})[entry.version] = entry.state.upper()
+        else:
+            out.setdefault(entry.name, {})
+    return out
+
+
+def latest_ready(versions: dict[str, str]) -> str | None:
+    ready = [v for v, state in versions.items() if state == READY and v.isdigit()]
+    return max(ready, key=int) if ready else None
+
+
+def spec_from_config_proto(config: mc.ModelConfig) -> ModelSpec:
+    """The serving signature a worker reported, in the form ``validate_request`` checks."""
+
+    def tensors(items: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": t.name, "data_type": mc.DataType.Name(t.data_type), "dims": list(t.dims)} for t in items
+        ]
+
+    doc = {
+        "input": tensors(config.input),
+        "output": tensors(config.output),
+        "max_batch_size": config.max_batch_size,
+        "response_cache": {"enable": config.response_cache.enable},
+    }
+    if config.platform:
+        doc["platform"] = config.platform
+    return spec_from_config(config.name, doc)
+
+
+@dataclass
+class Worker:
+    """One worker's channel and what the gateway last learnt about it."""
+
+    address: str
+    channel: grpc.aio.Channel
+    stub: pb_grpc.GRPCInferenceServiceStub
+    serving: bool = False
+    models: dict[str, dict[str, str]] = field(default_factory=dict)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    index_ok: bool = False
+
+    def ready(self, model: str, version: str) -> bool:
+        return self.serving and self.models.get(model, {}).get(version) == READY
+
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+class Discovery:
+    """Keeps the worker pool current; the data plane asks it who can serve what."""
+
+    def __init__(
+        self,
+        static: list[str],
+        dns: list[str],
+        channel_factory: ChannelFactory,
+        *,
+        dns_interval_s: float = 5.0,
+        index_interval_s: float = 0.5,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        for target in [*static, *dns]:
+            parse_target(target)
+        if not static and not dns:
+            raise InvalidArgument("the gateway needs --workers or --workers-dns")
+        self.static = static
+        self.dns = dns
+        self.channel_factory = channel_factory
+        self.dns_interval_s = dns_interval_s
+        self.index_interval_s = index_interval_s
+        self.on_change = on_change
+        self.workers: dict[str, Worker] = {}
+        self._specs: dict[tuple[str, str], ModelSpec] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._background: set[asyncio.Task[None]] = set()
+        self._changed = asyncio.Event()
+
+    # -- lifecycle -------------------------------------------------------------------------------
+    async def start(self) -> None:
+        for address in self.static:
+            self._add(address)
+        if self.dns:
+            await self._resolve_dns()
+            self._tasks.append(asyncio.ensure_future(self._dns_loop()))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for address in list(self.workers):
+            await self._remove(address)
+
+    def _add(self, address: str) -> None:
+        if address in self.workers:
+            return
+        channel = self.channel_factory(address)
+        worker = Worker(address, channel, pb_grpc.GRPCInferenceServiceStub(channel))
+        self.workers[address] = worker
+        worker.tasks = [
+            asyncio.ensure_future(self._watch_health(worker)),
+            asyncio.ensure_future(self._poll_index(worker)),
+        ]
+        log.info("worker added", extra={"worker": address})
+
+    async def _remove(self, address: str) -> None:
+        worker = self.workers.pop(address, None)
+        if worker is None:
+            return
+        for task in worker.tasks:
+            task.cancel()
+        with contextlib.suppress(Exception):
+            await worker.channel.close()
+        self._notify()
+        log.info("worker removed", extra={"worker": address})
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = asyncio.Event()
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- DNS -------------------------------------------------------------------------------------
+    async def _resolve_dns(self) -> None:
+        loop = asyncio.get_running_loop()
+        wanted: set[str] = set(self.static)
+        for target in self.dns:
+            host, port = parse_target(target)
+            try:
+                infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except OSError as err:
+                log.warning("cannot resolve %s: %s", target, err)
+                # keep what this name gave before: a DNS hiccup must not empty the pool
+                wanted |= {a for a in self.workers if a not in self.static}
+                continue
+            wanted |= {format_address(str(info[4][0]), port) for info in infos}
+        for address in wanted - set(self.workers):
+            self._add(address)
+        for address in set(self.workers) - wanted:
+            await self._remove(address)
+
+    async def _dns_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.dns_interval_s)
+            try:
+                await self._resolve_dns()
+            except Exception:
+                log.warning("DNS refresh failed", exc_info=True)
+
+    # -- per worker --------------------------------------------------------------------------
+    async def _watch_health(self, worker: Worker) -> None:
+        """Follow the worker's health: a Watch stream, or Check polls where Watch does not work."""
+        stub = health_pb2_grpc.HealthStub(worker.channel)
+        request = health_pb2.HealthCheckRequest(service="")
+        backoff = 0.1
+        watch = True
+        while True:
+            try:
+                if watch:
+                    async for msg in stub.Watch(request):
+                        await self._health_answer(worker, msg.status)
+                        backoff = 0.1
+                else:
+                    msg = await stub.Check(request, timeout=max(1.0, self.index_interval_s))
+                    await self._health_answer(worker, msg.status)
+                    await asyncio.sleep(self.index_interval_s)
+                    continue
+            except asyncio.CancelledError:
+                raise
+            except grpc.aio.AioRpcError as err:
+                if watch and err.code() in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.INTERNAL):
+                    log.info(
+                        "health Watch unusable on %s (%s): polling Check", worker.address, err.code().name
+                    )
+                    watch = False
+                    continue
+                log.info("health of %s: %s", worker.address, err.code().name)
+            except Exception as err:
+                log.info("health watch of %s ended: %s", worker.address, type(err).__name__)
+            self._set_serving(worker, False)
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    async def _health_answer(self, worker: Worker, status: int) -> None:
+        serving = status == health_pb2.HealthCheckResponse.SERVING
+        if serving and not worker.serving:
+            await self.refresh(worker)
+        self._set_serving(worker, serving)
+
+    def _set_serving(self, worker: Worker, serving: bool) -> None:
+        if worker.serving != serving:
+            worker.serving = serving
+            log.warning("worker %s %s", worker.address, "serving" if serving else "not serving")
+            self._notify()
+
+    async def _poll_index(self, worker: Worker) -> None:
+        while True:
+            await asyncio.sleep(self.index_interval_s)
+            if worker.serving:
+                await self.refresh(worker)
+
+    async def refresh(self, worker: Worker) -> None:
+        """Re-read one worker's repository index (also called after a version went missing)."""
+        try:
+            resp = await worker.stub.RepositoryIndex(pb.RepositoryIndexRequest(), timeout=2.0)
+        except grpc.aio.AioRpcError as err:
+            worker.index_ok = False
+            log.info("index of %s failed: %s", worker.address, err.code().name)
+            return
+        models = index_from_response(resp)
+        worker.index_ok = True
+        if models != worker.models:
+            for model in set(models) | set(worker.models):
+                if models.get(model) != worker.models.get(model):
+                    self.forget_specs(model)
+            worker.models = models
+            self._notify()
+
+    def suspect(self, address: str) -> None:
+        """A call to ``address`` failed at the transport: refresh it soon."""
+        worker = self.workers.get(address)
+        if worker is not None:
+            task = asyncio.ensure_future(self.refresh(worker))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    # -- queries ---------------------------------------------------------------------------------
+    def healthy(self) -> list[Worker]:
+        return [w for w in self.workers.values() if w.serving]
+
+    def versions(self, model: str) -> dict[str, str]:
+        """Best state of each version of ``model`` across healthy workers."""
+        out: dict[str, str] = {}
+        for w in self.healthy():
+            for version, state in w.models.get(model, {}).items():
+                if out.get(version) != READY:
+                    out[version] = state
+        return out
+
+    def has_model(self, model: str) -> bool:
+        return any(model in w.models for w in self.healthy())
+
+    def resolve(self, model: str, version: str = "") -> str:
+        """The version a request for ``model`` (and optional ``version``) runs on."""
+        if not self.healthy():
+            raise Unavailable(self.no_worker_message())
+        versions = self.versions(model)
+        if version:
+            if versions.get(version) == READY:
+                return version
+            raise NotFound(f"model {model!r} version {version} is not ready on any worker")
+        latest = latest_ready(versions)
+        if latest is None:
+            raise NotFound(f"model {model!r} is not ready on any worker")
+        return latest
+
+    def candidates(self, model: str, version: str) -> list[str]:
+        return [w.address for w in self.healthy() if w.ready(model, version)]
+
+    def no_worker_message(self) -> str:
+        return (
+            f"no healthy worker: 0 of {len(self.workers)} known workers are serving "
+            f"({', '.join(sorted(self.workers)) or 'none discovered'})"
+        )
+
+    async def spec(self, model: str, version: str) -> ModelSpec:
+        """The model's signature, fetched once per version from a worker that has it."""
+        key = (model, version)
+        cached = self._specs.get(key)
+        if cached is not None:
+            return cached
+        last: Exception | None = None
+        for address in self.candidates(model, version) or [w.address for w in self.healthy()]:
+            worker = self.workers.get(address)
+            if worker is None:
+                continue
+            try:
+                resp = await worker.stub.ModelConfig(
+                    pb.ModelConfigRequest(name=model, version=version), timeout=5.0
+                )
+            except grpc.aio.AioRpcError as err:
+                last = err
+                continue
+            spec = spec_from_config_proto(resp.config)
+            self._specs[key] = spec
+            return spec
+        raise Unavailable(f"cannot read the configuration of model {model!r} from any worker: {last}")
+
+    def forget_specs(self, model: str | None = None) -> None:
+        for key in [k for k in self._specs if model is None or k[0] == model]:
+            del self._specs[key]
+
+    async def wait_changed(self, timeout: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._changed.wait(), timeout)

@@ -1,0 +1,41 @@
+"""The gateway's Prometheus metrics (served at /metrics by ``start_metrics_server``).
+
+All series carry a ``ferry_gateway_`` prefix. Labels stay low-cardinality:
+model names and worker addresses, never request ids.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram
+
+REQUESTS = Counter(
+    "ferry_gateway_requests_total", "Inference requests answered, by model and status", ["model", "status"]
+)
+LATENCY = Histogram(
+    "ferry_gateway_request_seconds",
+    "End-to-end inference latency at the gateway",
+    ["model"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+CACHE = Counter("ferry_gateway_cache_total", "Result cache lookups by outcome", ["model", "outcome"])
+CACHE_ERRORS = Counter("ferry_gateway_cache_errors_total", "Cache backend errors and timeouts", ["op"])
+BREAKER = Gauge("ferry_gateway_cache_breaker_state", "Cache circuit breaker: 0 closed, 1 half-open, 2 open")
+SINGLE_FLIGHT = Counter(
+    "ferry_gateway_single_flight_shared_total", "Requests that joined an identical in-flight request"
+)
+RETRIES = Counter("ferry_gateway_retries_total", "Upstream calls retried on another worker", ["reason"])
+EJECTIONS = Counter("ferry_gateway_ejections_total", "Workers ejected after consecutive failures", ["worker"])
+UPSTREAM_BATCH = Histogram(
+    "ferry_gateway_upstream_batch_requests",
+    "Client requests merged into one upstream ModelInfer",
+    ["model"],
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+)
+UPSTREAM_SECONDS = Histogram(
+    "ferry_gateway_upstream_seconds", "Latency of upstream ModelInfer calls", ["worker"]
+)
+IN_FLIGHT = Gauge("ferry_gateway_in_flight", "Requests inside the gateway")
+WORKER_IN_FLIGHT = Gauge("ferry_gateway_worker_in_flight", "Upstream calls in flight per worker", ["worker"])
+WORKERS = Gauge("ferry_gateway_workers", "Known workers by health", ["state"])
+AUTH_DENIED = Counter("ferry_gateway_auth_denied_total", "Calls refused by API-key auth", ["code"])
+REJECTED = Counter("ferry_gateway_overload_rejections_total", "Requests refused because the gateway was full")

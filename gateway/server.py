@@ -1,0 +1,183 @@
+"""``ferry serve gateway``: wire discovery, router, cache, data plane and servicers into a server.
+
+ferry serve gateway --workers 10.0.0.5:8001,10.0.0.6:8001 --redis-url redis://redis:6379/0 --port 8000
+ferry serve gateway --workers-dns ferry-workers.default.svc.cluster.local:8001 --port 8000
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+
+from ferry._proto.ferry.v1 import admin_pb2, admin_pb2_grpc
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._channel import open_channel
+from ferry.core.grpcserver import build_server, ready_line, serve_until_signal, server_credentials
+from ferry.core.settings import settings_from_argv
+from ferry.core.telemetry import setup_logging, start_metrics_server
+from gateway import metrics
+from gateway.admin import AdminServicer
+from gateway.auth import AuthInterceptor, KeyRing
+from gateway.breaker import STATE_VALUE, CircuitBreaker
+from gateway.cache import LruBackend, RedisBackend, ResultCache
+from gateway.dataplane import DataPlane
+from gateway.discovery import Discovery
+from gateway.router import RetryPolicy, Router
+from gateway.servicer import GatewayServicer
+from gateway.settings import GatewaySettings
+from gateway.upstream import Upstream
+
+log = logging.getLogger("ferry.gateway")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
+WORKER_CHANNEL_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 2_000),
+]
+
+
+def _read(path: str | None) -> bytes | None:
+    return Path(path).read_bytes() if path else None
+
+
+def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
+    """How the gateway dials a worker: plain, TLS, or mTLS with a client certificate."""
+    ca, cert, key = _read(settings.worker_ca), _read(settings.worker_cert), _read(settings.worker_key)
+
+    def make(address: str) -> grpc.aio.Channel:
+        return open_channel(
+            address,
+            root_certificates=ca,
+            certificate_chain=cert,
+            private_key=key,
+            tls=settings.worker_tls,
+            options=WORKER_CHANNEL_OPTIONS,
+        )
+
+    return make
+
+
+def build_cache(settings: GatewaySettings) -> ResultCache | None:
+    if not settings.cache_enabled:
+        return None
+    timeout = settings.cache_timeout_ms / 1000
+    backend = (
+        RedisBackend(settings.redis_url, timeout)
+        if settings.redis_url
+        else LruBackend(settings.cache_lru_entries)
+    )
+    breaker = CircuitBreaker(
+        settings.breaker_failures,
+        settings.breaker_reset_s,
+        on_change=lambda state: metrics.BREAKER.set(STATE_VALUE[state]),
+    )
+    log.warning("result cache: %s", backend.name)
+    return ResultCache(
+        backend,
+        ttl_s=settings.cache_ttl_s,
+        max_value_bytes=settings.cache_max_value_bytes,
+        timeout_s=timeout,
+        breaker=breaker,
+        on_error=lambda op: metrics.CACHE_ERRORS.labels(op).inc(),
+    )
+
+
+async def serve(settings: GatewaySettings) -> None:
+    def count_workers() -> None:
+        serving = sum(w.serving for w in discovery.workers.values())
+        metrics.WORKERS.labels("serving").set(serving)
+        metrics.WORKERS.labels("not_serving").set(len(discovery.workers) - serving)
+
+    discovery = Discovery(
+        settings.workers,
+        settings.workers_dns,
+        channel_factory(settings),
+        dns_interval_s=settings.dns_interval_s,
+        index_interval_s=settings.index_interval_s,
+        on_change=count_workers,
+    )
+    router = Router(
+        eject_failures=settings.eject_failures,
+        eject_base_s=settings.eject_base_s,
+        eject_max_s=settings.eject_max_s,
+        on_eject=lambda address, period: metrics.EJECTIONS.labels(address).inc(),
+    )
+    upstream = Upstream(discovery, router, RetryPolicy(attempts=settings.retry_attempts))
+    cache = build_cache(settings)
+    dataplane = DataPlane(
+        discovery,
+        upstream,
+        cache,
+        max_in_flight=settings.max_in_flight,
+        coalesce=settings.coalesce,
+        max_batch=settings.coalesce_max_batch,
+        upstream_per_worker=settings.upstream_per_worker,
+    )
+    servicer = GatewayServicer(discovery, dataplane, upstream)
+    admin = AdminServicer(discovery, router, dataplane, cache)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+        admin_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
+        return [INFERENCE_SERVICE, ADMIN_SERVICE]
+
+    ring = KeyRing.load(settings.api_keys_file, settings.api_keys)
+    interceptors = (
+        [AuthInterceptor(ring, on_deny=lambda code: metrics.AUTH_DENIED.labels(code).inc())] if ring else []
+    )
+    handle = build_server(
+        settings.host,
+        settings.port,
+        register,
+        interceptors=interceptors,
+        credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+    )
+
+    async def on_start() -> None:
+        await discovery.start()
+        # give the first health answers a moment, so a gateway started beside its workers is
+        # ready when it says so; it serves (and answers UNAVAILABLE) either way
+        deadline = time.monotonic() + settings.startup_wait_s
+        while not discovery.healthy() and time.monotonic() < deadline:
+            await discovery.wait_changed(deadline - time.monotonic())
+
+    async def on_stop() -> None:
+        await discovery.close()
+        if cache is not None:
+            await cache.close()
+
+    handle.on_stop.append(on_stop)
+    metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
+    await serve_until_signal(
+        handle,
+        settings.grace_s,
+        on_start=on_start,
+        ready_message=ready_line(
+            "gateway",
+            handle.port,
+            metrics_port=metrics_port,
+            workers=len(discovery.workers) if discovery.workers else len(settings.workers),
+            cache=cache.backend.name if cache else "off",
+            auth="on" if ring else "off",
+        ),
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_argv(GatewaySettings, argv, "ferry serve gateway")
+    if settings.redis_url is None and os.environ.get("REDIS_URL"):
+        settings = settings.model_copy(update={"redis_url": os.environ["REDIS_URL"]})
+    setup_logging(settings.log_level, "gateway")
+    asyncio.run(serve(settings))
+    return 0

@@ -1,0 +1,222 @@
+"""The gateway's v2 GRPCInferenceService: the same API as a worker, answered for the pool.
+
+Thin: each RPC asks Discovery, the DataPlane or the workers (fan-out) and
+returns; errors are Ferry errors, mapped to statuses by the shared interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+import ferry
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._channel import translate
+from ferry.core.errors import FerryError, NotFound, Unavailable
+from gateway.aggregate import merge_index, merge_statistics
+from gateway.dataplane import DataPlane
+from gateway.discovery import READY, Discovery, Worker, latest_ready
+from gateway.upstream import Upstream
+
+EXTENSIONS = ["model_repository", "statistics", "ferry_gateway", "ferry_result_cache"]
+FANOUT_TIMEOUT_S = 10.0
+
+
+def request_id(context: grpc.aio.ServicerContext) -> str:
+    for k, v in context.invocation_metadata() or ():
+        if k == "x-request-id" and v:
+            return str(v)
+    return uuid.uuid4().hex
+
+
+def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+    left = context.time_remaining()
+    return None if left is None else time.monotonic() + left
+
+
+class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, discovery: Discovery, dataplane: DataPlane, upstream: Upstream) -> None:
+        self.discovery = discovery
+        self.dataplane = dataplane
+        self.upstream = upstream
+
+    # -- health --------------------------------------------------------------------------------
+    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=bool(self.discovery.healthy()))
+
+    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+        versions = self.discovery.versions(request.name)
+        if request.version:
+            return pb.ModelReadyResponse(ready=versions.get(request.version) == READY)
+        return pb.ModelReadyResponse(ready=latest_ready(versions) is not None)
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name="ferry-gateway", version=getattr(ferry, "__version__", "0"), extensions=EXTENSIONS
+        )
+
+    # -- per model, answered by one worker that has it -----------------------------------------
+    async def _one(
+        self,
+        model: str,
+        version: str,
+        request: Any,
+        context: Any,
+        invoke: Callable[[Worker, Any, float | None, Any], Awaitable[Any]],
+    ) -> Any:
+        rid = request_id(context)
+        deadline = deadline_of(context)
+        if not self.discovery.healthy():
+            raise Unavailable(self.discovery.no_worker_message())
+        if not self.discovery.has_model(model):
+            worker = self.discovery.healthy()[0]  # let a worker word the NOT_FOUND
+            try:
+                return await invoke(worker, request, FANOUT_TIMEOUT_S, (("x-request-id", rid),))
+            except grpc.aio.AioRpcError as err:
+                raise translate(err) from err
+        resolved = self.discovery.resolve(model, version)
+        return await self.upstream.call(model, resolved, request, deadline, rid, invoke)
+
+    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
+        resp = await self._one(
+            request.name,
+            request.version,
+            request,
+            context,
+            lambda w, r, t, md: w.stub.ModelMetadata(r, timeout=t, metadata=md),
+        )
+        ready = sorted((v for v, s in self.discovery.versions(request.name).items() if s == READY), key=int)
+        if ready and not request.version:
+            del resp.versions[:]
+            resp.versions.extend(ready)
+        return resp
+
+    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
+        return await self._one(
+            request.name,
+            request.version,
+            request,
+            context,
+            lambda w, r, t, md: w.stub.ModelConfig(r, timeout=t, metadata=md),
+        )
+
+    # -- inference -------------------------------------------------------------------------------
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        return await self.dataplane.infer(request, deadline_of(context), request_id(context))
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of one stream run concurrently (and coalesce); answers come as they finish."""
+        rid = request_id(context)
+        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(req: pb.ModelInferRequest, n: int) -> None:
+            try:
+                resp = await self.dataplane.infer(req, deadline_of(context), f"{rid}.{n}")
+                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+            except FerryError as err:
+                await results.put(
+                    pb.ModelStreamInferResponse(
+                        error_message=err.message,
+                        infer_response=pb.ModelInferResponse(
+                            id=req.id, model_name=req.model_name, model_version=req.model_version
+                        ),
+                    )
+                )
+
+        async def feed() -> None:
+            n = 0
+            async for req in request_iterator:
+                task = asyncio.ensure_future(one(req, n))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                n += 1
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await results.put(None)
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while True:
+                item = await results.get()
+                if item is None:
+                    break
+                yield item
+            await feeder
+        finally:
+            feeder.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # -- fan-out to every healthy worker ---------------------------------------------------------
+    async def _fanout(self, invoke: Callable[[Worker], Awaitable[Any]]) -> tuple[list[Any], list[FerryError]]:
+        workers = self.discovery.healthy()
+        if not workers:
+            raise Unavailable(self.discovery.no_worker_message())
+
+        async def one(w: Worker) -> Any:
+            try:
+                return await invoke(w)
+            except grpc.aio.AioRpcError as err:
+                return translate(err)
+
+        answers = await asyncio.gather(*(one(w) for w in workers))
+        ok = [a for a in answers if not isinstance(a, FerryError)]
+        errors = [a for a in answers if isinstance(a, FerryError)]
+        return ok, errors
+
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        ok, errors = await self._fanout(lambda w: w.stub.ModelStatistics(request, timeout=FANOUT_TIMEOUT_S))
+        if not ok:
+            raise errors[0]
+        merged = merge_statistics(ok)
+        for stat in merged.model_stats:
+            counters = self.dataplane.cache_stats(stat.name, stat.version)
+            for name, d in (("cache_hit", counters.hit), ("cache_miss", counters.miss)):
+                dst = getattr(stat.inference_stats, name)
+                dst.count += d.count
+                dst.ns += d.ns
+        return merged
+
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        ok, errors = await self._fanout(lambda w: w.stub.RepositoryIndex(request, timeout=FANOUT_TIMEOUT_S))
+        if not ok:
+            raise errors[0]
+        return merge_index(ok)
+
+    async def _load_unload(self, request: Any, method: str) -> None:
+        ok, errors = await self._fanout(lambda w: getattr(w.stub, method)(request, timeout=60.0))
+        for w in self.discovery.healthy():
+            await self.discovery.refresh(w)
+        if not ok:
+            not_found = [e for e in errors if isinstance(e, NotFound)]
+            raise (not_found or errors)[0]
+
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        await self._load_unload(request, "RepositoryModelLoad")
+        return pb.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self._load_unload(request, "RepositoryModelUnload")
+        return pb.RepositoryModelUnloadResponse()

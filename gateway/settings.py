@@ -1,0 +1,71 @@
+"""The gateway's settings: flags > ``FERRY_GATEWAY_*`` environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import Field, field_validator
+from pydantic_settings import NoDecode, SettingsConfigDict
+
+from ferry.core.settings import ServiceSettings
+
+
+class GatewaySettings(ServiceSettings):
+    """Everything the gateway reads, resolved once in ``main()``."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True)
+
+    host: str = Field("0.0.0.0", description="address the gRPC port binds")
+    port: int = Field(8001, description="gRPC port (0 picks a free one)")
+    workers: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="static worker addresses host:port"
+    )
+    workers_dns: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="NAME:PORT resolved periodically (a headless Service)"
+    )
+    dns_interval_s: float = Field(5.0, description="how often DNS names are re-resolved")
+    index_interval_s: float = Field(0.5, description="how often each worker's repository index is polled")
+    # Result cache.
+    redis_url: str | None = Field(None, description="redis:// or rediss:// URL; unset = in-process LRU")
+    cache_enabled: bool = Field(True, description="master switch for the result cache")
+    cache_ttl_s: int = Field(300, description="time to live of a cached result")
+    cache_max_value_bytes: int = Field(1 << 20, description="results larger than this are not cached")
+    cache_timeout_ms: int = Field(50, description="per-call Redis timeout; slower counts as a miss")
+    cache_lru_entries: int = Field(10_000, description="size of the in-process LRU (no Redis)")
+    breaker_failures: int = Field(3, description="consecutive cache errors that open the breaker")
+    breaker_reset_s: float = Field(2.0, description="how long an open breaker waits before a trial call")
+    # Routing and batching.
+    max_in_flight: int = Field(
+        2048, description="requests in the gateway at once; more -> RESOURCE_EXHAUSTED"
+    )
+    retry_attempts: int = Field(4, description="upstream attempts per request (first try included)")
+    eject_failures: int = Field(3, description="consecutive failures that eject a worker")
+    eject_base_s: float = Field(1.0, description="first ejection period; doubles per repeat")
+    eject_max_s: float = Field(30.0, description="longest ejection period")
+    coalesce: bool = Field(True, description="merge concurrent requests for one model version upstream")
+    coalesce_max_batch: int = Field(64, description="most rows in one merged upstream call")
+    upstream_per_worker: int = Field(2, description="concurrent upstream batches per worker and model")
+    # Security.
+    tls_cert: str | None = Field(None, description="PEM certificate for the gateway port")
+    tls_key: str | None = Field(None, description="PEM private key for the gateway port")
+    tls_client_ca: str | None = Field(None, description="CA that client certificates must chain to (mTLS)")
+    worker_tls: bool = Field(False, description="talk TLS to workers")
+    worker_ca: str | None = Field(None, description="CA bundle that worker certificates chain to")
+    worker_cert: str | None = Field(None, description="client certificate presented to workers (mTLS)")
+    worker_key: str | None = Field(None, description="private key of worker_cert")
+    api_keys_file: str | None = Field(None, description="YAML/JSON file of hashed API keys")
+    api_keys: str | None = Field(None, description="the same document inline (JSON), e.g. from a secret")
+    # Operations.
+    metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 = off)")
+    metrics_host: str = Field("127.0.0.1", description="address the metrics port binds")
+    log_level: str = Field("WARNING", description="log level")
+    grace_s: float = Field(10.0, description="drain time on SIGTERM")
+    startup_wait_s: float = Field(10.0, description="at start, wait this long for a healthy worker")
+
+    @field_validator("workers", "workers_dns", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        """Accept ``a,b`` from flags and env as well as YAML lists."""
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
