@@ -17,6 +17,7 @@ from ferry.core.errors import FerryError
 
 COMMAND_MODULES = [
     "ferry.cli.serve",
+    "ferry.cli.up",
 ]
 
 EXIT_ERROR = 1

@@ -91,10 +91,8 @@ def _flag_type(annotation: Any) -> dict[str, Any]:
     return {}
 
 
-def settings_from_argv(cls: type[S], argv: Sequence[str] | None, prog: str, description: str = "") -> S:
-    """Parse ``argv`` into ``cls``: one ``--flag`` per field (help from its description), plus
-    ``--config FILE`` for YAML. Flags left out fall through to env, the file and defaults."""
-    parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
+def add_settings_flags(parser: argparse.ArgumentParser, cls: type[ServiceSettings]) -> None:
+    """One ``--flag`` per settings field (help from its description), plus ``--config FILE``."""
     parser.add_argument(
         "--config", metavar="FILE", help="YAML file with settings (lowest precedence but defaults)"
     )
@@ -108,6 +106,16 @@ def settings_from_argv(cls: type[S], argv: Sequence[str] | None, prog: str, desc
             help=f"{hint} (default: {default!r})".strip(),
             **_flag_type(field.annotation),
         )
-    args = parser.parse_args(argv)
-    given = {k: v for k, v in vars(args).items() if k != "config" and v is not None}
-    return cls.load(args.config, **given)
+
+
+def settings_from_args(cls: type[S], args: argparse.Namespace, **overrides: Any) -> S:
+    """Settings from parsed flags: only flags the user gave count; the rest falls through."""
+    given = {k: getattr(args, k) for k in cls.model_fields if getattr(args, k, None) is not None}
+    return cls.load(getattr(args, "config", None), **{**given, **overrides})
+
+
+def settings_from_argv(cls: type[S], argv: Sequence[str] | None, prog: str, description: str = "") -> S:
+    """Parse ``argv`` into ``cls``. Flags left out fall through to env, the YAML file and defaults."""
+    parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
+    add_settings_flags(parser, cls)
+    return settings_from_args(cls, parser.parse_args(argv))

@@ -1,0 +1,130 @@
+"""``ferry up``, ``ferry demo`` and ``ferry status``: the whole stack on one machine.
+
+``up`` starts every service (see ``ferry.stack``), builds the demo model on the
+first run and keeps serving until Ctrl-C or SIGTERM. ``demo`` does the same, then
+classifies the digits test split through the gateway, prints accuracy and
+latency, and stops. ``status`` asks each service of a running stack for its health.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import socket
+import sys
+from pathlib import Path
+
+from ferry.core.settings import add_settings_flags, settings_from_args
+from ferry.stack import Stack, UpSettings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    up = sub.add_parser("up", help="run the whole stack on one machine until Ctrl-C")
+    add_settings_flags(up, UpSettings)
+    up.add_argument("--no-demo", action="store_true", help="do not build the demo model")
+    up.add_argument("--demo-epochs", type=int, default=8, help="epochs for the demo model (first run only)")
+    up.set_defaults(handler=lambda a: _run(a, classify=False, keep_running=True))
+
+    demo = sub.add_parser("demo", help="start the stack, train -> export -> serve -> classify digits, stop")
+    add_settings_flags(demo, UpSettings)
+    demo.add_argument("--demo-epochs", type=int, default=8, help="epochs for the demo model (first run only)")
+    demo.add_argument("--keep-running", action="store_true", help="keep the stack up after the demo")
+    demo.set_defaults(handler=lambda a: _run(a, classify=True, keep_running=a.keep_running), no_demo=False)
+
+    status = sub.add_parser("status", help="health and address of each service of a running `ferry up`")
+    status.add_argument("--state-file", default=".ferry/stack.json", help="written by `ferry up`")
+    status.set_defaults(handler=_status)
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)
+
+
+def _run(args: argparse.Namespace, *, classify: bool, keep_running: bool) -> int:
+    settings = settings_from_args(UpSettings, args)
+    return asyncio.run(_stack_main(settings, not args.no_demo, args.demo_epochs, classify, keep_running))
+
+
+async def _stack_main(
+    settings: UpSettings, build_demo: bool, epochs: int, classify: bool, keep_running: bool
+) -> int:
+    from ferry.core.store import Store
+    from ferry.demo import DEMO_MODEL, classify_digits, ensure_demo_model
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    stack = Stack(settings)
+    _say(f"ferry up: starting trainer, exporter, {settings.workers} worker(s) and the gateway")
+    _say(f"  logs in {settings.log_dir}")
+    work = asyncio.create_task(stack.start())
+    interrupted = asyncio.create_task(stop.wait())
+    await asyncio.wait({work, interrupted}, return_when=asyncio.FIRST_COMPLETED)
+    if not work.done():
+        work.cancel()
+        await stack.stop()
+        return 130
+    work.result()
+    try:
+        _say(stack.redis_note)
+        for name, address in stack.addresses().items():
+            _say(f"  {name:<10} {address}")
+        if build_demo:
+            store = Store(settings.store)
+            addresses = stack.addresses()
+            version = await ensure_demo_model(
+                store, addresses["trainer"], addresses["exporter"], epochs, _say
+            )
+            if classify:
+                result = await classify_digits(addresses["gateway"], version)
+                _say(
+                    f"classified {result.samples} held-out digits through the gateway: "
+                    f"accuracy {result.accuracy:.4f}, latency p50 {result.p50_ms:.2f} ms, "
+                    f"p99 {result.p99_ms:.2f} ms, {result.samples / result.seconds:.0f} requests/s "
+                    f"(model '{DEMO_MODEL}' v{result.model_version})"
+                )
+        if keep_running:
+            gateway = stack.addresses()["gateway"]
+            _say(f"ferry up: serving; the gateway is at {gateway}. Ctrl-C stops everything.")
+            await stop.wait()
+    finally:
+        _say("ferry up: stopping every service")
+        await stack.stop()
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    path = Path(args.state_file)
+    if not path.is_file():
+        print(f"no running stack: {path} does not exist (start one with `ferry up`)", file=sys.stderr)
+        return 1
+    state = json.loads(path.read_text())
+    healthy = True
+    print(f"{'service':<10} {'address':<28} health")
+    for name, address in state["services"].items():
+        if name == "redis":
+            host, _, port = address.removeprefix("redis://").partition("/")[0].rpartition(":")
+            try:
+                with socket.create_connection((host, int(port)), 1) as s:
+                    s.sendall(b"PING\r\n")
+                    health = "SERVING" if s.recv(16).startswith(b"+PONG") else "NOT_SERVING"
+            except OSError:
+                health = "DOWN"
+        else:
+            try:
+                with grpc.insecure_channel(address) as channel:
+                    reply = health_pb2_grpc.HealthStub(channel).Check(
+                        health_pb2.HealthCheckRequest(), timeout=2
+                    )
+                health = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+            except grpc.RpcError:
+                health = "DOWN"
+        healthy &= health == "SERVING"
+        print(f"{name:<10} {address:<28} {health}")
+    return 0 if healthy else 1

@@ -1,0 +1,332 @@
+"""Run the whole Ferry stack on one machine as separate processes (``ferry up``).
+
+The supervisor starts a private redis-server (when the binary is on PATH and no
+Redis URL is given; otherwise the gateway uses its in-process cache, and the log
+says so), the trainer, the exporter, N workers and the gateway, each as
+``python -m ferry.cli.main serve ...`` in its own process session. A child is
+ready when it prints its ``FERRY_READY`` line; its output goes to
+``<log_dir>/<name>.log``. A child that dies is reported and restarted (a bounded
+number of times). Stopping sends SIGTERM to every child (gateway first, so no
+new work arrives), waits for them to drain, then kills what is left: no orphan
+survives ``ferry up``. Addresses are written to a state file for ``ferry status``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import SettingsConfigDict
+
+from ferry.core.errors import FailedPrecondition, Unavailable
+from ferry.core.settings import ServiceSettings
+
+log = logging.getLogger("ferry.stack")
+READY_RE = re.compile(r"FERRY_READY service=(\S+) port=(\d+)")
+
+
+class UpSettings(ServiceSettings):
+    """How ``ferry up`` lays the stack out; each field is also ``FERRY_UP_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_UP_", extra="forbid", populate_by_name=True)
+
+    host: str = Field("127.0.0.1", description="address every service binds")
+    base_port: int = Field(
+        8000, description="gateway on it, trainer +2, exporter +3, workers +10.., redis +379; 0 = free ports"
+    )
+    workers: int = Field(2, ge=1, description="number of inference worker processes")
+    store: str = Field(".ferry/store", description="model store shared by every service")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("redis_url", "FERRY_UP_REDIS_URL", "REDIS_URL"),
+        description="use this Redis; unset: a private redis-server if installed, else the in-process cache",
+    )
+    log_dir: str = Field(".ferry/logs", description="one log file per child process")
+    state_file: str = Field(".ferry/stack.json", description="where addresses are written for `ferry status`")
+    restart_limit: int = Field(5, description="restarts allowed per child before the stack gives up")
+    start_timeout_s: float = Field(90.0, description="how long a child may take to print its ready line")
+    grace_s: float = Field(10.0, description="drain time given to each child on stop")
+    log_level: str = "WARNING"
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@dataclass
+class Child:
+    name: str
+    argv: list[str]
+    log_path: Path
+    port: int = 0
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    tail: list[str] = field(default_factory=list)
+    stopping: bool = False
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+class Stack:
+    """The supervisor: start in dependency order, watch, restart, stop everything."""
+
+    def __init__(self, settings: UpSettings) -> None:
+        self.s = settings
+        self.children: dict[str, Child] = {}
+        self.redis_url: str | None = settings.redis_url
+        self.redis_note = ""
+        self._redis: asyncio.subprocess.Process | None = None
+        self._watchers: list[asyncio.Task[None]] = []
+        Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
+
+    # --- planning -----------------------------------------------------------------------------
+
+    def _port(self, offset: int) -> int:
+        return self.s.base_port + offset if self.s.base_port else 0
+
+    def planned_ports(self) -> dict[str, int]:
+        ports = {"gateway": self._port(0), "trainer": self._port(2), "exporter": self._port(3)}
+        ports.update({f"worker-{i + 1}": self._port(10 + i) for i in range(self.s.workers)})
+        if self._wants_private_redis():
+            ports["redis"] = self._port(379)
+        return ports
+
+    def _wants_private_redis(self) -> bool:
+        return not self.s.redis_url and shutil.which("redis-server") is not None
+
+    def check_ports(self) -> None:
+        taken = [
+            f"{name} port {port}"
+            for name, port in self.planned_ports().items()
+            if port and not port_is_free(self.s.host, port)
+        ]
+        if taken:
+            raise FailedPrecondition(
+                f"cannot start: {', '.join(taken)} on {self.s.host} already in use; stop what holds it or "
+                "pass --base-port (0 picks free ports)"
+            )
+
+    def _serve_argv(self, service: str, *args: str) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "ferry.cli.main",
+            "serve",
+            service,
+            "--log-level",
+            self.s.log_level,
+            *args,
+        ]
+
+    # --- starting -----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        self.check_ports()
+        try:
+            await self._start_redis()
+            common = ["--host", self.s.host, "--store", self.s.store]
+            await asyncio.gather(
+                self._start_child(
+                    "trainer", self._serve_argv("trainer", *common, "--port", str(self._port(2)))
+                ),
+                self._start_child(
+                    "exporter", self._serve_argv("exporter", *common, "--port", str(self._port(3)))
+                ),
+                *(
+                    self._start_child(
+                        f"worker-{i + 1}",
+                        self._serve_argv("worker", *common, "--port", str(self._port(10 + i))),
+                    )
+                    for i in range(self.s.workers)
+                ),
+            )
+            workers = ",".join(c.address for n, c in self.children.items() if n.startswith("worker-"))
+            gateway_args = ["--host", self.s.host, "--port", str(self._port(0)), "--workers", workers]
+            if self.redis_url:
+                gateway_args += ["--redis-url", self.redis_url]
+            await self._start_child("gateway", self._serve_argv("gateway", *gateway_args))
+        except BaseException:
+            await self.stop()
+            raise
+        self.write_state()
+
+    async def _start_redis(self) -> None:
+        if self.s.redis_url:
+            self.redis_note = f"result cache: Redis at {self.s.redis_url}"
+            return
+        binary = shutil.which("redis-server")
+        if binary is None:
+            self.redis_note = (
+                "result cache: in-process LRU (redis-server is not installed and no Redis URL is set)"
+            )
+            log.warning(self.redis_note)
+            return
+        port = self._port(379) or _free_port(self.s.host)
+        self._redis = await asyncio.create_subprocess_exec(
+            binary, "--port", str(port), "--bind", self.s.host, "--save", "", "--appendonly", "no",
+            "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection((self.s.host, port), 0.2):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise Unavailable(f"private redis-server did not start on port {port}")
+        self.redis_url = f"redis://{self.s.host}:{port}/0"
+        self.redis_note = f"result cache: private redis-server at {self.redis_url}"
+
+    async def _start_child(self, name: str, argv: list[str]) -> Child:
+        child = self.children.get(name) or Child(name, argv, Path(self.s.log_dir) / f"{name}.log")
+        self.children[name] = child
+        child.ready = asyncio.Event()
+        child.tail = []
+        child.proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+        reader = asyncio.create_task(self._pump(child, child.proc))
+        ready = asyncio.create_task(child.ready.wait())
+        exited = asyncio.create_task(child.proc.wait())
+        done, _ = await asyncio.wait(
+            {ready, exited}, timeout=self.s.start_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+        for task in (ready, exited):
+            task.cancel()
+        if ready not in done:
+            await asyncio.sleep(0.2)  # let the reader catch the last lines
+            reader.cancel()
+            tail = "".join(child.tail[-15:])
+            raise Unavailable(f"{name} failed to start (see {child.log_path}):\n{tail}")
+        self._watchers.append(asyncio.create_task(self._watch(child, child.proc)))
+        return child
+
+    async def _pump(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        assert proc.stdout is not None
+        with open(child.log_path, "a") as out:
+            async for raw in proc.stdout:
+                line = raw.decode(errors="replace")
+                out.write(line)
+                out.flush()
+                child.tail = [*child.tail[-40:], line]
+                m = READY_RE.search(line)
+                if m and not child.ready.is_set():
+                    if not child.port:
+                        child.port = int(m.group(2))
+                    child.ready.set()
+
+    async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
+        code = await proc.wait()
+        if child.stopping:
+            return
+        print(
+            f"ferry up: {child.name} exited with code {code}; see {child.log_path}",
+            file=sys.stderr,
+            flush=True,
+        )
+        if child.restarts >= self.s.restart_limit:
+            print(
+                f"ferry up: {child.name} restarted {child.restarts} times; giving up on it", file=sys.stderr
+            )
+            return
+        child.restarts += 1
+        await asyncio.sleep(min(2**child.restarts * 0.25, 5))
+        argv = _with_port(child.argv, child.port)
+        try:
+            await self._start_child(child.name, argv)
+            print(f"ferry up: {child.name} restarted at {child.address}", file=sys.stderr, flush=True)
+        except Unavailable as err:
+            print(f"ferry up: {err}", file=sys.stderr, flush=True)
+
+    # --- stopping -----------------------------------------------------------------------------
+
+    async def stop(self) -> None:
+        order = [
+            "gateway",
+            *sorted(n for n in self.children if n.startswith("worker-")),
+            "exporter",
+            "trainer",
+        ]
+        for name in order:
+            child = self.children.get(name)
+            if child:
+                child.stopping = True
+        await asyncio.gather(*(self._stop_child(self.children[n]) for n in order if n in self.children))
+        for task in self._watchers:
+            task.cancel()
+        if self._redis and self._redis.returncode is None:
+            self._redis.kill()
+            await self._redis.wait()
+        with contextlib.suppress(FileNotFoundError):
+            Path(self.s.state_file).unlink()
+
+    async def _stop_child(self, child: Child) -> None:
+        proc = child.proc
+        if proc is None or proc.returncode is not None:
+            return
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.s.grace_s + 5)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            await proc.wait()
+
+    # --- reporting ----------------------------------------------------------------------------
+
+    def addresses(self) -> dict[str, str]:
+        out = {name: child.address for name, child in self.children.items()}
+        if self.redis_url:
+            out["redis"] = self.redis_url
+        return out
+
+    def write_state(self) -> None:
+        state: dict[str, Any] = {
+            "pid": os.getpid(),
+            "store": str(Path(self.s.store).resolve()),
+            "services": self.addresses(),
+        }
+        path = Path(self.s.state_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(state, indent=2))
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+def _with_port(argv: list[str], port: int) -> list[str]:
+    """The same command, pinned to the port the child had, so its clients keep their address."""
+    out = list(argv)
+    if port and "--port" in out:
+        out[out.index("--port") + 1] = str(port)
+    return out
