@@ -47,6 +47,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 DOCKER = DEPLOY / "docker"
 COMPOSE = DEPLOY / "compose.yaml"
+COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
 KUSTOMIZE_DIRS = {
     "base": DEPLOY / "k8s" / "base",
     "cpu": DEPLOY / "k8s" / "overlays" / "cpu",
@@ -220,6 +221,23 @@ def test_compose_builds_existing_targets() -> None:
         dockerfile = ROOT / build["dockerfile"]
         assert build["target"] == service, name
         assert service in _stages(dockerfile), name
+
+
+def test_compose_gpu_override_gives_each_worker_its_own_gpu() -> None:
+    override = yaml.safe_load(COMPOSE_GPU.read_text())
+    assert _compose_errors(override) == []
+    workers = [n for n, (s, _) in _ferry_services(_compose()).items() if s == "worker"]
+    assert sorted(override["services"]) == sorted(workers), "the override only touches the workers"
+    devices = []
+    for name in workers:
+        svc = override["services"][name]
+        assert svc["image"] == "ferry/worker:0.1.0-cuda", name
+        assert svc["build"]["target"] == "worker", name
+        assert "worker" in _stages(ROOT / svc["build"]["dockerfile"]), name
+        (reservation,) = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert reservation["driver"] == "nvidia" and reservation["capabilities"] == ["gpu"], name
+        devices += reservation["device_ids"]
+    assert len(devices) == len(set(devices)) == len(workers), devices
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
