@@ -24,8 +24,11 @@ from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
 
+import grpc
+
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry.core.errors import FerryError, ResourceExhausted, Unavailable
+from ferry.client._channel import translate
+from ferry.core.errors import FerryError, NotFound, ResourceExhausted, Unavailable
 from gateway import metrics
 from gateway.cache import HIT_PARAMETER, ResultCache, SingleFlight, cache_key, cache_opt_out, request_digest
 from gateway.coalescer import Batcher, Pending, Prepared, as_raw_request, merge, prepare, split
@@ -121,10 +124,11 @@ class DataPlane:
     ) -> pb.ModelInferResponse:
         model = request.model_name
         pinned = bool(request.model_version)
-        if not self.discovery.has_model(model) and self.discovery.healthy():
-            # no worker lists it: let a worker answer, so the caller sees the worker's own error
+        try:
+            version = self.discovery.resolve(model, request.model_version)
+        except NotFound:
+            # no worker has it ready: let a worker answer, so the caller sees the worker's own words
             return await self._forward_unknown(request, deadline, request_id)
-        version = self.discovery.resolve(model, request.model_version)
         spec = await self.discovery.spec(model, version)
         item = prepare(spec, request)
         digest = None
@@ -153,20 +157,14 @@ class DataPlane:
     async def _forward_unknown(
         self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
     ) -> pb.ModelInferResponse:
-        from ferry.client._channel import translate
-
-        worker = self.discovery.healthy()[0]
+        worker = self.discovery.authority(request.model_name)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return await worker.stub.ModelInfer(
                 request, timeout=timeout, metadata=(("x-request-id", request_id),)
             )
-        except Exception as err:
-            import grpc
-
-            if isinstance(err, grpc.aio.AioRpcError):
-                raise translate(err) from err
-            raise
+        except grpc.aio.AioRpcError as err:
+            raise translate(err) from err
 
     # -- the batch path ------------------------------------------------------------------------
     async def _dispatch(self, key: Hashable, batch: list[Pending]) -> None:

@@ -305,6 +305,13 @@ class Discovery:
             raise NotFound(f"model {model!r} is not ready on any worker")
         return latest
 
+    def authority(self, model: str) -> Worker:
+        """A healthy worker to word an error about ``model`` (one that lists it, if any)."""
+        healthy = self.healthy()
+        if not healthy:
+            raise Unavailable(self.no_worker_message())
+        return next((w for w in healthy if model in w.models), healthy[0])
+
     def candidates(self, model: str, version: str) -> list[str]:
         return [w.address for w in self.healthy() if w.ready(model, version)]
 

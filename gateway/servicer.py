@@ -77,15 +77,14 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> Any:
         rid = request_id(context)
         deadline = deadline_of(context)
-        if not self.discovery.healthy():
-            raise Unavailable(self.discovery.no_worker_message())
-        if not self.discovery.has_model(model):
-            worker = self.discovery.healthy()[0]  # let a worker word the NOT_FOUND
+        try:
+            resolved = self.discovery.resolve(model, version)
+        except NotFound:
+            worker = self.discovery.authority(model)  # let a worker word the error
             try:
                 return await invoke(worker, request, FANOUT_TIMEOUT_S, (("x-request-id", rid),))
             except grpc.aio.AioRpcError as err:
                 raise translate(err) from err
-        resolved = self.discovery.resolve(model, version)
         return await self.upstream.call(model, resolved, request, deadline, rid, invoke)
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:

@@ -1,0 +1,492 @@
+"""The gateway in front of two real workers and a private redis-server, driven by tritonclient.
+
+Every v2 RPC goes through the gateway; errors match the worker's; the result cache,
+single-flight, coalescing and a version rollout under load are read back from the
+workers' own statistics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from ferry._proto.ferry.v1 import admin_pb2, admin_pb2_grpc
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.client.inference import build_request
+from ferry.core import codec
+from tests.support.models import export_mlp, publish
+from tests.support.procs import RedisServer, ServiceProcess
+
+tc = pytest.importorskip("tritonclient.grpc")
+
+
+# -- helpers shared by the gateway test modules -------------------------------------------------
+def start_workers(store: Path, n: int, *extra: str) -> list[ServiceProcess]:
+    procs = [
+        ServiceProcess.serve(
+            "worker", "--store", str(store), "--port", "0", "--poll-interval-s", "0.3", *extra
+        )
+        for _ in range(n)
+    ]
+    started: list[ServiceProcess] = []
+    try:
+        for p in procs:
+            started.append(p.start())
+    except Exception:
+        for p in started:
+            p.stop()
+        raise
+    return started
+
+
+def start_gateway(
+    workers: Sequence[ServiceProcess], *extra: str, env: dict[str, str] | None = None
+) -> ServiceProcess:
+    return ServiceProcess.serve(
+        "gateway",
+        "--workers",
+        ",".join(w.address for w in workers),
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--index-interval-s",
+        "0.2",
+        *extra,
+        env=env,
+    ).start()
+
+
+def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if check():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def mlp_request(rows: int = 1, seed: int = 0, model: str = "mlp", **params: Any) -> pb.ModelInferRequest:
+    x = np.random.default_rng(seed).standard_normal((rows, 8)).astype(np.float32)
+    return build_request(model, {"input": x}, parameters=params or None)
+
+
+def stats(address: str, model: str, version: str = "") -> pb.ModelStatistics:
+    with grpc.insecure_channel(address) as ch:
+        resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+            pb.ModelStatisticsRequest(name=model, version=version), timeout=10
+        )
+    return resp.model_stats[0]
+
+
+def worker_totals(workers: Sequence[ServiceProcess], model: str) -> tuple[int, int, int]:
+    """(requests, rows, executions) the workers served for ``model``, all versions."""
+    reqs = rows = runs = 0
+    for w in workers:
+        with grpc.insecure_channel(w.address) as ch:
+            resp = pb_grpc.GRPCInferenceServiceStub(ch).ModelStatistics(
+                pb.ModelStatisticsRequest(name=model), timeout=10
+            )
+        for s in resp.model_stats:
+            reqs += s.inference_stats.success.count
+            rows += s.inference_count
+            runs += s.execution_count
+    return reqs, rows, runs
+
+
+class Load:
+    """A bounded concurrent load: ``concurrency`` callers, each sending until stopped or ``limit``."""
+
+    def __init__(
+        self,
+        address: str,
+        make: Callable[[int], pb.ModelInferRequest],
+        concurrency: int = 8,
+        limit: int = 4000,
+        timeout: float = 20.0,
+    ) -> None:
+        self.address = address
+        self.make = make
+        self.concurrency = concurrency
+        self.limit = limit
+        self.timeout = timeout
+        self.ok = 0
+        self.failures: list[str] = []
+        self.responses: list[tuple[float, pb.ModelInferResponse]] = []  # (sent at, answer)
+        self._stop = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def _caller(self, stub: pb_grpc.GRPCInferenceServiceStub, n: int) -> None:
+        i = 0
+        while not self._stop.is_set() and self.ok + len(self.failures) < self.limit:
+            started = time.monotonic()
+            try:
+                resp = await stub.ModelInfer(self.make(n * 100_000 + i), timeout=self.timeout)
+                self.ok += 1
+                self.responses.append((started, resp))
+            except grpc.aio.AioRpcError as err:
+                self.failures.append(f"{err.code().name}: {err.details()}")
+            i += 1
+
+    async def __aenter__(self) -> Load:
+        self._channel = grpc.aio.insecure_channel(self.address)
+        stub = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._tasks = [asyncio.ensure_future(self._caller(stub, n)) for n in range(self.concurrency)]
+        return self
+
+    async def until(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until ``count`` more requests have been answered (bounded in time)."""
+        target = self.ok + len(self.failures) + count
+        deadline = time.monotonic() + timeout
+        while self.ok + len(self.failures) < target and time.monotonic() < deadline:
+            if all(t.done() for t in self._tasks):
+                break
+            await asyncio.sleep(0.02)
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks)
+        await self._channel.close()
+
+
+# -- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("onnx")
+    return {"mlp": export_mlp(d / "mlp.onnx"), "mlp2": export_mlp(d / "mlp2.onnx", seed=1)}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path]) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    publish(root, "mlp", 1, onnx_files["mlp"], {"max_batch_size": 64})
+    publish(
+        root, "uncached", 1, onnx_files["mlp"], {"max_batch_size": 64, "response_cache": {"enable": False}}
+    )
+    publish(root, "roll", 1, onnx_files["mlp"], {"max_batch_size": 64})
+    publish(root, "spare", 1, onnx_files["mlp"], {"max_batch_size": 64})
+    return root
+
+
+@pytest.fixture(scope="module")
+def cluster(store: Path) -> Iterator[dict[str, Any]]:
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed")
+    redis = RedisServer().start()
+    workers: list[ServiceProcess] = []
+    gateway = None
+    try:
+        workers = start_workers(store, 2)
+        gateway = start_gateway(workers, "--redis-url", redis.url, "--cache-timeout-ms", "2000")
+        yield {"gateway": gateway, "workers": workers, "redis": redis, "store": store}
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        for w in workers:
+            w.stop()
+        redis.stop()
+
+
+@pytest.fixture(scope="module")
+def triton(cluster: dict[str, Any]) -> Any:
+    client = tc.InferenceServerClient(cluster["gateway"].address)
+    wait_until(lambda: client.is_model_ready("mlp"), what="mlp ready through the gateway")
+    return client
+
+
+def triton_infer(client: Any, x: np.ndarray, model: str = "mlp", **kw: Any) -> Any:
+    inp = tc.InferInput("input", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return client.infer(model, [inp], **kw)
+
+
+# -- every RPC through tritonclient ------------------------------------------------------------
+def test_health_and_metadata_rpcs(triton: Any, cluster: dict[str, Any]) -> None:
+    assert triton.is_server_live() and triton.is_server_ready()
+    assert triton.is_model_ready("mlp") and triton.is_model_ready("mlp", "1")
+    assert not triton.is_model_ready("mlp", "7") and not triton.is_model_ready("nosuch")
+    meta = triton.get_server_metadata()
+    assert meta.name == "ferry-gateway" and "model_repository" in meta.extensions
+    mm = triton.get_model_metadata("mlp")
+    assert mm.versions == ["1"] and mm.inputs[0].name == "input" and list(mm.inputs[0].shape) == [-1, 8]
+    cfg = triton.get_model_config("mlp").config
+    assert cfg.max_batch_size == 64 and cfg.input[0].dims == [8]
+    index = triton.get_model_repository_index()
+    assert {(m.name, m.version, m.state) for m in index.models} >= {
+        ("mlp", "1", "READY"),
+        ("roll", "1", "READY"),
+    }
+
+
+def test_infer_matches_the_worker(triton: Any, cluster: dict[str, Any]) -> None:
+    x = np.random.default_rng(3).standard_normal((5, 8)).astype(np.float32)
+    direct = tc.InferenceServerClient(cluster["workers"][0].address)
+    want = triton_infer(direct, x).as_numpy("output")
+    got = triton_infer(triton, x, headers={"x-request-id": "req-123"})
+    np.testing.assert_allclose(got.as_numpy("output"), want, rtol=1e-6)
+    assert got.get_response().model_version == "1"
+
+
+def test_stream_infer(triton: Any) -> None:
+    results: list[Any] = []
+    triton.start_stream(callback=lambda result, error: results.append((result, error)))
+    try:
+        for n in range(4):
+            x = np.full((1, 8), n, np.float32)
+            inp = tc.InferInput("input", [1, 8], "FP32")
+            inp.set_data_from_numpy(x)
+            triton.async_stream_infer("mlp", [inp], request_id=f"s{n}")
+        bad = tc.InferInput("input", [1, 4], "FP32")
+        bad.set_data_from_numpy(np.zeros((1, 4), np.float32))
+        triton.async_stream_infer("mlp", [bad], request_id="bad")
+        wait_until(lambda: len(results) == 5, 30, "5 stream answers")
+    finally:
+        triton.stop_stream()
+    ok = sorted(r.get_response().id for r, e in results if e is None)
+    errors = [str(e) for _, e in results if e is not None]
+    assert ok == ["s0", "s1", "s2", "s3"]
+    assert len(errors) == 1 and "input 'input': shape [1, 4] does not match the model's [-1, 8]" in errors[0]
+
+
+def test_statistics_count_cache_hits_and_misses(triton: Any) -> None:
+    x = np.random.default_rng(99).standard_normal((2, 8)).astype(np.float32)
+    before = triton.get_inference_statistics("mlp", "1").model_stats[0].inference_stats
+    first = triton_infer(triton, x)
+    second = triton_infer(triton, x)
+    after = triton.get_inference_statistics("mlp", "1").model_stats[0].inference_stats
+    assert "ferry_cache_hit" not in first.get_response().parameters
+    assert second.get_response().parameters["ferry_cache_hit"].bool_param is True
+    np.testing.assert_array_equal(first.as_numpy("output"), second.as_numpy("output"))
+    assert after.cache_miss.count - before.cache_miss.count == 1
+    assert after.cache_hit.count - before.cache_hit.count == 1
+
+
+def test_repository_unload_and_load_fan_out(triton: Any, cluster: dict[str, Any]) -> None:
+    triton.unload_model("spare")
+    wait_until(lambda: not triton.is_model_ready("spare"), 20, "spare unloaded")
+    for w in cluster["workers"]:
+        assert not tc.InferenceServerClient(w.address).is_model_ready("spare")
+    with pytest.raises(tc.InferenceServerException) as err:
+        triton_infer(triton, np.zeros((1, 8), np.float32), model="spare")
+    assert err.value.status() == "StatusCode.UNAVAILABLE"
+    assert "model 'spare' has no version ready" in err.value.message()
+    triton.load_model("spare")
+    wait_until(lambda: triton.is_model_ready("spare"), 30, "spare loaded again")
+    assert triton_infer(triton, np.zeros((1, 8), np.float32), model="spare").as_numpy("output").shape == (
+        1,
+        3,
+    )
+    with pytest.raises(tc.InferenceServerException) as err:
+        triton.load_model("nosuch")
+    assert err.value.status() == "StatusCode.NOT_FOUND"
+    assert "model 'nosuch' is not in the store" in err.value.message()
+
+
+# -- errors: the same status and message as the worker -------------------------------------------
+def _bad_requests() -> dict[str, pb.ModelInferRequest]:
+    good = mlp_request(2)
+    wrong_dtype = mlp_request(2)
+    wrong_dtype.inputs[0].datatype = "FP64"
+    wrong_shape = build_request("mlp", {"input": np.zeros((2, 5), np.float32)})
+    short = mlp_request(2)
+    short.raw_input_contents[0] = short.raw_input_contents[0][:-1]
+    unknown_input = build_request(
+        "mlp", {"input": np.zeros((1, 8), np.float32), "extra": np.zeros((1, 8), np.float32)}
+    )
+    missing = pb.ModelInferRequest(model_name="mlp")
+    too_big = mlp_request(65)
+    unknown_output = mlp_request(1)
+    unknown_output.outputs.add(name="nope")
+    unknown_model = mlp_request(1, model="nosuch")
+    unknown_version = mlp_request(1)
+    unknown_version.model_version = "9"
+    bad_version = mlp_request(1)
+    bad_version.model_version = "abc"
+    return {
+        "wrong_dtype": wrong_dtype,
+        "wrong_shape": wrong_shape,
+        "short": short,
+        "unknown_input": unknown_input,
+        "missing": missing,
+        "too_big": too_big,
+        "unknown_output": unknown_output,
+        "unknown_model": unknown_model,
+        "unknown_version": unknown_version,
+        "bad_version": bad_version,
+        "good": good,
+    }
+
+
+EXPECTED = {
+    "wrong_dtype": ("INVALID_ARGUMENT", "input 'input': datatype FP64 does not match the model's FP32"),
+    "wrong_shape": ("INVALID_ARGUMENT", "input 'input': shape [2, 5] does not match the model's [-1, 8]"),
+    "short": (
+        "INVALID_ARGUMENT",
+        "tensor 'input': raw content is 63 bytes but shape [2, 8] of FP32 needs 64",
+    ),
+    "unknown_input": ("INVALID_ARGUMENT", "model 'mlp' has no input 'extra' (inputs: input)"),
+    "missing": ("INVALID_ARGUMENT", "model 'mlp': missing input(s) 'input'"),
+    "too_big": ("INVALID_ARGUMENT", "input 'input': batch size 65 exceeds the model's max_batch_size 64"),
+    "unknown_output": ("INVALID_ARGUMENT", "model 'mlp' has no output 'nope' (outputs: output)"),
+    "unknown_model": ("NOT_FOUND", "unknown model 'nosuch'"),
+}
+
+
+def _call(address: str, req: pb.ModelInferRequest) -> tuple[str, str]:
+    with grpc.insecure_channel(address) as ch:
+        try:
+            pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=20)
+        except grpc.RpcError as err:
+            return err.code().name, err.details()
+    return "OK", ""
+
+
+@pytest.mark.parametrize("case", sorted(set(_bad_requests()) - {"good"}))
+def test_errors_match_the_worker(case: str, cluster: dict[str, Any], triton: Any) -> None:
+    req = _bad_requests()[case]
+    through = _call(cluster["gateway"].address, req)
+    direct = _call(cluster["workers"][0].address, req)
+    if case in EXPECTED:
+        assert through == EXPECTED[case]
+    assert through[0] != "OK"
+    assert through == direct
+
+
+def test_a_bad_request_in_a_coalesced_batch_fails_alone(cluster: dict[str, Any]) -> None:
+    bad = _bad_requests()
+
+    async def scenario() -> list[Any]:
+        async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            reqs = [mlp_request(1, seed=1000 + n, ferry_cache=False) for n in range(24)]
+            reqs[5] = bad["short"]
+            reqs[11] = bad["wrong_dtype"]
+            calls = [stub.ModelInfer(r, timeout=30) for r in reqs]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
+    results = asyncio.run(scenario())
+    failed = {n: r for n, r in enumerate(results) if isinstance(r, grpc.aio.AioRpcError)}
+    assert sorted(failed) == [5, 11]
+    assert failed[5].code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "raw content is 63 bytes" in (failed[5].details() or "")
+
+
+# -- cache semantics -------------------------------------------------------------------------
+def _infer(address: str, req: pb.ModelInferRequest) -> pb.ModelInferResponse:
+    with grpc.insecure_channel(address) as ch:
+        return pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(req, timeout=20)
+
+
+def _hit(resp: pb.ModelInferResponse) -> bool:
+    return "ferry_cache_hit" in resp.parameters and resp.parameters["ferry_cache_hit"].bool_param
+
+
+def test_cache_hit_miss_and_opt_outs(cluster: dict[str, Any], triton: Any) -> None:
+    gw = cluster["gateway"].address
+    req = mlp_request(3, seed=7)
+    assert not _hit(_infer(gw, req))
+    hit = _infer(gw, req)
+    assert _hit(hit)
+    assert codec.decode_outputs(hit)["output"].shape == (3, 3)
+    # typed contents of the same tensor hit the same entry
+    typed = pb.ModelInferRequest(model_name="mlp")
+    t = typed.inputs.add(name="input", datatype="FP32", shape=[3, 8])
+    t.contents.fp32_contents.extend(codec.decode_inputs(req)["input"].reshape(-1).tolist())
+    assert _hit(_infer(gw, typed))
+    # per-request opt-out: executed, not served from the cache
+    before = worker_totals(cluster["workers"], "mlp")[0]
+    assert not _hit(_infer(gw, mlp_request(3, seed=7, ferry_cache=False)))
+    assert worker_totals(cluster["workers"], "mlp")[0] == before + 1
+    # per-model opt-out (response_cache.enable false in its config)
+    u = mlp_request(1, seed=8, model="uncached")
+    assert not _hit(_infer(gw, u)) and not _hit(_infer(gw, u))
+    assert worker_totals(cluster["workers"], "uncached")[0] == 2
+
+
+def test_single_flight_runs_identical_misses_once(cluster: dict[str, Any]) -> None:
+    req = mlp_request(4, seed=4242)
+    before = worker_totals(cluster["workers"], "mlp")
+
+    async def scenario() -> list[pb.ModelInferResponse]:
+        async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            return await asyncio.gather(*(stub.ModelInfer(req, timeout=30) for _ in range(16)))
+
+    answers = asyncio.run(scenario())
+    after = worker_totals(cluster["workers"], "mlp")
+    assert len({a.raw_output_contents[0] for a in answers}) == 1
+    assert after[0] - before[0] == 1  # one upstream request
+    assert after[2] - before[2] == 1  # one model execution
+
+
+def test_concurrent_requests_are_coalesced_upstream(cluster: dict[str, Any]) -> None:
+    before = worker_totals(cluster["workers"], "mlp")
+
+    async def scenario() -> list[pb.ModelInferResponse]:
+        async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            reqs = [mlp_request(1, seed=5000 + n, ferry_cache=False) for n in range(64)]
+            return await asyncio.gather(*(stub.ModelInfer(r, timeout=30) for r in reqs))
+
+    answers = asyncio.run(scenario())
+    after = worker_totals(cluster["workers"], "mlp")
+    assert all(a.outputs[0].shape == [1, 3] for a in answers)
+    upstream_calls = after[0] - before[0]
+    assert after[1] - before[1] == 64  # every row ran
+    assert upstream_calls < 64  # ...in fewer upstream ModelInfer calls: batches > 1
+    # and each answer is its own request's rows
+    want = _infer(cluster["workers"][0].address, mlp_request(1, seed=5003))
+    assert answers[3].raw_output_contents[0] == want.raw_output_contents[0]
+
+
+def test_admin_service(cluster: dict[str, Any]) -> None:
+    with grpc.insecure_channel(cluster["gateway"].address) as ch:
+        stub = admin_pb2_grpc.GatewayAdminStub(ch)
+        workers = stub.ListWorkers(admin_pb2.ListWorkersRequest(), timeout=10).workers
+        cache = stub.CacheStats(admin_pb2.CacheStatsRequest(), timeout=10)
+    assert sorted(w.address for w in workers) == sorted(w.address for w in cluster["workers"])
+    assert all(w.serving and not w.ejected for w in workers)
+    assert any(m.model == "mlp" and m.state == "READY" for m in workers[0].models)
+    assert cache.enabled and cache.backend == "redis" and cache.breaker_state == "closed"
+    assert cache.hits >= 1 and cache.misses >= 1 and cache.errors == 0
+
+
+# -- a new version rolled out under load ---------------------------------------------------------
+def test_version_rollout_under_load(
+    cluster: dict[str, Any], onnx_files: dict[str, Path], triton: Any
+) -> None:
+    gw = cluster["gateway"].address
+    seeds = 8  # a small set of distinct requests, so the cache answers most of them
+
+    async def scenario() -> Load:
+        async with Load(gw, lambda n: mlp_request(2, seed=n % seeds, model="roll"), concurrency=6) as load:
+            await load.until(150)
+            publish(cluster["store"], "roll", 2, onnx_files["mlp2"])
+            deadline = time.monotonic() + 40
+            while time.monotonic() < deadline and triton.get_model_metadata("roll").versions != ["2"]:
+                await asyncio.sleep(0.05)
+            load.switched = time.monotonic()  # type: ignore[attr-defined]
+            await load.until(200)
+        return load
+
+    load = asyncio.run(scenario())
+    assert load.failures == []
+    switched = load.switched  # type: ignore[attr-defined]
+    assert triton.get_model_metadata("roll").versions == ["2"]
+    late = [r for t, r in load.responses if t > switched]
+    assert late and all(r.model_version == "2" for r in late)
+    # the same requests answer with the new version's results, from v2 entries only
+    want = _infer(cluster["workers"][0].address, mlp_request(2, seed=1, model="roll"))
+    got = _infer(gw, mlp_request(2, seed=1, model="roll"))
+    assert got.model_version == "2" and got.raw_output_contents[0] == want.raw_output_contents[0]
