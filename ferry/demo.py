@@ -37,14 +37,15 @@ def demo_spec(epochs: int) -> dict[str, Any]:
         "dataset": dict(DATASET),
         "epochs": epochs,
         "batch_size": 32,
-        "lr": 0.003,
+        "lr": 0.01,
         "optimizer": "adam",
+        "schedule": "cosine",
         "seed": SEED,
     }
 
 
 async def ensure_demo_model(
-    store: Store, trainer: str, exporter: str, epochs: int = 8, say: Callable[[str], None] = print
+    store: Store, trainer: str, exporter: str, epochs: int = 20, say: Callable[[str], None] = print
 ) -> int:
     """The demo model's latest version, training and exporting it first if the store has none."""
     versions = store.list_versions(DEMO_MODEL)

@@ -17,7 +17,10 @@ from ferry.core.errors import FerryError
 
 COMMAND_MODULES = [
     "ferry.cli.serve",
+    "ferry.cli.bench",
+    "ferry.cli.export",
     "ferry.cli.up",
+    "ferry.cli.infer",
 ]
 
 EXIT_ERROR = 1

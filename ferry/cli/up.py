@@ -24,12 +24,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     up = sub.add_parser("up", help="run the whole stack on one machine until Ctrl-C")
     add_settings_flags(up, UpSettings)
     up.add_argument("--no-demo", action="store_true", help="do not build the demo model")
-    up.add_argument("--demo-epochs", type=int, default=8, help="epochs for the demo model (first run only)")
+    up.add_argument("--demo-epochs", type=int, default=20, help="epochs for the demo model (first run only)")
     up.set_defaults(handler=lambda a: _run(a, classify=False, keep_running=True))
 
     demo = sub.add_parser("demo", help="start the stack, train -> export -> serve -> classify digits, stop")
     add_settings_flags(demo, UpSettings)
-    demo.add_argument("--demo-epochs", type=int, default=8, help="epochs for the demo model (first run only)")
+    demo.add_argument(
+        "--demo-epochs", type=int, default=20, help="epochs for the demo model (first run only)"
+    )
     demo.add_argument("--keep-running", action="store_true", help="keep the stack up after the demo")
     demo.set_defaults(handler=lambda a: _run(a, classify=True, keep_running=a.keep_running), no_demo=False)
 

@@ -1,0 +1,90 @@
+"""End-to-end fixtures: the whole stack started through the CLI, on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.support.models import export_cnn, publish
+
+FERRY = [sys.executable, "-m", "ferry.cli.main"]
+
+
+def ferry(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    """Run one ``ferry`` command to completion."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([*FERRY, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@dataclass
+class RunningStack:
+    proc: subprocess.Popen[str]
+    root: Path
+    lines: list[str]
+
+    @property
+    def state_file(self) -> str:
+        return str(self.root / "stack.json")
+
+    def stack_args(self) -> list[str]:
+        return ["--state-file", self.state_file]
+
+
+def stack_flags(root: Path) -> list[str]:
+    return [
+        "--base-port", "0", "--workers", "2", "--store", str(root / "store"),
+        "--log-dir", str(root / "logs"), "--state-file", str(root / "stack.json"),
+    ]  # fmt: skip
+
+
+def wait_for_line(proc: subprocess.Popen[str], lines: list[str], needle: str, timeout: float) -> None:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            if proc.poll() is not None:
+                break
+            continue
+        lines.append(line)
+        if needle in line:
+            return
+    raise AssertionError(f"never saw {needle!r}:\n{''.join(lines)}")
+
+
+def descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """`ferry up` with a small CNN already in the store (no demo training)."""
+    root = tmp_path_factory.mktemp("stack")
+    onnx = export_cnn(root / "cnn.onnx", channels=1, size=8, classes=10)
+    publish(root / "store", "cnn", 1, onnx)
+    proc = subprocess.Popen(
+        [*FERRY, "up", "--no-demo", *stack_flags(root)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, lines, "ferry up: serving", timeout=120)
+        yield RunningStack(proc, root, lines)
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(60)

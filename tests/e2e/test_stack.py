@@ -1,0 +1,131 @@
+"""The whole stack through the CLI: up, status, infer, stop, and the README's main flow."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+from tests.e2e.conftest import FERRY, RunningStack, descendants, ferry, stack_flags, wait_for_line
+
+
+def test_status_shows_every_service_serving(stack: RunningStack) -> None:
+    result = ferry("status", *stack.stack_args())
+    assert result.returncode == 0, result.stdout + result.stderr
+    for name in ("gateway", "trainer", "exporter", "worker-1", "worker-2"):
+        assert re.search(rf"^{name}\s+127\.0\.0\.1:\d+\s+SERVING$", result.stdout, re.M), result.stdout
+    assert "redis" in result.stdout or "in-process" in "".join(stack.lines)
+
+
+def test_infer_prints_top_classes(stack: RunningStack, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    result = ferry("infer", "cnn", str(tmp_path / "x.npy"), "--top-k", "3", *stack.stack_args())
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("row ")]
+    assert len(rows) == 2 and rows[0].count("class ") == 3
+
+
+def test_infer_json_outputs(stack: RunningStack, tmp_path: Path) -> None:
+    (tmp_path / "x.json").write_text(json.dumps({"input": np.ones((1, 1, 8, 8)).tolist()}))
+    result = ferry("infer", "cnn", str(tmp_path / "x.json"), *stack.stack_args())
+    assert result.returncode == 0, result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["version"] == "1" and np.asarray(answer["outputs"]["output"]).shape == (1, 10)
+
+
+def test_infer_wrong_shape_or_dtype_exits_non_zero(stack: RunningStack, tmp_path: Path) -> None:
+    np.save(tmp_path / "shape.npy", np.zeros((1, 1, 9, 9), np.float32))
+    result = ferry("infer", "cnn", str(tmp_path / "shape.npy"), *stack.stack_args())
+    assert result.returncode == 1
+    assert "INVALID_ARGUMENT" in result.stderr and "does not match the model's [-1, 1, 8, 8]" in result.stderr
+    np.save(tmp_path / "dtype.npy", np.zeros((1, 1, 8, 8), np.float64))
+    result = ferry("infer", "cnn", str(tmp_path / "dtype.npy"), *stack.stack_args())
+    assert result.returncode == 1 and "datatype FP64 does not match the model's FP32" in result.stderr
+
+
+def test_infer_unknown_model_exits_non_zero(stack: RunningStack, tmp_path: Path) -> None:
+    np.save(tmp_path / "x.npy", np.zeros((1, 1, 8, 8), np.float32))
+    result = ferry("infer", "nope", str(tmp_path / "x.npy"), *stack.stack_args())
+    assert result.returncode == 1 and "NOT_FOUND" in result.stderr
+
+
+def test_up_refuses_a_taken_port_and_leaves_nothing(tmp_path: Path) -> None:
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        flags = [f if f != "0" else str(port) for f in stack_flags(tmp_path)]
+        proc = subprocess.Popen(
+            [*FERRY, "up", "--no-demo", *flags], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        _out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 1
+    assert f"gateway port {port}" in err and "already in use" in err
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [*FERRY, "up", "--no-demo", *stack_flags(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    lines: list[str] = []
+    try:
+        wait_for_line(proc, lines, "ferry up: serving", timeout=120)
+        children = descendants(proc.pid)
+        assert len(children) >= 5, [c.cmdline() for c in children]
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and any(
+        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
+    ):
+        time.sleep(0.1)
+    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"orphans left: {[c.cmdline() for c in alive]}"
+    assert not (tmp_path / "stack.json").exists()
+
+
+def test_a_crashed_worker_is_reported_and_restarted(stack: RunningStack) -> None:
+    state = json.loads(Path(stack.state_file).read_text())
+    port = int(state["services"]["worker-1"].rsplit(":", 1)[1])
+    victim = next(
+        c
+        for c in descendants(stack.proc.pid)
+        if any(
+            conn.laddr.port == port and conn.status == psutil.CONN_LISTEN
+            for conn in c.net_connections("inet")
+        )
+    )
+    victim.kill()
+    wait_for_line(stack.proc, stack.lines, "worker-1 restarted", timeout=60)
+    assert any("worker-1 exited with code" in line for line in stack.lines)
+    assert ferry("status", *stack.stack_args()).returncode == 0
+
+
+def test_readme_main_flow(tmp_path: Path) -> None:
+    """`ferry demo`: train a CNN on digits, export it, serve it, classify the test split."""
+    result = ferry("demo", *stack_flags(tmp_path), timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "published 'digits' version 1" in out
+    match = re.search(r"classified (\d+) held-out digits through the gateway: accuracy ([0-9.]+)", out)
+    assert match, out
+    assert int(match.group(1)) == 359
+    assert float(match.group(2)) >= 0.95, out
+    again = ferry("demo", *stack_flags(tmp_path), timeout=300)
+    assert again.returncode == 0 and "found in the store; reusing it" in again.stdout
