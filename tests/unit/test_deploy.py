@@ -803,3 +803,54 @@ def test_healthcheck_speaks_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFix
         assert "UNAVAILABLE" in capsys.readouterr().out
         # Plaintext against a TLS port fails too (which is why TLS pods cannot use kubelet grpc probes).
         assert probe.main(["--port", str(port), "--timeout", "2"]) == 1
+
+
+def _image_process(service: str, store: Path, workers: str = "") -> tuple[Any, list[str]]:
+    """The CPU image of ``service`` as a local process: its ENTRYPOINT and ENV, bound to loopback on
+    free ports with a temp store; returns it (not started) and its HEALTHCHECK argv."""
+    from tests.support.procs import ServiceProcess
+
+    chain = _chain(DOCKER / "Dockerfile", service)
+    entry = json.loads(next(v for k, v in chain if k == "ENTRYPOINT"))
+    assert entry[0] == "ferry"
+    env = {k: v for k, v in _env_of(chain).items() if k.startswith("FERRY_")}
+    prefix = SERVICES[service][1]
+    env |= {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "0"}
+    if f"{prefix}STORE" in env:
+        env[f"{prefix}STORE"] = str(store)
+    if service == "gateway":
+        env |= {"FERRY_GATEWAY_METRICS_HOST": "127.0.0.1", "FERRY_GATEWAY_WORKERS": workers}
+    check = next(v for k, v in chain if k == "HEALTHCHECK")
+    argv = json.loads(check[check.index("[") :])
+    assert argv[:2] == ["python", HEALTHCHECK_SCRIPT]
+    return ServiceProcess([sys.executable, "-m", "ferry.cli.main", *entry[1:]], env=env), argv[2:]
+
+
+def test_image_entrypoints_start_from_their_environment_and_pass_the_healthcheck(tmp_path: Path) -> None:
+    """What `docker run` does, minus the container: each CPU target's ENTRYPOINT (`ferry serve X`,
+    no flags) with the target's ENV, then its HEALTHCHECK command. Only the bind address, ports and
+    store change (loopback, free ports, a temp folder) so tests can run side by side. SIGTERM, what
+    `docker stop` sends, ends each one cleanly."""
+    store = tmp_path / "store"
+    backends = {s: _image_process(s, store) for s in ("worker", "trainer", "exporter")}
+    started = []
+    try:
+        with futures.ThreadPoolExecutor(len(backends)) as pool:  # torch imports overlap
+            for proc, _ in backends.values():
+                started.append(proc)
+            list(pool.map(lambda p: p.start(timeout=120), [p for p, _ in backends.values()]))
+        gateway = _image_process("gateway", store, workers=backends["worker"][0].address)
+        started.append(gateway[0].start(timeout=60))
+        for service, (proc, check) in {**backends, "gateway": gateway}.items():
+            result = subprocess.run(
+                [sys.executable, str(DOCKER / "healthcheck.py"), *check],
+                env={**os.environ, "FERRY_HEALTHCHECK_PORT": str(proc.port)},
+                capture_output=True,
+                text=True,
+                timeout=30,
+            )
+            assert result.returncode == 0, f"{service}: {result.stdout}{result.stderr}"
+            assert result.stdout.strip() == f"127.0.0.1:{proc.port}: SERVING", service
+    finally:
+        codes = {p.argv[-1]: p.stop() for p in reversed(started)}
+    assert codes == {"gateway": 0, "worker": 0, "trainer": 0, "exporter": 0}, codes
