@@ -1,0 +1,243 @@
+"""TLS on the gateway's port, mTLS to a worker that demands client certificates, API keys.
+
+The certificates are made here with ``cryptography``: a CA, a server certificate
+for 127.0.0.1 and a client certificate, all signed by the CA.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from gateway.auth import hash_key
+from tests.integration.test_gateway import mlp_request, start_gateway, start_workers, wait_until
+from tests.support.models import export_mlp, publish
+from tests.support.procs import ServiceProcess
+
+x509 = pytest.importorskip("cryptography.x509")
+tc = pytest.importorskip("tritonclient.grpc")
+
+
+def make_pki(folder: Path) -> dict[str, Path]:
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+
+    def name(cn: str) -> Any:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+
+    def write(stem: str, key: Any, cert: Any) -> None:
+        (folder / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
+        (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("ferry test CA"))
+        .issuer_name(name("ferry test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write("ca", ca_key, ca)
+    for stem, cn, server in (("server", "localhost", True), ("client", "ferry-client", False)):
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        write(stem, key, builder.sign(ca_key, hashes.SHA256()))
+    return {p.stem + "_" + p.suffix[1:]: p for p in folder.iterdir()}
+
+
+KEYS = {"reader": "reader-secret", "limited": "limited-secret"}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    root = tmp_path_factory.mktemp("store")
+    onnx = export_mlp(tmp_path_factory.mktemp("onnx") / "mlp.onnx")
+    publish(root, "mlp", 1, onnx, {"max_batch_size": 16})
+    publish(root, "secret-model", 1, onnx, {"max_batch_size": 16})
+    keys = tmp_path_factory.mktemp("keys") / "keys.json"
+    keys.write_text(
+        json.dumps(
+            {
+                "keys": [
+                    {"name": "reader", "sha256": hash_key(KEYS["reader"]), "models": ["ml*"]},
+                    {"name": "limited", "sha256": hash_key(KEYS["limited"]), "rate_per_s": 0.5, "burst": 3},
+                ]
+            }
+        )
+    )
+    procs: list[ServiceProcess] = []
+    try:
+        # the worker only talks to clients with a certificate from the CA (mTLS)
+        worker_tls = ["--tls-cert", str(pki["server_crt"]), "--tls-key", str(pki["server_key"])]
+        procs += start_workers(root, 1, *worker_tls, "--tls-client-ca", str(pki["ca_crt"]))
+        to_worker = [
+            "--worker-ca", str(pki["ca_crt"]), "--worker-cert", str(pki["client_crt"]),
+            "--worker-key", str(pki["client_key"]),
+        ]  # fmt: skip
+        tls = ["--tls-cert", str(pki["server_crt"]), "--tls-key", str(pki["server_key"])]
+        procs.append(start_gateway(procs[:1], *to_worker, *tls, "--api-keys-file", str(keys)))
+        procs.append(start_gateway(procs[:1], *to_worker, *tls, "--tls-client-ca", str(pki["ca_crt"])))
+        yield {"pki": pki, "worker": procs[0], "tls": procs[1], "mtls": procs[2]}
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def secure(address: str, pki: dict[str, Path], client_cert: bool) -> grpc.Channel:
+    creds = grpc.ssl_channel_credentials(
+        pki["ca_crt"].read_bytes(),
+        pki["client_key"].read_bytes() if client_cert else None,
+        pki["client_crt"].read_bytes() if client_cert else None,
+    )
+    return grpc.secure_channel(address, creds)
+
+
+def bearer(key: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {key}"),)
+
+
+def triton(address: str, pki: dict[str, Path], client_cert: bool) -> Any:
+    kw: dict[str, Any] = {"ssl": True, "root_certificates": str(pki["ca_crt"])}
+    if client_cert:
+        kw |= {"private_key": str(pki["client_key"]), "certificate_chain": str(pki["client_crt"])}
+    return tc.InferenceServerClient(address, **kw)
+
+
+def triton_infer(client: Any, **kw: Any) -> Any:
+    inp = tc.InferInput("input", [2, 8], "FP32")
+    inp.set_data_from_numpy(np.ones((2, 8), np.float32))
+    return client.infer("mlp", [inp], **kw)
+
+
+def test_tls_gateway_over_an_mtls_hop_to_the_worker(setup: dict[str, Any]) -> None:
+    client = triton(setup["tls"].address, setup["pki"], client_cert=False)
+    wait_until(lambda: client.is_server_ready(), 30, "gateway ready over TLS")
+    result = triton_infer(client, headers={"authorization": f"Bearer {KEYS['reader']}"})
+    assert result.as_numpy("output").shape == (2, 3)
+
+
+def test_plaintext_client_cannot_talk_to_a_tls_port(setup: dict[str, Any]) -> None:
+    with grpc.insecure_channel(setup["tls"].address) as ch, pytest.raises(grpc.RpcError) as err:
+        pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_mtls_gateway_demands_a_client_certificate(setup: dict[str, Any]) -> None:
+    client = triton(setup["mtls"].address, setup["pki"], client_cert=True)
+    wait_until(lambda: client.is_server_ready(), 30, "gateway ready over mTLS")
+    assert triton_infer(client).as_numpy("output").shape == (2, 3)
+    with (
+        secure(setup["mtls"].address, setup["pki"], client_cert=False) as ch,
+        pytest.raises(grpc.RpcError) as err,
+    ):
+        pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_the_worker_refuses_clients_without_a_certificate(setup: dict[str, Any]) -> None:
+    with secure(setup["worker"].address, setup["pki"], client_cert=False) as ch, pytest.raises(grpc.RpcError):
+        pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=5)
+
+
+# -- API keys ------------------------------------------------------------------------------------
+def _status(call: Any) -> tuple[str, str]:
+    try:
+        call()
+    except grpc.RpcError as err:
+        return err.code().name, err.details()
+    return "OK", ""
+
+
+def test_health_and_liveness_stay_open_without_a_key(setup: dict[str, Any]) -> None:
+    with secure(setup["tls"].address, setup["pki"], client_cert=False) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        assert stub.ServerLive(pb.ServerLiveRequest(), timeout=5).live
+        wait_until(lambda: stub.ServerReady(pb.ServerReadyRequest(), timeout=5).ready, 30, "ready")
+        assert stub.ServerMetadata(pb.ServerMetadataRequest(), timeout=5).name == "ferry-gateway"
+        health = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_missing_or_unknown_key_is_unauthenticated(setup: dict[str, Any]) -> None:
+    message = "missing or unknown API key (send 'authorization: Bearer <key>')"
+    with secure(setup["tls"].address, setup["pki"], client_cert=False) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        for md in (None, bearer("wrong"), (("authorization", "Basic abc"),)):
+            assert _status(lambda md=md: stub.ModelInfer(mlp_request(1), timeout=10, metadata=md)) == (
+                "UNAUTHENTICATED",
+                message,
+            )
+        assert _status(lambda: stub.ModelMetadata(pb.ModelMetadataRequest(name="mlp"), timeout=10)) == (
+            "UNAUTHENTICATED",
+            message,
+        )
+        stream = stub.ModelStreamInfer(iter([mlp_request(1)]), timeout=10)
+        assert _status(lambda: list(stream)) == ("UNAUTHENTICATED", message)
+
+
+def test_model_outside_the_keys_patterns_is_permission_denied(setup: dict[str, Any]) -> None:
+    with secure(setup["tls"].address, setup["pki"], client_cert=False) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        md = bearer(KEYS["reader"])
+        assert _status(lambda: stub.ModelInfer(mlp_request(1), timeout=10, metadata=md))[0] == "OK"
+        denied = mlp_request(1, model="secret-model")
+        assert _status(lambda: stub.ModelInfer(denied, timeout=10, metadata=md)) == (
+            "PERMISSION_DENIED",
+            "API key 'reader' may not use model 'secret-model'",
+        )
+        # the unrestricted key may use it
+        assert (
+            _status(lambda: stub.ModelInfer(denied, timeout=10, metadata=bearer(KEYS["limited"])))[0] == "OK"
+        )
+
+
+def test_over_the_rate_limit_is_resource_exhausted(setup: dict[str, Any]) -> None:
+    with secure(setup["tls"].address, setup["pki"], client_cert=False) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        md = bearer(KEYS["limited"])
+        answers = [
+            _status(lambda: stub.ModelInfer(mlp_request(1), timeout=10, metadata=md)) for _ in range(6)
+        ]
+    refused = [a for a in answers if a[0] != "OK"]
+    assert refused, answers  # a burst of 3 at 0.5/s cannot admit 6 calls in a row
+    assert set(refused) == {
+        ("RESOURCE_EXHAUSTED", "API key 'limited' is over its rate limit of 0.5 requests/s")
+    }
