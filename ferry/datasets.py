@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from ferry.core.errors import InvalidArgument, NotFound
+from ferry.core.errors import InvalidArgument
 
 BUILTIN = ("digits", "iris", "wine", "breast_cancer")
 SYNTHETIC = ("synthetic_classification", "synthetic_regression", "synthetic_tokens")
@@ -194,7 +194,7 @@ def find_upload(store_root: str | Path, name: str) -> Path:
         path = folder / f"{name}.{fmt}"
         if path.is_file():
             return path
-    raise NotFound(f"no uploaded dataset {name!r} in the store")
+    raise InvalidArgument(f"unknown uploaded dataset {name!r}: the store holds no {name}.npz or {name}.csv")
 
 
 def _uploaded(name: str, store_root: str | Path | None, task: str) -> tuple[np.ndarray, np.ndarray, str, int]:

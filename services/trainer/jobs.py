@@ -306,6 +306,9 @@ class JobManager:
             progress["metrics"] = {k: float(v) for k, v in metrics.items() if k != "epoch"}
             self._save(record)
             self._notify(record, "epoch")
+        elif kind == "started":
+            record.update(world=event.get("world", 1), device=event.get("device", ""))
+            self._save(record)
         elif kind == "done":
             running.done = True
             record["test_metrics"] = {f"test_{k}": float(v) for k, v in event["test"].items()}

@@ -1,0 +1,238 @@
+"""A real trainer process on a loopback port: training quality, watch, cancel, kill, DDP, determinism.
+
+Jobs run in the trainer's own child processes with real torch; accuracy thresholds
+are the issue's (>= 95% test accuracy on digits for mlp and cnn).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from ferry.client.trainer import SyncTrainerClient, state_name
+from ferry.core.errors import FailedPrecondition
+from tests.support.procs import ServiceProcess
+
+torch = pytest.importorskip("torch")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+MLP_DIGITS = {
+    "model": {"arch": "mlp", "params": {"hidden": [128]}},
+    "dataset": {"name": "digits"},
+    "epochs": 12,
+    "lr": 3e-3,
+    "batch_size": 32,
+    "schedule": "cosine",
+    "seed": 1,
+}
+CNN_DIGITS = {
+    "model": {"arch": "cnn", "params": {"channels": [16, 32]}},
+    "dataset": {"name": "digits"},
+    "epochs": 20,
+    "lr": 1e-2,
+    "batch_size": 32,
+    "schedule": "cosine",
+    "seed": 1,
+}
+IRIS = {"model": {"arch": "mlp", "params": {"hidden": [16], "dropout": 0.1}}, "dataset": {"name": "iris"}}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("trainer-store")
+
+
+@pytest.fixture(scope="module")
+def trainer(store: Path) -> Iterator[ServiceProcess]:
+    proc = ServiceProcess.serve(
+        "trainer",
+        "--store",
+        str(store),
+        "--port",
+        "0",
+        "--max-concurrent-jobs",
+        "2",
+        "--threads-per-job",
+        "1",
+        "--cancel-grace-s",
+        "2",
+    ).start()
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="module")
+def client(trainer: ServiceProcess) -> Iterator[SyncTrainerClient]:
+    with SyncTrainerClient(trainer.address) as c:
+        yield c
+
+
+def record(store: Path, job_id: str) -> dict[str, Any]:
+    return json.loads((store / "jobs" / f"{job_id}.json").read_text())
+
+
+def final_weights(store: Path, job_id: str) -> dict[str, Any]:
+    return safetensors_torch.load_file(str(store / "checkpoints" / job_id / "final" / "weights.safetensors"))
+
+
+def test_mlp_and_cnn_reach_95_percent_on_digits(client: SyncTrainerClient, store: Path) -> None:
+    mlp = client.submit(MLP_DIGITS, name="mlp-digits")
+    cnn = client.submit(CNN_DIGITS, name="cnn-digits")
+    for job_id, arch in ((mlp.id, "mlp"), (cnn.id, "cnn")):
+        job = client.wait(job_id, timeout=240)
+        assert state_name(job) == "SUCCEEDED", job.error
+        assert job.test_metrics["test_accuracy"] >= 0.95, (arch, dict(job.test_metrics))
+        tags = list(job.checkpoints)
+        assert tags[-1] == "final" and tags[0] == "epoch-0001" and len(tags) == job.progress.epochs + 1
+        # The checkpoint contract the exporter reads.
+        folder = store / "checkpoints" / job_id / "final"
+        spec = json.loads((folder / "spec.json").read_text())
+        assert spec["job"] == job_id and spec["model"]["arch"] == arch
+        assert spec["input"] == {"name": "input", "datatype": "FP32", "shape": [1, 8, 8]}
+        assert spec["output"] == {"name": "logits", "shape": [10]}
+        assert spec["task"] == "classification" and spec["classes"] == 10
+        assert spec["dataset"]["name"] == "digits"
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["test"]["accuracy"] == pytest.approx(job.test_metrics["test_accuracy"])
+        assert len(metrics["history"]) == job.progress.epochs
+        from ferry.datasets import load_dataset
+        from ferry.zoo import build_model
+
+        model = build_model(spec["model"]).eval()
+        model.load_state_dict(final_weights(store, job_id))
+        data = load_dataset(spec["dataset"])
+        with torch.no_grad():
+            predicted = model(torch.from_numpy(data.x_test)).argmax(1).numpy()
+        assert np.mean(predicted == data.y_test) == pytest.approx(job.test_metrics["test_accuracy"])
+
+
+def test_lstm_text_learns_tokens(client: SyncTrainerClient) -> None:
+    spec = {
+        "model": {"arch": "lstm_text"},
+        "dataset": {"name": "synthetic_tokens", "params": {"classes": 4}},
+        "epochs": 8,
+        "lr": 1e-2,
+        "batch_size": 32,
+    }
+    job = client.wait(client.submit(spec, name="lstm").id, timeout=240)
+    assert state_name(job) == "SUCCEEDED", job.error
+    assert job.test_metrics["test_accuracy"] >= 0.6  # chance is 0.25
+    assert json.loads(job.spec_json)["input"] == {"name": "input", "datatype": "INT64", "shape": [-1]}
+
+
+def test_watch_streams_progress_to_completion(client: SyncTrainerClient) -> None:
+    job = client.submit({**IRIS, "epochs": 4, "batch_size": 16}, name="watched")
+    events = list(client.watch(job.id, timeout=240))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "snapshot"
+    assert "progress" in kinds
+    epochs = [e.job.progress.epoch for e in events if e.kind == "epoch"]
+    assert epochs == [1, 2, 3, 4]
+    last = events[-1].job
+    assert state_name(last) == "SUCCEEDED"
+    assert "val_loss" in last.progress.metrics and "val_accuracy" in last.progress.metrics
+    progress = [e.job.progress for e in events if e.kind == "progress"]
+    assert all(p.steps_per_epoch > 0 and p.samples_per_second > 0 for p in progress)
+    # Watching a finished job answers its snapshot and ends.
+    again = list(client.watch(job.id, timeout=30))
+    assert len(again) == 1 and state_name(again[0].job) == "SUCCEEDED"
+
+
+def test_same_seed_gives_identical_weights(client: SyncTrainerClient, store: Path) -> None:
+    spec = {**IRIS, "epochs": 3, "batch_size": 8, "seed": 7}
+    ids = [client.submit(spec).id, client.submit(spec).id, client.submit({**spec, "seed": 8}).id]
+    for job_id in ids:
+        assert state_name(client.wait(job_id, timeout=240)) == "SUCCEEDED"
+    a, b, other = (final_weights(store, i) for i in ids)
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
+
+
+def test_two_process_ddp_job_on_cpu(client: SyncTrainerClient, store: Path) -> None:
+    spec = {
+        "model": {"arch": "mlp", "params": {"hidden": [128]}},
+        "dataset": {"name": "digits", "params": {"flatten": True}},
+        "epochs": 10,
+        "lr": 3e-3,
+        "batch_size": 32,
+        "schedule": "cosine",
+        "nprocs": 2,
+    }
+    job = client.wait(client.submit(spec, name="ddp").id, timeout=240)
+    assert state_name(job) == "SUCCEEDED", job.error
+    rec = record(store, job.id)
+    assert rec["world"] == 2 and rec["device"] == "cpu"
+    assert job.test_metrics["test_accuracy"] >= 0.9
+    # Each rank saw half of each epoch: steps per epoch are those of half the training split.
+    n_train = round(1797 * 0.8)
+    n_train -= round(n_train * 0.1)
+    assert job.progress.steps_per_epoch == -(-(n_train // 2) // 32)
+    assert json.loads((store / "checkpoints" / job.id / "final" / "spec.json").read_text())["input"][
+        "shape"
+    ] == [64]
+
+
+def _wait_for_epoch(client: SyncTrainerClient, job_id: str, epoch: int) -> None:
+    for event in client.watch(job_id, timeout=240):
+        if event.kind == "epoch" and event.job.progress.epoch >= epoch:
+            return
+    raise AssertionError("the job ended before reaching the epoch")
+
+
+def test_cancel_running_job_keeps_last_checkpoint(client: SyncTrainerClient, store: Path) -> None:
+    job = client.submit({**IRIS, "epochs": 100_000, "batch_size": 4}, name="endless")
+    _wait_for_epoch(client, job.id, 1)
+    started = time.monotonic()
+    cancelled = client.cancel(job.id)
+    assert time.monotonic() - started < 30  # generous: the grace is 2 s
+    assert state_name(cancelled) == "CANCELLED"
+    assert cancelled.checkpoints and "final" not in cancelled.checkpoints
+    last = store / "checkpoints" / job.id / cancelled.checkpoints[-1]
+    assert (last / "weights.safetensors").is_file() and (last / "spec.json").is_file()
+    assert not list((store / "checkpoints" / job.id).glob(".staging-*"))
+    assert record(store, job.id)["state"] == "CANCELLED"
+    with pytest.raises(FailedPrecondition, match=f"job '{job.id}' is already CANCELLED"):
+        client.cancel(job.id)
+
+
+def test_sigkilled_job_process_ends_failed(client: SyncTrainerClient, store: Path) -> None:
+    job = client.submit({**IRIS, "epochs": 100_000, "batch_size": 4}, name="victim")
+    _wait_for_epoch(client, job.id, 1)
+    pid = record(store, job.id)["pid"]
+    assert pid > 0
+    os.kill(pid, signal.SIGKILL)
+    final = client.wait(job.id, timeout=60)
+    assert state_name(final) == "FAILED"
+    assert final.error == "the job process was killed by SIGKILL"
+
+
+def test_nan_loss_fails_the_job(client: SyncTrainerClient) -> None:
+    spec = {
+        "model": {"arch": "mlp"},
+        "dataset": {"name": "synthetic_regression"},
+        "optimizer": "sgd",
+        "lr": 1e20,
+        "epochs": 2,
+    }
+    job = client.wait(client.submit(spec, name="nan").id, timeout=120)
+    assert state_name(job) == "FAILED"
+    assert job.error.startswith("loss became ") and "(not finite) at epoch 1" in job.error
+
+
+def test_list_filters_by_state_and_pages(client: SyncTrainerClient) -> None:
+    everything = client.list()
+    assert len(everything.jobs) >= 5 and not everything.next_page_token
+    failed = client.list(states=["FAILED"])
+    assert failed.jobs and all(state_name(j) == "FAILED" for j in failed.jobs)
+    first = client.list(page_size=2)
+    second = client.list(page_size=2, page_token=first.next_page_token)
+    assert [j.id for j in [*first.jobs, *second.jobs]] == [j.id for j in everything.jobs[:4]]
