@@ -396,3 +396,25 @@ def test_request_builder_round_trip() -> None:
     r = build_request("m", {"a": np.zeros((1, 2), np.int64)}, parameters={"priority": 1, "x": "y"})
     assert r.inputs[0].datatype == "INT64" and r.parameters["priority"].int64_param == 1
     assert json.dumps(list(r.inputs[0].shape)) == "[1, 2]"
+
+
+def test_prometheus_metrics(store: Path) -> None:
+    import urllib.request
+
+    from tests.support.procs import free_port
+
+    port = free_port()
+    proc = ServiceProcess.serve(
+        "worker", "--store", str(store), "--port", "0", "--models", "mlp", "--metrics-port", str(port)
+    ).start()
+    try:
+        with SyncInferenceClient(proc.address) as c:
+            c.infer("mlp", {"input": np.ones((1, 8), np.float32)})
+            with pytest.raises(NotFound):
+                c.infer("nope", {"input": np.ones((1, 8), np.float32)})
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    finally:
+        proc.stop()
+    assert 'ferry_worker_requests_total{model="mlp",status="OK"} 1.0' in body
+    assert 'ferry_worker_requests_total{model="_unknown",status="NOT_FOUND"} 1.0' in body
+    assert "ferry_worker_request_seconds_bucket" in body

@@ -1,0 +1,101 @@
+"""The async batcher with a plain numpy function as its model: merging, splitting, isolation."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from ferry.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from ferry.core.modelconfig import BatchingPolicy
+from services.inference.batcher import Batcher
+from services.inference.stats import ModelStats
+
+
+def double(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    x = feeds["x"]
+    if (x < 0).any():
+        raise InvalidArgument("negative input")
+    return {"y": x * 2}
+
+
+def make(policy: BatchingPolicy | None = None, run=double, max_batch: int = 8) -> tuple[Batcher, ModelStats]:
+    stats = ModelStats()
+    return Batcher(
+        "m:1", run, max_batch_size=max_batch, policy=policy or BatchingPolicy(), slots=1, stats=stats
+    ), stats
+
+
+def test_concurrent_requests_share_runs_and_get_their_own_rows() -> None:
+    async def run() -> tuple[list[object], ModelStats]:
+        batcher, stats = make()
+        futures = [batcher.submit({"x": np.full((1, 2), i, np.float32)}, 1) for i in range(6)]
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return results, stats
+
+    results, stats = asyncio.run(run())
+    for i, (outputs, _queue_ns, _timings) in enumerate(results):
+        assert outputs["y"].tolist() == [[2 * i, 2 * i]]
+    assert stats.execution_count < 6 and max(stats.batches) > 1
+
+
+def test_a_bad_request_fails_alone() -> None:
+    async def run() -> list[object]:
+        batcher, _ = make()
+        futures = [batcher.submit({"x": np.full((1, 1), v, np.float32)}, 1) for v in (1, -1, 3)]
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    good1, bad, good2 = asyncio.run(run())
+    assert isinstance(bad, InvalidArgument) and bad.message == "negative input"
+    assert good1[0]["y"].tolist() == [[2]] and good2[0]["y"].tolist() == [[6]]
+
+
+def test_rows_beyond_max_batch_run_separately() -> None:
+    async def run() -> ModelStats:
+        batcher, stats = make(max_batch=4)
+        await asyncio.gather(*(batcher.submit({"x": np.ones((3, 1), np.float32)}, 3) for _ in range(4)))
+        await batcher.close()
+        return stats
+
+    stats = asyncio.run(run())
+    assert max(stats.batches) <= 4 and stats.execution_count >= 3
+
+
+def test_full_queue_and_closed_batcher() -> None:
+    async def run() -> None:
+        batcher, _ = make(BatchingPolicy(max_queue_size=1))
+        first = batcher.submit({"x": np.ones((1, 1), np.float32)}, 1)
+        with pytest.raises(ResourceExhausted, match=r"queue of model m:1 is full \(1 requests\)"):
+            batcher.submit({"x": np.ones((1, 1), np.float32)}, 1)
+        await first
+        await batcher.close()
+        with pytest.raises(Unavailable, match="unloading"):
+            batcher.submit({"x": np.ones((1, 1), np.float32)}, 1)
+
+    asyncio.run(run())
+
+
+def test_priority_level_one_runs_first() -> None:
+    order: list[float] = []
+
+    def record(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        order.extend(feeds["x"].ravel().tolist())
+        return {"y": feeds["x"]}
+
+    async def run() -> None:
+        batcher, _ = make(
+            BatchingPolicy(priority_levels=2, default_priority_level=2), run=record, max_batch=0
+        )
+        futures = [
+            batcher.submit({"x": np.full((1, 1), v, np.float32)}, 1, priority=p)
+            for v, p in ((1, 2), (2, 2), (3, 1))
+        ]
+        await asyncio.gather(*futures)
+        await batcher.close()
+
+    asyncio.run(run())
+    assert order.index(3) < order.index(2)
