@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.ferry-setup
 
-.PHONY: setup protos protos-check lint format test test-unit test-integration test-e2e demo bench clean
+.PHONY: setup protos protos-check docs lint format test test-unit test-integration test-e2e demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt tools/setup.sh
 	bash tools/setup.sh
@@ -16,6 +16,12 @@ protos: $(STAMP)
 protos-check: $(STAMP)
 	$(PY) tools/gen_protos.py --check
 
+docs: $(STAMP)
+	$(PY) tools/settings_table.py --write
+
+docs-check: $(STAMP)
+	$(PY) tools/settings_table.py --check
+
 lint: $(STAMP)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
@@ -24,7 +30,7 @@ format: $(STAMP)
 	.venv/bin/ruff check --fix .
 	.venv/bin/ruff format .
 
-test: protos-check lint
+test: protos-check docs-check lint
 	$(PY) -m pytest -q -p no:cacheprovider tests
 
 test-unit: $(STAMP)
