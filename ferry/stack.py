@@ -52,7 +52,8 @@ class UpSettings(ServiceSettings):
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("redis_url", "FERRY_UP_REDIS_URL", "REDIS_URL"),
-        description="use this Redis (REDIS_URL works too); unset: a private redis-server if installed, else the in-process cache",
+        description="use this Redis (REDIS_URL works too); unset: a private redis-server if installed, "
+        "else the in-process cache",
     )
     log_dir: str = Field(".ferry/logs", description="one log file per child process")
     state_file: str = Field(".ferry/stack.json", description="where addresses are written for `ferry status`")
