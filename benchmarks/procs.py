@@ -1,0 +1,94 @@
+"""Start and stop the benchmarked servers as child processes.
+
+A small copy of the launcher the tests use (ferry code never imports tests):
+each server prints ``FERRY_READY service=... port=N`` once it serves, and
+``ServerProcess.start`` waits for that line so the bench uses the real port.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+READY_RE = re.compile(r"FERRY_READY service=(\S+) port=(\d+)")
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ServerProcess:
+    """One server run as a child process; ``pid`` is what the bench samples CPU and RSS of."""
+
+    def __init__(self, name: str, argv: Sequence[str], env: dict[str, str] | None = None) -> None:
+        self.name = name
+        self.argv = list(argv)
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self.port = 0
+        self.lines: list[str] = []
+        self._ready = threading.Event()
+
+    @classmethod
+    def ferry(cls, name: str, *args: str) -> ServerProcess:
+        """``ferry serve <args>`` with this interpreter, from the repository root."""
+        return cls(name, [sys.executable, "-m", "ferry.cli.main", "serve", *args])
+
+    @classmethod
+    def module(cls, name: str, module: str, *args: str) -> ServerProcess:
+        return cls(name, [sys.executable, "-m", module, *args])
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 120.0) -> ServerProcess:
+        self.proc = subprocess.Popen(
+            self.argv,
+            cwd=REPO,
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, daemon=True).start()
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"{self.name} did not become ready:\n" + "".join(self.lines[-40:]))
+        return self
+
+    def _pump(self) -> None:
+        assert self.proc and self.proc.stdout
+        for line in self.proc.stdout:
+            if len(self.lines) < 2000:
+                self.lines.append(line)
+            m = READY_RE.search(line)
+            if m and not self._ready.is_set():
+                self.port = int(m.group(2))
+                self._ready.set()
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        if not self.proc:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode

@@ -1,0 +1,322 @@
+"""One ``ferry bench`` run: build the models, start the servers, measure every point.
+
+Points are measured side by side: for each model and concurrency, every scenario
+runs back to back, so the ratios to the floor compare numbers taken within
+seconds of each other on a machine whose speed drifts during the day.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.loadgen import Window, closed_loop, in_process
+from benchmarks.models import BenchModel, prepare, session
+from benchmarks.procs import ServerProcess
+from benchmarks.stats import SCENARIOS
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.client._channel import open_channel
+from ferry.client.inference import build_request
+
+GATEWAY_SCENARIOS = ("gateway-nocache", "gateway-hits")
+SERVER_SCENARIOS = ("floor", "worker", *GATEWAY_SCENARIOS)
+
+
+@dataclass
+class BenchConfig:
+    scenarios: Sequence[str] = SCENARIOS
+    models: Sequence[str] = ("mlp", "cnn")
+    concurrency: Sequence[int] = (1, 8, 32, 64)
+    warmup_s: float = 1.0
+    duration_s: float = 5.0
+    max_requests: int = 0
+    output_dir: Path = Path("bench-results")
+    redis_url: str | None = None
+    worker_procs: int = 1
+    gateway_procs: int = 1
+    channels: int = 0  # 0: one per server process behind the address
+    pool_size: int = 16
+    soak_s: float = 0.0
+    soak_interval_s: float = 10.0
+    worker_flags: Sequence[str] = ()
+    log: Callable[[str], None] = print
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Servers:
+    """The server processes a run needs, started once and stopped at the end."""
+
+    def __init__(self, cfg: BenchConfig, store: Path) -> None:
+        self.cfg = cfg
+        self.store = store
+        self.floor: list[ServerProcess] = []
+        self.workers: list[ServerProcess] = []
+        self.gateways: list[ServerProcess] = []
+
+    def _group(self, make: Callable[[str, bool], ServerProcess], count: int) -> list[ServerProcess]:
+        """``count`` processes on one port: the first picks it, the others join with SO_REUSEPORT."""
+        first = make("0", count > 1).start()
+        group = [first]
+        for _ in range(count - 1):
+            group.append(make(str(first.port), True).start())
+        return group
+
+    def start(self) -> None:
+        scenarios = set(self.cfg.scenarios)
+        models = ",".join(self.cfg.models)
+        procs = max(1, self.cfg.worker_procs)
+        if "floor" in scenarios:
+            self.cfg.log("starting the floor server")
+            self.floor = self._group(
+                lambda port, reuse: ServerProcess.module(
+                    "floor",
+                    "benchmarks.floor",
+                    "--store",
+                    str(self.store),
+                    "--models",
+                    models,
+                    "--pool-size",
+                    str(self.cfg.pool_size),
+                    "--port",
+                    port,
+                    *(["--reuse-port"] if reuse else []),
+                ),
+                procs,
+            )
+        if scenarios & {"worker", *GATEWAY_SCENARIOS}:
+            self.cfg.log(f"starting {procs} worker process(es)")
+            self.workers = self._group(
+                lambda port, reuse: ServerProcess.ferry(
+                    "worker",
+                    "worker",
+                    "--store",
+                    str(self.store),
+                    "--port",
+                    port,
+                    "--poll-interval-s",
+                    "0",
+                    *(["--reuse-port"] if reuse else []),
+                    *self.cfg.worker_flags,
+                ),
+                procs,
+            )
+        if scenarios & set(GATEWAY_SCENARIOS):
+            self.cfg.log("starting the gateway")
+            redis = ["--redis-url", self.cfg.redis_url] if self.cfg.redis_url else []
+            self.gateways = [
+                ServerProcess.ferry(
+                    "gateway",
+                    "gateway",
+                    "--workers",
+                    self.workers[0].address,
+                    "--port",
+                    "0",
+                    "--host",
+                    "127.0.0.1",
+                    *redis,
+                ).start()
+            ]
+
+    def stop(self) -> None:
+        for p in [*self.gateways, *self.workers, *self.floor]:
+            p.stop()
+
+    def pids(self, scenario: str) -> dict[str, int]:
+        def named(group: list[ServerProcess], name: str) -> dict[str, int]:
+            return {(f"{name}{i}" if len(group) > 1 else name): p.pid for i, p in enumerate(group)}
+
+        if scenario == "floor":
+            return named(self.floor, "floor")
+        if scenario == "worker":
+            return named(self.workers, "worker")
+        return {**named(self.gateways, "gateway"), **named(self.workers, "worker")}
+
+    def address(self, scenario: str) -> str:
+        group = {"floor": self.floor, "worker": self.workers}.get(scenario, self.gateways)
+        return group[0].address
+
+    def rss(self) -> dict[str, int]:
+        out = {}
+        for name, group in (("worker", self.workers), ("gateway", self.gateways), ("floor", self.floor)):
+            for i, p in enumerate(group):
+                out[f"{name}{i if len(group) > 1 else ''}"] = psutil.Process(p.pid).memory_info().rss
+        return out
+
+
+def requests_for(model: BenchModel, scenario: str) -> list[pb.ModelInferRequest]:
+    """Pre-built batch-1 requests, one per pool input; ``id`` is the input's index."""
+    params = {"ferry_cache": False} if scenario == "gateway-nocache" else None
+    return [
+        build_request(model.name, {"input": model.pool[i : i + 1]}, parameters=params, request_id=str(i))
+        for i in range(len(model.pool))
+    ]
+
+
+class Bench:
+    def __init__(self, cfg: BenchConfig) -> None:
+        self.cfg = cfg
+        self.store = Path(cfg.output_dir) / "store"
+        self.models: dict[str, BenchModel] = {}
+        self.servers = Servers(cfg, self.store)
+        self.channels: dict[str, list[Any]] = {}
+        self.points: list[dict[str, Any]] = []
+        self.soak: dict[str, Any] | None = None
+
+    def prepare(self) -> None:
+        for name in self.cfg.models:
+            self.cfg.log(f"building model {name} (export + reference outputs)")
+            self.models[name] = prepare(name, self.store, self.cfg.pool_size)
+
+    def _stubs(self, scenario: str) -> list[Any]:
+        address = self.servers.address(scenario)
+        if address not in self.channels:
+            count = self.cfg.channels or max(1, self.cfg.worker_procs)
+            # A local subchannel pool gives each channel its own TCP connection, so SO_REUSEPORT
+            # can spread them over processes.
+            self.channels[address] = [
+                open_channel(address, options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(count)
+            ]
+        return [pb_grpc.GRPCInferenceServiceStub(c) for c in self.channels[address]]
+
+    async def _worker_stats(self, model: str) -> tuple[int, int]:
+        inferences = executions = 0
+        for w in self.servers.workers:
+            stub = self._stubs_for_address(w.address)
+            resp = await stub.ModelStatistics(pb.ModelStatisticsRequest(name=model), timeout=10)
+            for s in resp.model_stats:
+                inferences += s.inference_count
+                executions += s.execution_count
+        return inferences, executions
+
+    def _stubs_for_address(self, address: str) -> Any:
+        key = f"stats:{address}"
+        if key not in self.channels:
+            self.channels[key] = [open_channel(address, options=[("grpc.use_local_subchannel_pool", 1)])]
+        return pb_grpc.GRPCInferenceServiceStub(self.channels[key][0])
+
+    async def point(
+        self, model: BenchModel, scenario: str, concurrency: int, duration_s: float | None = None, **kw: Any
+    ) -> dict[str, Any]:
+        cfg = self.cfg
+        duration = cfg.duration_s if duration_s is None else duration_s
+        if scenario == "ort":
+            window = in_process(
+                session(model.onnx_file),
+                model.pool,
+                model.expected,
+                concurrency=concurrency,
+                warmup_s=cfg.warmup_s,
+                duration_s=duration,
+                max_requests=cfg.max_requests,
+            )
+        else:
+            requests = requests_for(model, scenario)
+            stubs = self._stubs(scenario)
+            if scenario == "gateway-hits":
+                # Fill the cache first, so every recorded answer is a hit however short the warm-up.
+                for request in requests:
+                    await stubs[0].ModelInfer(request, timeout=30)
+            stats = None
+            if scenario != "floor" and self.servers.workers:
+                stats = lambda: self._worker_stats(model.name)  # noqa: E731
+            window = await closed_loop(
+                stubs,
+                requests,
+                model.expected,
+                concurrency=concurrency,
+                warmup_s=cfg.warmup_s,
+                duration_s=duration,
+                max_requests=cfg.max_requests,
+                server_pids=self.servers.pids(scenario),
+                stats=stats,
+                **kw,
+            )
+        result = {"model": model.name, "scenario": scenario, "concurrency": concurrency, **window.as_dict()}
+        if scenario == "gateway-hits" and result["hits"] != result["requests"]:
+            result["wrong"] += result["requests"] - result["hits"]
+            result["first_wrong"] = result["first_wrong"] or f"{result['requests'] - result['hits']} misses"
+        return result
+
+    async def run(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        total = len(cfg.models) * len(cfg.concurrency) * len(cfg.scenarios)
+        n = 0
+        for name in cfg.models:
+            for c in cfg.concurrency:
+                for scenario in [s for s in SCENARIOS if s in cfg.scenarios]:
+                    n += 1
+                    p = await self.point(self.models[name], scenario, c)
+                    self.points.append(p)
+                    cfg.log(progress_line(n, total, p))
+        return self.points
+
+    async def run_soak(self, model: str = "cnn", concurrency: int = 32) -> dict[str, Any]:
+        """Worker and gateway RSS sampled over ``soak_s`` of load at c=32 (gateway, cache off)."""
+        cfg = self.cfg
+        scenario = "gateway-nocache" if self.servers.gateways else "worker"
+        samples: list[dict[str, Any]] = []
+
+        def tick(window: Window, elapsed: float) -> None:
+            sample = {"t_s": round(elapsed, 1), "requests": window.requests, "rss": self.servers.rss()}
+            samples.append(sample)
+            rss = ", ".join(f"{k} {v / 2**20:.1f} MiB" for k, v in sample["rss"].items())
+            cfg.log(f"soak {elapsed:6.0f}s  {window.requests} requests  {rss}")
+
+        p = await self.point(
+            self.models[model],
+            scenario,
+            concurrency,
+            duration_s=cfg.soak_s,
+            on_tick=tick,
+            tick_s=cfg.soak_interval_s,
+        )
+        self.soak = {"point": p, "samples": samples, "growth": rss_growth(samples)}
+        return self.soak
+
+    async def close(self) -> None:
+        for chans in self.channels.values():
+            for ch in chans:
+                await ch.close()
+
+
+def rss_growth(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """Per process, RSS at the end over RSS at the first sample, minus 1 (0.05 = grew 5%)."""
+    if len(samples) < 2:
+        return {}
+    first, last = samples[0]["rss"], samples[-1]["rss"]
+    return {k: last[k] / first[k] - 1 for k in first if k in last and first[k]}
+
+
+def progress_line(n: int, total: int, p: dict[str, Any]) -> str:
+    batch = "" if math.isnan(p["mean_batch"]) else f" batch {p['mean_batch']:.1f}"
+    return (
+        f"[{n:>2}/{total}] {p['model']} c={p['concurrency']:<2} {p['scenario']:<15} "
+        f"{p['throughput']:8.0f} req/s  p50 {p['p50_ms']:6.2f} ms  p99 {p['p99_ms']:6.2f} ms{batch}  "
+        f"errors {p['errors']}  checked {p['checked']}/{p['requests']}"
+        + (f" WRONG {p['wrong']}: {p['first_wrong']}" if p["wrong"] else "")
+    )
+
+
+async def bench(cfg: BenchConfig) -> Bench:
+    """Everything a run does, with the servers stopped however it ends."""
+    b = Bench(cfg)
+    started = time.monotonic()
+    b.prepare()
+    try:
+        b.servers.start()
+        if cfg.soak_s > 0:
+            await b.run_soak()
+        else:
+            await b.run()
+    finally:
+        await b.close()
+        b.servers.stop()
+    cfg.extra["elapsed_s"] = round(time.monotonic() - started, 1)
+    return b

@@ -1,0 +1,69 @@
+"""A tiny bounded ``ferry bench`` run: real floor, worker and gateway processes, every answer checked."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.support.procs import REPO
+
+
+def test_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ferry.cli.main",
+            "bench",
+            "--models",
+            "mlp",
+            "--concurrency",
+            "1,4",
+            "--warmup-s",
+            "0.3",
+            "--duration-s",
+            "1",
+            "--max-requests",
+            "40",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    points = doc["points"]
+    seen = {(p["scenario"], p["concurrency"]) for p in points}
+    scenarios = ("ort", "floor", "worker", "gateway-nocache", "gateway-hits")
+    assert seen == {(s, c) for s in scenarios for c in (1, 4)}
+    for p in points:
+        assert p["requests"] > 0, p
+        assert p["errors"] == 0 and p["wrong"] == 0, p
+        assert p["checked"] == p["requests"], p
+        assert p["p50_ms"] <= p["p99_ms"] <= p["max_ms"]
+    hits = [p for p in points if p["scenario"] == "gateway-hits"]
+    assert all(p["hits"] == p["requests"] for p in hits)
+    nocache = [p for p in points if p["scenario"] == "gateway-nocache"]
+    assert all(p["hits"] == 0 and p["mean_batch"] >= 1 for p in nocache)
+    md = (out / "results.md").read_text()
+    assert "| mlp | 4 | worker direct |" in md and "x floor" in md
+    assert (out / "results.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "[10/10] mlp c=4" in proc.stdout
+
+
+def test_bench_rejects_unknown_scenario(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "ferry.cli.main", "bench", "--scenarios", "floor,nope"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2
+    assert "unknown ['nope']; choose from ort, floor, worker, gateway-nocache, gateway-hits" in proc.stderr
