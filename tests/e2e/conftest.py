@@ -67,12 +67,8 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    """`ferry up` with a small CNN already in the store (no demo training)."""
-    root = tmp_path_factory.mktemp("stack")
-    onnx = export_cnn(root / "cnn.onnx", channels=1, size=8, classes=10)
-    publish(root / "store", "cnn", 1, onnx)
+def start_up(root: Path) -> RunningStack:
+    """`ferry up --no-demo` in the background, returned once it says it is serving."""
     proc = subprocess.Popen(
         [*FERRY, "up", "--no-demo", *stack_flags(root)],
         stdout=subprocess.PIPE,
@@ -83,8 +79,22 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
     lines: list[str] = []
     try:
         wait_for_line(proc, lines, "ferry up: serving", timeout=120)
-        yield RunningStack(proc, root, lines)
+    except BaseException:
+        proc.kill()
+        raise
+    return RunningStack(proc, root, lines)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """`ferry up` with a small CNN already in the store (no demo training)."""
+    root = tmp_path_factory.mktemp("stack")
+    onnx = export_cnn(root / "cnn.onnx", channels=1, size=8, classes=10)
+    publish(root / "store", "cnn", 1, onnx)
+    running = start_up(root)
+    try:
+        yield running
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(60)
+        if running.proc.poll() is None:
+            running.proc.terminate()
+            running.proc.wait(60)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -14,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from tests.e2e.conftest import FERRY, RunningStack, descendants, ferry, stack_flags, wait_for_line
+from tests.e2e.conftest import FERRY, RunningStack, descendants, ferry, stack_flags, start_up, wait_for_line
 
 
 def test_status_shows_every_service_serving(stack: RunningStack) -> None:
@@ -73,16 +72,8 @@ def test_up_refuses_a_taken_port_and_leaves_nothing(tmp_path: Path) -> None:
 
 
 def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
-    proc = subprocess.Popen(
-        [*FERRY, "up", "--no-demo", *stack_flags(tmp_path)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    lines: list[str] = []
+    proc = start_up(tmp_path).proc
     try:
-        wait_for_line(proc, lines, "ferry up: serving", timeout=120)
         children = descendants(proc.pid)
         assert len(children) >= 5, [c.cmdline() for c in children]
         proc.send_signal(signal.SIGTERM)
@@ -96,7 +87,7 @@ def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     ):
         time.sleep(0.1)
     alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
-    assert not alive, f"orphans left: {[c.cmdline() for c in alive]}"
+    assert not alive(), f"orphans left: {[c.cmdline() for c in alive()]}"
     assert not (tmp_path / "stack.json").exists()
 
 
