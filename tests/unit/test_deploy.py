@@ -629,6 +629,27 @@ def test_image_target_is_multi_stage_non_root_and_checks_its_health(dockerfile: 
     assert str(port) in expose and str(SERVICES[service][3]) in expose
 
 
+# What each image's extra leaves out: importing one of these in `ferry serve <service>` would crash
+# that container at start (the gateway and worker images carry no torch, the gateway no ORT).
+NOT_IN_IMAGE = {
+    "worker": ["torch", "sklearn", "onnx", "onnxscript", "safetensors", "redis"],
+    "gateway": ["torch", "sklearn", "onnx", "onnxscript", "safetensors", "onnxruntime"],
+}
+
+
+@pytest.mark.parametrize("service", sorted(NOT_IN_IMAGE))
+def test_image_entrypoint_needs_nothing_its_extra_leaves_out(service: str) -> None:
+    code = (
+        "import sys\n"
+        f"for name in {NOT_IN_IMAGE[service]!r}: sys.modules[name] = None\n"
+        "from ferry.cli.main import main\n"
+        f"main(['serve', {service!r}, '--help'])\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "usage:" in proc.stdout
+
+
 @pytest.mark.parametrize("service", sorted(SERVICES))
 def test_image_environment_names_real_settings(service: str, monkeypatch: pytest.MonkeyPatch) -> None:
     for dockerfile, services in DOCKERFILES.items():
