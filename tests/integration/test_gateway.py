@@ -490,3 +490,45 @@ def test_version_rollout_under_load(
     want = _infer(cluster["workers"][0].address, mlp_request(2, seed=1, model="roll"))
     got = _infer(gw, mlp_request(2, seed=1, model="roll"))
     assert got.model_version == "2" and got.raw_output_contents[0] == want.raw_output_contents[0]
+
+
+# -- discovery by DNS, metrics over HTTP ---------------------------------------------------------
+def test_dns_discovery_and_prometheus_metrics(cluster: dict[str, Any]) -> None:
+    import urllib.request
+
+    from tests.support.procs import free_port
+
+    worker = cluster["workers"][0]
+    metrics_port = free_port()
+    gateway = ServiceProcess.serve(
+        "gateway",
+        "--workers-dns",
+        f"localhost:{worker.port}",  # one name, re-resolved; as a headless Service would be
+        "--dns-interval-s",
+        "0.5",
+        "--port",
+        "0",
+        "--host",
+        "127.0.0.1",
+        "--metrics-port",
+        str(metrics_port),
+        "--no-cache-enabled",
+    ).start()
+    try:
+        client = tc.InferenceServerClient(gateway.address)
+        wait_until(lambda: client.is_model_ready("mlp"), 30, "mlp ready via DNS discovery")
+        x = np.ones((2, 8), np.float32)
+        assert triton_infer(client, x).as_numpy("output").shape == (2, 3)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
+    finally:
+        gateway.stop()
+    for series in (
+        'ferry_gateway_requests_total{model="mlp",status="OK"} 1.0',
+        "ferry_gateway_request_seconds_bucket",
+        "ferry_gateway_upstream_batch_requests_bucket",
+        f'ferry_gateway_worker_in_flight{{worker="127.0.0.1:{worker.port}"}} 0.0',
+        'ferry_gateway_workers{state="serving"} 1.0',
+        "ferry_gateway_cache_breaker_state",
+        "ferry_gateway_retries_total",
+    ):
+        assert series in text, series

@@ -180,6 +180,17 @@ def test_overload_answers_resource_exhausted_fast(cluster: dict[str, Any]) -> No
     assert any(isinstance(r, pb.ModelInferResponse) for r in results)
 
 
+def test_the_callers_deadline_holds_through_the_gateway(cluster: dict[str, Any]) -> None:
+    x = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
+    req = build_request("slow", {"input": x}, parameters={"ferry_cache": False})
+    with grpc.insecure_channel(cluster["gateway"].address) as ch:
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        with pytest.raises(grpc.RpcError) as err:
+            stub.ModelInfer(req, timeout=0.005)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert stub.ModelInfer(req, timeout=60).outputs[0].shape == [8, 256]
+
+
 def test_no_healthy_worker_is_unavailable_with_a_message() -> None:
     nobody = f"127.0.0.1:{free_port()}"
     gateway = ServiceProcess(
