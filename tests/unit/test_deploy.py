@@ -854,24 +854,31 @@ def test_image_entrypoints_start_from_their_environment_and_pass_the_healthcheck
     `docker stop` sends, ends each one cleanly."""
     store = tmp_path / "store"
     backends = {s: _image_process(s, store) for s in ("worker", "trainer", "exporter")}
-    started = []
-    try:
-        with futures.ThreadPoolExecutor(len(backends)) as pool:  # torch imports overlap
-            for proc, _ in backends.values():
-                started.append(proc)
+    gateway: tuple[Any, list[str]] | None = None
+
+    def healthcheck(item: tuple[str, tuple[Any, list[str]]]) -> tuple[str, int, str, int]:
+        service, (proc, check) = item
+        result = subprocess.run(
+            [sys.executable, str(DOCKER / "healthcheck.py"), *check],
+            env={**os.environ, "FERRY_HEALTHCHECK_PORT": str(proc.port)},
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        return service, result.returncode, (result.stdout + result.stderr).strip(), proc.port
+
+    # Start, check and stop side by side: the torch imports and the drains overlap.
+    with futures.ThreadPoolExecutor(len(backends) + 1) as pool:
+        try:
             list(pool.map(lambda p: p.start(timeout=120), [p for p, _ in backends.values()]))
-        gateway = _image_process("gateway", store, workers=backends["worker"][0].address)
-        started.append(gateway[0].start(timeout=60))
-        for service, (proc, check) in {**backends, "gateway": gateway}.items():
-            result = subprocess.run(
-                [sys.executable, str(DOCKER / "healthcheck.py"), *check],
-                env={**os.environ, "FERRY_HEALTHCHECK_PORT": str(proc.port)},
-                capture_output=True,
-                text=True,
-                timeout=30,
-            )
-            assert result.returncode == 0, f"{service}: {result.stdout}{result.stderr}"
-            assert result.stdout.strip() == f"127.0.0.1:{proc.port}: SERVING", service
-    finally:
-        codes = {p.argv[-1]: p.stop() for p in reversed(started)}
+            gateway = _image_process("gateway", store, workers=backends["worker"][0].address)
+            gateway[0].start(timeout=60)
+            results = list(pool.map(healthcheck, {**backends, "gateway": gateway}.items()))
+            for service, code, out, port in results:
+                assert code == 0, f"{service}: {out}"
+                assert out == f"127.0.0.1:{port}: SERVING", service
+        finally:
+            codes = {"gateway": gateway[0].stop() if gateway else None}
+            stopped = pool.map(lambda p: p.stop(), [p for p, _ in backends.values()])
+            codes |= dict(zip(backends, stopped, strict=True))
     assert codes == {"gateway": 0, "worker": 0, "trainer": 0, "exporter": 0}, codes
