@@ -332,6 +332,10 @@ def test_every_deployment_has_probes_resources_and_runs_as_non_root(overlay: str
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         assert pod["securityContext"]["runAsUser"] != 0, name
         assert pod["automountServiceAccountToken"] is False, name
+        # What the namespace's Pod Security "restricted" level enforces.
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}, name
+        for volume in pod.get("volumes", []):
+            assert set(volume) - {"name"} <= {"emptyDir", "persistentVolumeClaim", "secret"}, name
         ctx = container["securityContext"]
         assert ctx["allowPrivilegeEscalation"] is False, name
         assert ctx["readOnlyRootFilesystem"] is True, name
