@@ -55,6 +55,10 @@ def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     """How the gateway dials a worker: plain, TLS, or mTLS with a client certificate."""
     ca, cert, key = _read(settings.worker_ca), _read(settings.worker_cert), _read(settings.worker_key)
 
+    options = list(WORKER_CHANNEL_OPTIONS)
+    if settings.worker_server_name:
+        options.append(("grpc.ssl_target_name_override", settings.worker_server_name))
+
     def make(address: str) -> grpc.aio.Channel:
         return open_channel(
             address,
@@ -62,7 +66,7 @@ def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
             certificate_chain=cert,
             private_key=key,
             tls=settings.worker_tls,
-            options=WORKER_CHANNEL_OPTIONS,
+            options=options,
         )
 
     return make

@@ -16,7 +16,7 @@ class GatewaySettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True)
 
     host: str = Field("0.0.0.0", description="address the gRPC port binds")
-    port: int = Field(8001, description="gRPC port (0 picks a free one)")
+    port: int = Field(8000, description="gRPC port (0 picks a free one)")
     workers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="static worker addresses host:port"
     )
@@ -53,6 +53,9 @@ class GatewaySettings(ServiceSettings):
     worker_ca: str | None = Field(None, description="CA bundle that worker certificates chain to")
     worker_cert: str | None = Field(None, description="client certificate presented to workers (mTLS)")
     worker_key: str | None = Field(None, description="private key of worker_cert")
+    worker_server_name: str | None = Field(
+        None, description="name to check worker certificates against (workers are dialled by IP)"
+    )
     api_keys_file: str | None = Field(None, description="YAML/JSON file of hashed API keys")
     api_keys: str | None = Field(None, description="the same document inline (JSON), e.g. from a secret")
     # Operations.

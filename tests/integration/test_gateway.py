@@ -8,6 +8,7 @@ workers' own statistics.
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -187,8 +188,13 @@ def cluster(store: Path) -> Iterator[dict[str, Any]]:
     workers: list[ServiceProcess] = []
     gateway = None
     try:
+        # the gateway logs in as an ACL user with a password, given in the URL
+        with socket.create_connection(("127.0.0.1", redis.port), 5) as s:
+            s.sendall(b"ACL SETUSER ferry on >s3cret ~ferry:* +@all\r\n")
+            assert s.recv(16).startswith(b"+OK")
+        url = f"redis://ferry:s3cret@127.0.0.1:{redis.port}/0"
         workers = start_workers(store, 2)
-        gateway = start_gateway(workers, "--redis-url", redis.url, "--cache-timeout-ms", "2000")
+        gateway = start_gateway(workers, "--redis-url", url, "--cache-timeout-ms", "2000")
         yield {"gateway": gateway, "workers": workers, "redis": redis, "store": store}
     finally:
         if gateway is not None:

@@ -114,7 +114,8 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         ]  # fmt: skip
         tls = ["--tls-cert", str(pki["server_crt"]), "--tls-key", str(pki["server_key"])]
         procs.append(start_gateway(procs[:1], *to_worker, *tls, "--api-keys-file", str(keys)))
-        procs.append(start_gateway(procs[:1], *to_worker, *tls, "--tls-client-ca", str(pki["ca_crt"])))
+        mtls = ["--tls-client-ca", str(pki["ca_crt"]), "--worker-server-name", "localhost"]
+        procs.append(start_gateway(procs[:1], *to_worker, *tls, *mtls))
         yield {"pki": pki, "worker": procs[0], "tls": procs[1], "mtls": procs[2]}
     finally:
         for p in reversed(procs):
