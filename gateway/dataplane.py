@@ -102,13 +102,15 @@ class DataPlane:
         self.in_flight += 1
         metrics.IN_FLIGHT.inc()
         started = time.perf_counter()
-        model = request.model_name
+        # names no worker lists stay out of the label set, so clients cannot grow it without bound
+        model = request.model_name if self.discovery.has_model(request.model_name) else "_unknown"
         status = "OK"
         try:
             response = await self._infer(request, deadline, request_id)
             return response
         except FerryError as err:
             status = err.code.name
+            log.info("request failed: %s %s", status, err.message, extra={"rid": request_id, "model": model})
             raise
         except Exception:
             status = "INTERNAL"

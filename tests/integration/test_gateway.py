@@ -538,3 +538,13 @@ def test_dns_discovery_and_prometheus_metrics(cluster: dict[str, Any]) -> None:
         "ferry_gateway_retries_total",
     ):
         assert series in text, series
+
+
+def test_server_reflection_lists_the_services(cluster: dict[str, Any]) -> None:
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    with grpc.insecure_channel(cluster["gateway"].address) as ch:
+        stub = reflection_pb2_grpc.ServerReflectionStub(ch)
+        answers = stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        names = {s.name for a in answers for s in a.list_services_response.service}
+    assert {"inference.GRPCInferenceService", "ferry.v1.GatewayAdmin", "grpc.health.v1.Health"} <= names
