@@ -10,6 +10,7 @@ away), in-flight calls get ``grace`` seconds to finish, then the process exits.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 import signal
 import uuid
@@ -71,7 +72,12 @@ def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
 
         return call
 
-    def streaming(fn: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    def streaming(fn: Callable[..., Any]) -> Callable[..., Any]:
+        if not inspect.isasyncgenfunction(fn):
+            # A streaming handler may also be a coroutine that writes with context.write()
+            # (grpc_health's Watch does); it is then wrapped like a unary one.
+            return unary(fn)
+
         async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             try:
                 async for item in fn(request, context):
@@ -181,17 +187,18 @@ async def serve_until_signal(
     ready_message: str | None = None,
 ) -> None:
     """Start, run ``on_start`` (e.g. load models), mark SERVING, print ``ready_message``,
-    wait for SIGTERM/SIGINT, then drain and stop."""
+    wait for SIGTERM/SIGINT, then drain and stop. The signal handlers go in first, so a
+    SIGTERM that arrives right after the ready line still drains instead of killing."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
     await handle.server.start()
     if on_start is not None:
         await on_start()
     await handle.set_serving(True)
     if ready_message:
         print(ready_message, flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     waiter = asyncio.create_task(handle.server.wait_for_termination())
     signalled = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, signalled}, return_when=asyncio.FIRST_COMPLETED)
