@@ -135,7 +135,7 @@ def _synthetic(name: str, params: dict[str, Any], seed: int) -> tuple[np.ndarray
     seq_len = _int_param(params, "seq_len", 16, 2, 100_000)
     vocab = _int_param(params, "vocab", 64, 4, 10_000_000)
     classes = _int_param(params, "classes", 4, 2, vocab - 1)
-    signal = float(params.get("signal", 0.3))
+    signal = float(params.get("signal", 0.4))
     rng = np.random.default_rng(seed)
     y = rng.integers(0, classes, samples)
     x = rng.integers(1, vocab, (samples, seq_len))  # 0 stays free for padding

@@ -21,6 +21,7 @@ COMMAND_MODULES = [
     "ferry.cli.export",
     "ferry.cli.up",
     "ferry.cli.infer",
+    "ferry.cli.train",
 ]
 
 EXIT_ERROR = 1

@@ -15,7 +15,7 @@ class TrainerSettings(ServiceSettings):
 
     store: str = Field(".ferry/store", description="store root: jobs/, checkpoints/, datasets/")
     host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for every interface)")
-    port: int = Field(8102, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    port: int = Field(8002, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     max_concurrent_jobs: int = Field(2, ge=1, description="jobs running at once; the rest queue")
     threads_per_job: int = Field(0, ge=0, description="torch threads per job; 0 = CPUs / concurrent jobs")
     max_nprocs: int = Field(8, ge=1, description="largest nprocs (DDP processes) a job may ask for")
