@@ -43,7 +43,11 @@ class JobFailed(Exception):
     """A failure the user can act on (NaN loss...); its message becomes the job's error."""
 
 
+LAST_EVENTS: dict[str, dict[str, Any]] = {}  # this process's last event of each kind (torchrun mode)
+
+
 def emit(kind: str, **fields: Any) -> None:
+    LAST_EVENTS[kind] = fields
     print(EVENT_PREFIX + json.dumps({"type": kind, **fields}), flush=True)
 
 
@@ -127,11 +131,12 @@ def train(rank: int, world: int, ctx: dict[str, Any]) -> None:
     spec, job_dir = ctx["spec"], Path(ctx["job_dir"])
     torch.set_num_threads(max(1, ctx["threads"] // world))
     use_cuda = spec["device"] == "cuda" or (spec["device"] == "auto" and torch.cuda.is_available())
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if use_cuda else "cpu")
+    local = int(os.environ.get("LOCAL_RANK", rank))
+    device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if use_cuda else "cpu")
     if world > 1:
         dist.init_process_group(
             "nccl" if use_cuda else "gloo",
-            init_method=f"tcp://127.0.0.1:{ctx['port']}",
+            init_method=ctx.get("init") or f"tcp://127.0.0.1:{ctx['port']}",
             rank=rank,
             world_size=world,
         )
@@ -275,24 +280,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--store", required=True)
     parser.add_argument("--job", required=True)
     parser.add_argument("--resume", default="")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--parent", type=int, default=0)
+    parser.add_argument("--spec-file", default="", help="run this JSON spec without a trainer (torchrun)")
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     from ferry.core.store import Store
 
     store = Store(args.store)
-    record = json.loads(store.job_file(args.job).read_text())
-    spec = {**record["spec"], "job": args.job}
-    ctx = {
-        "spec": spec,
+    ctx: dict[str, Any] = {
         "store": str(store.root),
         "job_dir": str(store.checkpoints_dir / args.job),
         "resume": args.resume,
-        "threads": args.threads,
+        "threads": args.threads or os.cpu_count() or 1,
         "runner_pid": os.getpid(),
     }
-    world = int(spec["nprocs"])
+    if args.spec_file:
+        return _run_under_torchrun(store, args.job, Path(args.spec_file), ctx)
+    record = json.loads(store.job_file(args.job).read_text())
+    ctx["spec"] = {**record["spec"], "job": args.job}
+    world = int(ctx["spec"]["nprocs"])
     try:
         if world == 1:
             _guarded(0, 1, ctx)
@@ -307,6 +314,46 @@ def main(argv: Sequence[str] | None = None) -> int:
         emit("failed", error=f"a training process failed: {str(err).strip().splitlines()[-1]}")
         return 1
     return 0
+
+
+def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str, Any]) -> int:
+    """One rank of a job launched by torchrun (or alone): no trainer, rank 0 keeps the job record."""
+    from ferry.core.store import atomic_write_json, validate_name
+    from services.trainer import checkpoints as ckpt
+    from services.trainer.jobs import new_record, now_ms
+    from services.trainer.spec import normalize_spec
+
+    validate_name(job_id, "job id")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    raw = json.loads(spec_file.read_text())
+    spec = normalize_spec({**raw, "nprocs": 1}, store.root)
+    spec["nprocs"] = world
+    ctx.update(spec={**spec, "job": job_id}, init="env://" if world > 1 else "")
+    record = new_record(job_id, job_id, spec)
+    if rank == 0:
+        record.update(state="RUNNING", started_ms=now_ms(), attempts=1, pid=os.getpid(), world=world)
+        atomic_write_json(store.job_file(job_id), record)
+    code = 0
+    try:
+        _guarded(rank, world, ctx)
+    except SystemExit as err:
+        code = int(err.code or 1)
+    if rank == 0:
+        job_dir = Path(ctx["job_dir"])
+        final = job_dir / ckpt.FINAL / "metrics.json"
+        done = code == 0 and final.is_file()
+        summary = json.loads(final.read_text()) if done else {}
+        record.update(
+            state="SUCCEEDED" if done else "FAILED",
+            error="" if done else LAST_EVENTS.get("failed", {}).get("error", f"exited with code {code}"),
+            finished_ms=now_ms(),
+            pid=0,
+            checkpoints=ckpt.list_tags(job_dir),
+            history=summary.get("history", []),
+            test_metrics={f"test_{k}": v for k, v in summary.get("test", {}).items()},
+        )
+        atomic_write_json(store.job_file(job_id), record)
+    return code
 
 
 if __name__ == "__main__":
