@@ -42,6 +42,7 @@ log = logging.getLogger("ferry.trainer.jobs")
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
 TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PERSIST_EVERY_S = 2.0
+MAX_HISTORY = 1000  # epoch metrics kept in the record (checkpoints keep them all)
 
 
 def now_ms() -> int:
@@ -86,6 +87,7 @@ class JobManager:
         self.settings = settings
         self.jobs: dict[str, dict[str, Any]] = {}
         self._running: dict[str, _Running] = {}
+        self._slots: set[str] = set()  # jobs holding a run slot, starting or running
         self._tasks: set[asyncio.Task[None]] = set()
         self._watchers: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
         self._persisted: dict[str, float] = {}
@@ -224,9 +226,11 @@ class JobManager:
             (r for r in self.jobs.values() if r["state"] == QUEUED), key=lambda r: r["created_ms"]
         )
         for record in queued:
-            if len(self._running) >= self.settings.max_concurrent_jobs:
+            if len(self._slots) >= self.settings.max_concurrent_jobs:
                 break
-            self._running[record["id"]] = None  # type: ignore[assignment]  # reserved until started
+            if record["id"] in self._slots:
+                continue
+            self._slots.add(record["id"])
             task = asyncio.get_running_loop().create_task(self._run(record))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
@@ -241,10 +245,13 @@ class JobManager:
                 self._finish(record, FAILED, f"the job process could not run: {err}")
         finally:
             self._running.pop(job_id, None)
+            self._slots.discard(job_id)
             self._pump()
 
     async def _run_process(self, record: dict[str, Any]) -> None:
         job_id = record["id"]
+        if record["state"] != QUEUED:  # cancelled before its turn came
+            return
         argv = [sys.executable, "-m", "services.trainer.runner", "--store", str(self.store.root)]
         argv += ["--job", job_id, "--threads", str(self.threads), "--parent", str(os.getpid())]
         if record["resumed_from"]:
@@ -300,7 +307,7 @@ class JobManager:
             self._notify(record, "progress")
         elif kind == "epoch":
             metrics = event["metrics"]
-            record["history"].append(metrics)
+            record["history"] = [*record["history"], metrics][-MAX_HISTORY:]
             record["checkpoints"] = ckpt.list_tags(self.store.checkpoints_dir / record["id"])
             progress["epoch"] = metrics["epoch"]
             progress["metrics"] = {k: float(v) for k, v in metrics.items() if k != "epoch"}

@@ -25,13 +25,13 @@ torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 MLP_DIGITS = {
-    "model": {"arch": "mlp", "params": {"hidden": [128]}},
+    "model": {"arch": "mlp", "params": {"hidden": [256]}},
     "dataset": {"name": "digits"},
-    "epochs": 12,
+    "epochs": 20,
     "lr": 3e-3,
     "batch_size": 32,
     "schedule": "cosine",
-    "seed": 1,
+    "seed": 0,
 }
 CNN_DIGITS = {
     "model": {"arch": "cnn", "params": {"channels": [16, 32]}},
@@ -189,7 +189,17 @@ def _wait_for_epoch(client: SyncTrainerClient, job_id: str, epoch: int) -> None:
 
 
 def test_cancel_running_job_keeps_last_checkpoint(client: SyncTrainerClient, store: Path) -> None:
-    job = client.submit({**IRIS, "epochs": 100_000, "batch_size": 4}, name="endless")
+    endless = {**IRIS, "epochs": 100_000, "batch_size": 4}
+    job, other, queued = (client.submit(endless, name="endless") for _ in range(3))
+    # Two jobs at once on this trainer: the third waits in the queue, and cancelling it is immediate.
+    assert state_name(client.get(queued.id)) == "QUEUED"
+    cancelled_early = client.cancel(queued.id)
+    assert (state_name(cancelled_early), cancelled_early.error) == (
+        "CANCELLED",
+        "cancelled before it started",
+    )
+    assert not cancelled_early.checkpoints and cancelled_early.attempts == 0
+    assert state_name(client.cancel(other.id)) == "CANCELLED"
     _wait_for_epoch(client, job.id, 1)
     started = time.monotonic()
     cancelled = client.cancel(job.id)
