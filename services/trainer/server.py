@@ -22,10 +22,17 @@ from services.trainer.settings import TrainerSettings
 SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
 
 
+def _warm_imports() -> None:
+    """Import torch and scikit-learn off the event loop, so the first SubmitJob is not the slow one."""
+    import sklearn.datasets  # noqa: F401
+    import torch  # noqa: F401
+
+
 async def serve(settings: TrainerSettings) -> None:
     store = Store(settings.store)
     manager = JobManager(store, settings)
     await manager.start()
+    warming = asyncio.get_running_loop().run_in_executor(None, _warm_imports)
 
     def register(server: grpc.aio.Server) -> list[str]:
         trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(manager), server)
@@ -43,6 +50,7 @@ async def serve(settings: TrainerSettings) -> None:
         )
     finally:
         await manager.stop()
+        await warming
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -67,12 +67,11 @@ def spec_from_proto(spec: pb.TrainSpec) -> dict[str, Any]:
 
 def job_to_proto(record: dict[str, Any]) -> pb.TrainJob:
     progress = record.get("progress", {})
-    spec = {k: v for k, v in record["spec"].items()}
     return pb.TrainJob(
         id=record["id"],
         name=record.get("name", ""),
         state=pb.TrainJobState.Value(f"TRAIN_JOB_STATE_{record['state']}"),
-        spec_json=json.dumps(spec, sort_keys=True),
+        spec_json=json.dumps(record["spec"], sort_keys=True),
         progress=pb.TrainProgress(
             epoch=int(progress.get("epoch", 0)),
             epochs=int(progress.get("epochs", 0)),

@@ -8,6 +8,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 
 from ferry.client.trainer import SyncTrainerClient, state_name
 from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, ResourceExhausted
-from tests.support.procs import ServiceProcess
+from tests.support.procs import REPO, ServiceProcess
 
 pytest.importorskip("torch")
 
@@ -129,6 +132,48 @@ def test_unknown_job_id(client: SyncTrainerClient) -> None:
         assert message == "no job 'nope-123' on this trainer"
 
 
+def test_bad_list_requests(client: SyncTrainerClient) -> None:
+    message = expect(InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, client.list, (), 0, "xyz")
+    assert message == "invalid page_token 'xyz'"
+    message = expect(InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, client.list, (), -1)
+    assert message == "page_size must not be negative, got -1"
+    message = expect(InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT, client.list, [99])
+    assert message == "unknown job state '99' in the filter"
+
+
+def test_cli_train_jobs_and_upload(trainer: ServiceProcess, tmp_path: Path) -> None:
+    env = {**os.environ, "FERRY_TRAINER_ADDRESS": trainer.address}
+
+    def ferry(*args: str) -> subprocess.CompletedProcess[str]:
+        argv = [sys.executable, "-m", "ferry.cli.main", *args]
+        return subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+
+    done = ferry("train", "--model", "mlp", "--dataset", "iris", "--epochs", "2", "--name", "cli")
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("submitted job cli-")
+    job_id = lines[0].split()[-1]
+    assert any(line.startswith("epoch 2/2  loss ") for line in lines)
+    assert f"job {job_id}: SUCCEEDED" in lines and any(
+        line.startswith("test: test_accuracy") for line in lines
+    )
+    listed = ferry("jobs", "list", "--state", "SUCCEEDED")
+    assert listed.returncode == 0 and job_id in listed.stdout
+    missing = ferry("jobs", "cancel", "nope-1")
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: NOT_FOUND: no job 'nope-1' on this trainer"
+    refused = ferry("train", "--model", "resnet", "--dataset", "iris")
+    assert refused.returncode == 1 and "error: INVALID_ARGUMENT: unknown model 'resnet'" in refused.stderr
+    path = tmp_path / "cli-data.npz"
+    np.savez(path, x=np.ones((10, 2)), y=np.arange(10) % 2)
+    uploaded = ferry("upload", str(path))
+    assert uploaded.returncode == 0, uploaded.stderr
+    assert (
+        uploaded.stdout.startswith("uploaded dataset cli-data: ")
+        and "x [10, 2], 2 classes" in uploaded.stdout
+    )
+
+
 def test_cancel_finished_job(client: SyncTrainerClient) -> None:
     job = client.wait(client.submit(IRIS).id, timeout=120)
     assert state_name(job) == "SUCCEEDED"
@@ -145,6 +190,7 @@ def _npz(x: np.ndarray, y: np.ndarray) -> bytes:
 def test_upload_with_wrong_checksum_keeps_nothing(client: SyncTrainerClient, store: Path) -> None:
     data = _npz(np.zeros((10, 3), np.float32), np.arange(10) % 2)
     wrong = hashlib.sha256(b"something else").hexdigest()
+    before = sorted((store / "datasets").iterdir())
     message = expect(
         InvalidArgument,
         grpc.StatusCode.INVALID_ARGUMENT,
@@ -155,18 +201,19 @@ def test_upload_with_wrong_checksum_keeps_nothing(client: SyncTrainerClient, sto
         f"checksum mismatch for dataset 'bad': sent sha256 {wrong}, received data has {actual}; "
         "nothing was kept"
     )
-    assert list((store / "datasets").iterdir()) == []
+    assert sorted((store / "datasets").iterdir()) == before
 
 
 def test_upload_over_the_size_limit_keeps_nothing(client: SyncTrainerClient, store: Path) -> None:
     data = _npz(np.zeros((UPLOAD_LIMIT // 8, 2), np.float32), np.zeros(UPLOAD_LIMIT // 8, np.int64))
+    before = sorted((store / "datasets").iterdir())
     message = expect(
         ResourceExhausted,
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         lambda: client.upload_dataset("huge", data, chunk_bytes=16_384),
     )
     assert message == f"dataset upload exceeds the size limit of {UPLOAD_LIMIT} bytes; nothing was kept"
-    assert list((store / "datasets").iterdir()) == []
+    assert sorted((store / "datasets").iterdir()) == before
 
 
 def test_uploaded_npz_and_csv_train(client: SyncTrainerClient, store: Path) -> None:
@@ -179,7 +226,7 @@ def test_uploaded_npz_and_csv_train(client: SyncTrainerClient, store: Path) -> N
         ",".join(map(str, [*row, label])) for row, label in zip(x, y, strict=True)
     )
     client.upload_dataset("blobs-csv", csv.encode(), "csv")
-    assert sorted(p.name for p in (store / "datasets").iterdir()) == ["blobs-csv.csv", "blobs.npz"]
+    assert {"blobs-csv.csv", "blobs.npz"} <= {p.name for p in (store / "datasets").iterdir()}
     answer_names = ["blobs", "blobs-csv"]
     message = expect(
         FerryError, grpc.StatusCode.ALREADY_EXISTS, lambda: client.upload_dataset("blobs", _npz(x, y))
