@@ -30,8 +30,13 @@ _BROKEN = ("socket closed", "connection reset", "broken pipe", "rst_stream", "co
 
 
 def broken_connection(err: grpc.aio.AioRpcError) -> bool:
-    """A transport failure reported under another status than UNAVAILABLE."""
-    if err.code() == grpc.StatusCode.UNAVAILABLE:
+    """The call died with the connection or the worker, not because of the request.
+
+    CANCELLED counts: the gateway's own cancellations surface as ``CancelledError``,
+    never as a status, so a CANCELLED status means the worker cancelled the call
+    (it was shutting down).
+    """
+    if err.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
         return True
     details = (err.details() or "").lower()
     return err.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN) and any(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import random
 
 import grpc
+import pytest
 
 from gateway.breaker import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
 from gateway.router import RetryPolicy, Router
+from gateway.upstream import broken_connection
 
 
 class Clock:
@@ -110,3 +112,18 @@ def test_breaker_opens_half_opens_and_closes() -> None:
     b.success()
     assert b.state == CLOSED and b.allow()
     assert states == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
+
+
+@pytest.mark.parametrize(
+    ("code", "details", "broken"),
+    [
+        (grpc.StatusCode.UNAVAILABLE, "failed to connect to all addresses", True),
+        (grpc.StatusCode.CANCELLED, "CANCELLED", True),  # the worker cancelled it while stopping
+        (grpc.StatusCode.INTERNAL, "Received RST_STREAM with error code 2", True),
+        (grpc.StatusCode.INTERNAL, "internal error (incident 1)", False),
+        (grpc.StatusCode.INVALID_ARGUMENT, "bad shape", False),
+    ],
+)
+def test_broken_connection_classification(code: grpc.StatusCode, details: str, broken: bool) -> None:
+    err = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    assert broken_connection(err) is broken
