@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import fcntl
 import json
 import logging
 import os
@@ -98,7 +99,16 @@ class JobManager:
     # --- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load every record, settle the ones a previous trainer left running, start the queue."""
+        """Load every record, settle the ones a previous trainer left running, start the queue.
+
+        One trainer per store: a second one would resume the same jobs twice, so it is refused.
+        """
+        self._lock = open(self.store.jobs_dir / ".trainer.lock", "a+")  # noqa: SIM115  # held for life
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as err:
+            self._lock.close()
+            raise FailedPrecondition(f"another trainer is running on the store {self.store.root}") from err
         for path in sorted(self.store.jobs_dir.glob("*.json")):
             try:
                 record = json.loads(path.read_text())

@@ -238,6 +238,40 @@ def test_nan_loss_fails_the_job(client: SyncTrainerClient) -> None:
     assert job.error.startswith("loss became ") and "(not finite) at epoch 1" in job.error
 
 
+def test_early_stopping_keeps_the_best_epoch_and_regression_trains(
+    client: SyncTrainerClient, store: Path
+) -> None:
+    # min_delta 1.0: no epoch after the first improves enough, so patience 1 stops after epoch 2.
+    stopping = {**IRIS, "epochs": 50, "early_stopping_patience": 1, "early_stopping_min_delta": 1.0}
+    regression = {
+        "model": {"arch": "mlp", "params": {"hidden": [32]}},
+        "dataset": {"name": "synthetic_regression", "params": {"samples": 500, "features": 4}},
+        "loss": "smooth_l1",
+        "optimizer": "adamw",
+        "weight_decay": 0.01,
+        "grad_clip_norm": 1.0,
+        "epochs": 30,
+        "lr": 1e-2,
+    }
+    stopped_id, regression_id = client.submit(stopping).id, client.submit(regression).id
+    job = client.wait(stopped_id, timeout=240)
+    assert state_name(job) == "SUCCEEDED", job.error
+    assert list(job.checkpoints) == ["epoch-0001", "epoch-0002", "final"]
+    summary = json.loads((store / "checkpoints" / job.id / "final" / "metrics.json").read_text())
+    assert (summary["stopped_early"], summary["best_epoch"], summary["epochs_run"]) == (True, 1, 2)
+    best = safetensors_torch.load_file(
+        str(store / "checkpoints" / job.id / "epoch-0001" / "weights.safetensors")
+    )
+    assert all(torch.equal(best[k], v) for k, v in final_weights(store, job.id).items())
+
+    job = client.wait(regression_id, timeout=240)
+    assert state_name(job) == "SUCCEEDED", job.error
+    assert set(job.test_metrics) == {"test_loss"}
+    assert job.test_metrics["test_loss"] < 0.1  # targets have unit variance: far below a constant guess
+    spec = json.loads(job.spec_json)
+    assert (spec["task"], spec["classes"], spec["output"]["shape"]) == ("regression", 0, [1])
+
+
 def test_list_filters_by_state_and_pages(client: SyncTrainerClient) -> None:
     everything = client.list()
     assert len(everything.jobs) >= 5 and not everything.next_page_token

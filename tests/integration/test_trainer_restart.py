@@ -99,3 +99,16 @@ def test_restarted_trainer_marks_interrupted_job_failed_when_resume_is_off(tmp_p
             assert job.checkpoints and job.checkpoints[0] == "epoch-0001" and "final" not in job.checkpoints
     finally:
         trainer.stop()
+
+
+def test_second_trainer_on_the_same_store_is_refused(tmp_path: Path) -> None:
+    store = tmp_path / "store"
+    first = start(store)
+    try:
+        with pytest.raises(RuntimeError) as caught:
+            start(store)
+        assert f"error: FAILED_PRECONDITION: another trainer is running on the store {store}" in str(
+            caught.value
+        )
+    finally:
+        first.stop()
