@@ -120,3 +120,10 @@ def test_readme_main_flow(tmp_path: Path) -> None:
     assert float(match.group(2)) >= 0.95, out
     again = ferry("demo", *stack_flags(tmp_path), timeout=300)
     assert again.returncode == 0 and "found in the store; reusing it" in again.stdout
+
+
+def test_train_with_an_unknown_dataset_exits_non_zero(stack: RunningStack) -> None:
+    trainer = json.loads(Path(stack.state_file).read_text())["services"]["trainer"]
+    result = ferry("train", "--model", "mlp", "--dataset", "imagenet", "--trainer", trainer)
+    assert result.returncode == 1
+    assert "error: INVALID_ARGUMENT: unknown dataset 'imagenet'" in result.stderr
