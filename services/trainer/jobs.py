@@ -32,9 +32,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound
+from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
 from ferry.core.store import Store, atomic_write_json, validate_name
 from services.trainer import checkpoints as ckpt
+from services.trainer import metrics as prom
 from services.trainer.runner import EVENT_PREFIX
 from services.trainer.settings import TrainerSettings
 
@@ -126,8 +127,8 @@ class JobManager:
         ckpt.remove_staging(job_dir)
         record["checkpoints"] = ckpt.list_tags(job_dir)
         if ckpt.FINAL in record["checkpoints"]:
-            metrics = json.loads((job_dir / ckpt.FINAL / "metrics.json").read_text())
-            record["test_metrics"] = metrics.get("test", {})
+            summary = json.loads((job_dir / ckpt.FINAL / "metrics.json").read_text())
+            record["test_metrics"] = {f"test_{k}": v for k, v in summary.get("test", {}).items()}
             self._finish(record, SUCCEEDED)
         elif self.settings.resume_interrupted:
             record["state"] = QUEUED
@@ -143,6 +144,12 @@ class JobManager:
     async def stop(self) -> None:
         """Stop the job processes; their records stay RUNNING, to resume on the next start."""
         self._stopping = True
+        for queues in self._watchers.values():
+            for queue in queues:
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    if queue.full():
+                        queue.get_nowait()
+                queue.put_nowait(("shutdown", {}))
         for job_id, running in list(self._running.items()):
             _signal_group(running.proc, signal.SIGKILL)
             self._save(self.jobs[job_id])
@@ -188,6 +195,8 @@ class JobManager:
                 return
             while True:
                 kind, snapshot = await queue.get()
+                if kind == "shutdown":
+                    raise Unavailable("the trainer is shutting down; watch the job again on its restart")
                 yield kind, snapshot
                 if snapshot["state"] in TERMINAL:
                     return
@@ -318,6 +327,7 @@ class JobManager:
         elif kind == "epoch":
             metrics = event["metrics"]
             record["history"] = [*record["history"], metrics][-MAX_HISTORY:]
+            prom.epoch_done(float(metrics.get("epoch_seconds", 0.0)))
             record["checkpoints"] = ckpt.list_tags(self.store.checkpoints_dir / record["id"])
             progress["epoch"] = metrics["epoch"]
             progress["metrics"] = {k: float(v) for k, v in metrics.items() if k != "epoch"}
@@ -335,11 +345,13 @@ class JobManager:
     def _finish(self, record: dict[str, Any], state: str, error: str = "") -> None:
         record.update(state=state, error=error, finished_ms=now_ms(), pid=0)
         self._save(record)
+        prom.job_finished(state)
         self._notify(record, "state")
 
     def _save(self, record: dict[str, Any]) -> None:
         self._persisted[record["id"]] = time.monotonic()
         atomic_write_json(self.store.job_file(record["id"]), record)
+        prom.count_jobs(r["state"] for r in self.jobs.values())
 
     def _notify(self, record: dict[str, Any], kind: str) -> None:
         queues = self._watchers.get(record["id"])

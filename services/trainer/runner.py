@@ -130,7 +130,11 @@ def train(rank: int, world: int, ctx: dict[str, Any]) -> None:
 
     spec, job_dir = ctx["spec"], Path(ctx["job_dir"])
     torch.set_num_threads(max(1, ctx["threads"] // world))
-    use_cuda = spec["device"] == "cuda" or (spec["device"] == "auto" and torch.cuda.is_available())
+    # auto: CUDA when every local rank can have a GPU of its own (NCCL refuses to share one)
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+    use_cuda = spec["device"] == "cuda" or (
+        spec["device"] == "auto" and torch.cuda.is_available() and torch.cuda.device_count() >= local_world
+    )
     local = int(os.environ.get("LOCAL_RANK", rank))
     device = torch.device(f"cuda:{local % torch.cuda.device_count()}" if use_cuda else "cpu")
     if world > 1:

@@ -86,6 +86,11 @@ def normalize_spec(raw: dict[str, Any], store_root: str | Path, max_nprocs: int 
 
         if not torch.cuda.is_available():
             raise InvalidArgument("device 'cuda' asked for, but this trainer has no CUDA device")
+        if spec["nprocs"] > torch.cuda.device_count():
+            raise InvalidArgument(
+                f"nprocs {spec['nprocs']} on device 'cuda' needs a GPU per process; this trainer has "
+                f"{torch.cuda.device_count()}"
+            )
 
     data_raw = raw.get("dataset") or {}
     task_given = raw.get("task", "")

@@ -19,7 +19,7 @@ import pytest
 
 from ferry.client.trainer import SyncTrainerClient, state_name
 from ferry.core.errors import FailedPrecondition
-from tests.support.procs import ServiceProcess
+from tests.support.procs import ServiceProcess, free_port
 
 torch = pytest.importorskip("torch")
 safetensors_torch = pytest.importorskip("safetensors.torch")
@@ -64,6 +64,8 @@ def trainer(store: Path) -> Iterator[ServiceProcess]:
         "1",
         "--cancel-grace-s",
         "2",
+        "--metrics-port",
+        str(free_port()),
     ).start()
     yield proc
     proc.stop()
@@ -280,3 +282,15 @@ def test_list_filters_by_state_and_pages(client: SyncTrainerClient) -> None:
     first = client.list(page_size=2)
     second = client.list(page_size=2, page_token=first.next_page_token)
     assert [j.id for j in [*first.jobs, *second.jobs]] == [j.id for j in everything.jobs[:4]]
+
+
+def test_prometheus_metrics_count_jobs(trainer: ServiceProcess) -> None:
+    import re
+    import urllib.request
+
+    port = int(re.search(r"metrics_port=(\d+)", trainer.output()).group(1))  # type: ignore[union-attr]
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    succeeded = re.search(r'^ferry_trainer_jobs\{state="SUCCEEDED"\} (\S+)$', text, re.M)
+    assert succeeded and float(succeeded.group(1)) >= 5
+    assert re.search(r'^ferry_trainer_jobs_finished_total\{state="CANCELLED"\} [1-9]', text, re.M)
+    assert re.search(r"^ferry_trainer_epoch_seconds_count [1-9]", text, re.M)

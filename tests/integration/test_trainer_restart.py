@@ -112,3 +112,30 @@ def test_second_trainer_on_the_same_store_is_refused(tmp_path: Path) -> None:
         )
     finally:
         first.stop()
+
+
+def test_sigterm_ends_watches_with_unavailable_and_the_job_resumes(tmp_path: Path) -> None:
+    from ferry.core.errors import Unavailable
+
+    store = tmp_path / "store"
+    trainer = start(store)
+    with SyncTrainerClient(trainer.address) as client:
+        job_id = client.submit({**SPEC, "epochs": 100_000}, name="long").id
+        events = client.watch(job_id, timeout=240)
+        for event in events:
+            if event.kind == "epoch":
+                break
+        trainer.signal(signal.SIGTERM)
+        with pytest.raises(Unavailable) as caught:
+            for _ in events:
+                pass
+        assert caught.value.message == "the trainer is shutting down; watch the job again on its restart"
+    assert trainer.wait(30) == 0
+    trainer = start(store)
+    try:
+        with SyncTrainerClient(trainer.address) as client:
+            job = client.get(job_id)
+            assert state_name(job) in ("QUEUED", "RUNNING") and job.resumed_from.startswith("epoch-")
+            assert state_name(client.cancel(job_id)) == "CANCELLED"
+    finally:
+        trainer.stop()
