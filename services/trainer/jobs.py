@@ -279,7 +279,12 @@ class JobManager:
         env["PYTHONPATH"] = os.pathsep.join(p for p in [os.getcwd(), env.get("PYTHONPATH", "")] if p)
         with open(self.store.jobs_dir / f"{job_id}.log", "ab") as stderr:
             proc = await asyncio.create_subprocess_exec(
-                *argv, stdout=asyncio.subprocess.PIPE, stderr=stderr, start_new_session=True, env=env
+                *argv,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=stderr,
+                start_new_session=True,
+                env=env,
+                limit=16 * 1024 * 1024,  # a user factory may print long lines; events are short
             )
         running = _Running(proc)
         self._running[job_id] = running
