@@ -81,12 +81,13 @@ def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     finally:
         if proc.poll() is None:
             proc.kill()
+
+    def alive() -> list[psutil.Process]:
+        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline and any(
-        c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children
-    ):
+    while time.monotonic() < deadline and alive():
         time.sleep(0.1)
-    alive = [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
     assert not alive(), f"orphans left: {[c.cmdline() for c in alive()]}"
     assert not (tmp_path / "stack.json").exists()
 
