@@ -23,7 +23,7 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
 from ferry.core import codec
-from tests.support.models import export_mlp, publish
+from tests.support.models import export_mlp, export_slow, publish
 from tests.support.procs import RedisServer, ServiceProcess
 
 tc = pytest.importorskip("tritonclient.grpc")
@@ -165,7 +165,11 @@ class Load:
 @pytest.fixture(scope="module")
 def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     d = tmp_path_factory.mktemp("onnx")
-    return {"mlp": export_mlp(d / "mlp.onnx"), "mlp2": export_mlp(d / "mlp2.onnx", seed=1)}
+    return {
+        "mlp": export_mlp(d / "mlp.onnx"),
+        "mlp2": export_mlp(d / "mlp2.onnx", seed=1),
+        "slow": export_slow(d / "slow.onnx", width=256, rows=1024, depth=24),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -177,6 +181,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path])
     )
     publish(root, "roll", 1, onnx_files["mlp"], {"max_batch_size": 64})
     publish(root, "spare", 1, onnx_files["mlp"], {"max_batch_size": 64})
+    publish(root, "slow", 1, onnx_files["slow"], {"max_batch_size": 64})
     return root
 
 
@@ -370,22 +375,33 @@ def test_errors_match_the_worker(case: str, cluster: dict[str, Any], triton: Any
 
 
 def test_a_bad_request_in_a_coalesced_batch_fails_alone(cluster: dict[str, Any]) -> None:
-    bad = _bad_requests()
+    x = np.random.default_rng(1).standard_normal((24, 256)).astype(np.float32)
+    reqs = [
+        build_request("slow", {"input": x[n : n + 1]}, parameters={"ferry_cache": False}) for n in range(24)
+    ]
+    reqs[5].raw_input_contents[0] = reqs[5].raw_input_contents[0][:-1]
+    reqs[11].inputs[0].datatype = "FP64"
+    before = worker_totals(cluster["workers"], "slow")
 
     async def scenario() -> list[Any]:
         async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            reqs = [mlp_request(1, seed=1000 + n, ferry_cache=False) for n in range(24)]
-            reqs[5] = bad["short"]
-            reqs[11] = bad["wrong_dtype"]
-            calls = [stub.ModelInfer(r, timeout=30) for r in reqs]
-            return await asyncio.gather(*calls, return_exceptions=True)
+            return await asyncio.gather(
+                *(stub.ModelInfer(r, timeout=60) for r in reqs), return_exceptions=True
+            )
 
     results = asyncio.run(scenario())
+    after = worker_totals(cluster["workers"], "slow")
     failed = {n: r for n, r in enumerate(results) if isinstance(r, grpc.aio.AioRpcError)}
     assert sorted(failed) == [5, 11]
     assert failed[5].code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "raw content is 63 bytes" in (failed[5].details() or "")
+    assert (
+        failed[5].details()
+        == "tensor 'input': raw content is 1023 bytes but shape [1, 256] of FP32 needs 1024"
+    )
+    assert failed[11].details() == "input 'input': datatype FP64 does not match the model's FP32"
+    assert after[1] - before[1] == 22  # the 22 good rows ran...
+    assert after[0] - before[0] < 22  # ...merged into fewer upstream calls
 
 
 # -- cache semantics -------------------------------------------------------------------------
@@ -437,23 +453,31 @@ def test_single_flight_runs_identical_misses_once(cluster: dict[str, Any]) -> No
 
 
 def test_concurrent_requests_are_coalesced_upstream(cluster: dict[str, Any]) -> None:
-    before = worker_totals(cluster["workers"], "mlp")
+    # a model slow enough that requests arrive faster than upstream calls finish
+    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
+    reqs = [
+        build_request("slow", {"input": x[n : n + 1]}, parameters={"ferry_cache": False}) for n in range(64)
+    ]
+    before = worker_totals(cluster["workers"], "slow")
 
     async def scenario() -> list[pb.ModelInferResponse]:
         async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
             stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            reqs = [mlp_request(1, seed=5000 + n, ferry_cache=False) for n in range(64)]
-            return await asyncio.gather(*(stub.ModelInfer(r, timeout=30) for r in reqs))
+            return await asyncio.gather(*(stub.ModelInfer(r, timeout=60) for r in reqs))
 
     answers = asyncio.run(scenario())
-    after = worker_totals(cluster["workers"], "mlp")
-    assert all(a.outputs[0].shape == [1, 3] for a in answers)
-    upstream_calls = after[0] - before[0]
+    after = worker_totals(cluster["workers"], "slow")
+    assert all(a.outputs[0].shape == [1, 256] for a in answers)
     assert after[1] - before[1] == 64  # every row ran
-    assert upstream_calls < 64  # ...in fewer upstream ModelInfer calls: batches > 1
-    # and each answer is its own request's rows
-    want = _infer(cluster["workers"][0].address, mlp_request(1, seed=5003))
-    assert answers[3].raw_output_contents[0] == want.raw_output_contents[0]
+    assert after[0] - before[0] < 64  # ...in fewer upstream ModelInfer calls: batches > 1
+    # and each answer holds its own request's row
+    want = _infer(cluster["workers"][0].address, reqs[37])
+    np.testing.assert_allclose(
+        codec.decode_outputs(answers[37])["output"],
+        codec.decode_outputs(want)["output"],
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_admin_service(cluster: dict[str, Any]) -> None:
