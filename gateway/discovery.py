@@ -30,6 +30,8 @@ from ferry.core.modelconfig import ModelSpec, spec_from_config
 log = logging.getLogger("ferry.gateway.discovery")
 
 READY = "READY"
+HEALTH_TIMEOUT_S = 2.0
+SLOW_CHECKS_TOLERATED = 2
 
 
 def parse_target(target: str) -> tuple[str, int]:
@@ -205,6 +207,7 @@ class Discovery:
         request = health_pb2.HealthCheckRequest(service="")
         backoff = 0.1
         watch = True
+        slow = 0
         while True:
             try:
                 if watch:
@@ -212,7 +215,8 @@ class Discovery:
                         await self._health_answer(worker, msg.status)
                         backoff = 0.1
                 else:
-                    msg = await stub.Check(request, timeout=max(1.0, self.index_interval_s))
+                    msg = await stub.Check(request, timeout=HEALTH_TIMEOUT_S)
+                    slow = 0
                     await self._health_answer(worker, msg.status)
                     await asyncio.sleep(self.index_interval_s)
                     continue
@@ -224,6 +228,9 @@ class Discovery:
                         "health Watch unusable on %s (%s): polling Check", worker.address, err.code().name
                     )
                     watch = False
+                    continue
+                if err.code() == grpc.StatusCode.DEADLINE_EXCEEDED and slow < SLOW_CHECKS_TOLERATED:
+                    slow += 1  # a busy worker answers late: that is load, not death
                     continue
                 log.info("health of %s: %s", worker.address, err.code().name)
             except Exception as err:
