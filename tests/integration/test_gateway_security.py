@@ -23,7 +23,7 @@ from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.auth import hash_key
 from tests.integration.test_gateway import mlp_request, start_gateway, start_workers, wait_until
 from tests.support.models import export_mlp, publish
-from tests.support.procs import ServiceProcess
+from tests.support.procs import RedisServer, ServiceProcess, free_port
 
 x509 = pytest.importorskip("cryptography.x509")
 tc = pytest.importorskip("tritonclient.grpc")
@@ -116,7 +116,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         procs.append(start_gateway(procs[:1], *to_worker, *tls, "--api-keys-file", str(keys)))
         mtls = ["--tls-client-ca", str(pki["ca_crt"]), "--worker-server-name", "localhost"]
         procs.append(start_gateway(procs[:1], *to_worker, *tls, *mtls))
-        yield {"pki": pki, "worker": procs[0], "tls": procs[1], "mtls": procs[2]}
+        yield {"pki": pki, "worker": procs[0], "tls": procs[1], "mtls": procs[2], "to_worker": to_worker}
     finally:
         for p in reversed(procs):
             p.stop()
@@ -242,3 +242,37 @@ def test_over_the_rate_limit_is_resource_exhausted(setup: dict[str, Any]) -> Non
     assert set(refused) == {
         ("RESOURCE_EXHAUSTED", "API key 'limited' is over its rate limit of 0.5 requests/s")
     }
+
+
+def test_rediss_cache_over_tls(setup: dict[str, Any]) -> None:
+    if not RedisServer.available():
+        pytest.skip("redis-server is not installed")
+    pki = setup["pki"]
+    tls_port = free_port()
+    redis = RedisServer(
+        extra=[
+            "--tls-port", str(tls_port), "--tls-cert-file", str(pki["server_crt"]),
+            "--tls-key-file", str(pki["server_key"]), "--tls-ca-cert-file", str(pki["ca_crt"]),
+            "--tls-auth-clients", "no",
+        ]
+    ).start()  # fmt: skip
+    url = f"rediss://127.0.0.1:{tls_port}/0?ssl_cert_reqs=required&ssl_ca_certs={pki['ca_crt']}"
+    gateway = None
+    try:
+        gateway = start_gateway(
+            [setup["worker"]], *setup["to_worker"], "--redis-url", url, "--cache-timeout-ms", "2000"
+        )
+        with grpc.insecure_channel(gateway.address) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            wait_until(
+                lambda: stub.ModelReady(pb.ModelReadyRequest(name="mlp"), timeout=5).ready, 30, "ready"
+            )
+            req = mlp_request(2, seed=77)
+            first = stub.ModelInfer(req, timeout=10)
+            second = stub.ModelInfer(req, timeout=10)
+        assert "ferry_cache_hit" not in first.parameters
+        assert second.parameters["ferry_cache_hit"].bool_param
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        redis.stop()
