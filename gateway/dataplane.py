@@ -143,14 +143,17 @@ class DataPlane:
         async def run() -> tuple[pb.ModelInferResponse, bool]:
             return await self.batcher.submit(key, item, concurrency, job)
 
+        shared = False
         if digest is not None:
             (response, hit), shared = await self.flights.do(cache_key(model, version, digest), run)
             if shared:
                 metrics.SINGLE_FLIGHT.inc()
         else:
             response, hit = await run()
-        out = pb.ModelInferResponse()
-        out.CopyFrom(response)
+        out = response
+        if shared:  # the answer object is the flight leader's: answer with a copy
+            out = pb.ModelInferResponse()
+            out.CopyFrom(response)
         out.id = request.id
         if hit:
             out.parameters[HIT_PARAMETER].bool_param = True

@@ -146,6 +146,7 @@ async def serve(settings: GatewaySettings) -> None:
         register,
         interceptors=interceptors,
         credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+        reuse_port=settings.reuse_port,
     )
 
     async def on_start() -> None:

@@ -63,6 +63,9 @@ class GatewaySettings(ServiceSettings):
     metrics_host: str = Field("127.0.0.1", description="address the metrics port binds")
     log_level: str = Field("WARNING", description="log level")
     grace_s: float = Field(10.0, description="drain time on SIGTERM")
+    reuse_port: bool = Field(
+        False, description="SO_REUSEPORT, so several gateway processes share one port (one per core)"
+    )
     startup_wait_s: float = Field(10.0, description="at start, wait this long for a healthy worker")
 
     @field_validator("workers", "workers_dns", mode="before")
