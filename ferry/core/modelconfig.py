@@ -201,12 +201,69 @@ def spec_to_config(spec: ModelSpec) -> dict[str, Any]:
     return config
 
 
+def _signature(spec: ModelSpec) -> tuple[dict[str, tuple[str, tuple[int, ...], bool]], frozenset[str]]:
+    """Per spec, computed once: input name -> (datatype, dims, dims fixed?), and the output names."""
+    cached = spec.__dict__.get("_signature")
+    if cached is None:
+        inputs = {t.name: (t.datatype, tuple(t.dims), -1 not in t.dims) for t in spec.inputs}
+        cached = (inputs, frozenset(spec.output_names()))
+        object.__setattr__(spec, "_signature", cached)  # a private cache on a frozen instance
+    return cached
+
+
+def _valid_rows(spec: ModelSpec, request: pb.ModelInferRequest) -> int | None:
+    """The rows of a request that passes every check, or None to let the full path explain."""
+    inputs = request.inputs
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(inputs):
+        return None
+    signature, output_names = _signature(spec)
+    if len(inputs) != len(signature):
+        return None
+    batched = spec.max_batch_size > 0
+    rows = -1
+    names = set()
+    for tensor in inputs:
+        expected = signature.get(tensor.name)
+        if expected is None or tensor.datatype != expected[0]:
+            return None
+        names.add(tensor.name)
+        shape = tuple(tensor.shape)
+        dims = expected[1]
+        if batched:
+            if len(shape) != len(dims) + 1:
+                return None
+            batch = shape[0]
+            if batch <= 0 or batch > spec.max_batch_size or rows not in (-1, batch):
+                return None
+            rows = batch
+            shape = shape[1:]
+        if expected[2]:
+            if shape != dims:
+                return None
+        elif len(shape) != len(dims) or any(
+            got < 0 or (want != -1 and got != want) for got, want in zip(shape, dims, strict=True)
+        ):
+            return None
+    if len(names) != len(signature):
+        return None
+    for out in request.outputs:
+        if out.name not in output_names:
+            return None
+    return max(rows, 1)
+
+
 def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> int:
     """Check a request's inputs and requested outputs against the signature; returns its rows.
 
     Only metadata is read (names, datatypes, shapes), so this runs before any
-    tensor is decoded. Byte sizes are checked by the codec when decoding.
+    tensor is decoded. Byte sizes are checked by the codec when decoding. A valid
+    request takes a fast path; anything it does not accept goes through the full
+    checks below, which raise the error naming the problem.
     """
+    rows = _valid_rows(spec, request)
+    if rows is not None:
+        return rows
     check_content_form(request)
     seen: set[str] = set()
     rows = -1

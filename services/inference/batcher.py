@@ -36,6 +36,8 @@ from ferry.core.modelconfig import BatchingPolicy
 from services.inference.stats import ModelStats
 
 Outputs = dict[str, np.ndarray]
+# Model runs whose recent average is below this run inline on the event loop (one runner slot only).
+INLINE_BELOW_NS = 1_000_000
 RunFn = Callable[[dict[str, np.ndarray]], Outputs]
 
 
@@ -123,6 +125,12 @@ class Batcher:
         self._closed = False
         self._slots = slots
         self._free = slots
+        # Runs shorter than this go inline on the event loop: a thread hand-off (executor
+        # submit, wake-up, call_soon_threadsafe) costs more than a small model's whole run, and
+        # while the loop runs the model the next requests queue up and form the next batch.
+        self._inline_below_ns = INLINE_BELOW_NS if slots == 1 else 0
+        self._run_ns_avg: float | None = None
+        self._seen_count = -1
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"ort-{label}")
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -186,6 +194,14 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            if self._max_rows > 0 and self._count != self._seen_count and self._count < self._max_rows:
+                # Give the event loop a pass first, and again as long as each pass brought new
+                # requests: calls the server has already accepted join this batch instead of
+                # waiting for the next one. Costs one pass when nothing else is coming (c=1).
+                self._seen_count = self._count
+                await asyncio.sleep(0)
+                continue
+            self._seen_count = -1
             wait = queue_wait(
                 self._policy,
                 sum(p.rows for p in queue),
@@ -227,9 +243,16 @@ class Batcher:
         self._free -= 1
         self._inflight += 1
         start = time.perf_counter_ns()
-        cf = self._loop.run_in_executor(
-            self._executor, self._execute, [p.inputs for p in chosen], [p.rows for p in chosen]
-        )
+        inputs, rows = [p.inputs for p in chosen], [p.rows for p in chosen]
+        avg = self._run_ns_avg
+        if avg is not None and avg < self._inline_below_ns:
+            try:
+                outcome: Any = self._execute(inputs, rows)
+            except Exception as err:
+                outcome = err
+            self._complete(chosen, outcome, start)
+            return
+        cf = self._loop.run_in_executor(self._executor, self._execute, inputs, rows)
         cf.add_done_callback(lambda f: self._finish(chosen, f, start))
 
     def _execute(
@@ -272,11 +295,25 @@ class Batcher:
             return _as_ferry_error(err, self.label)
 
     def _finish(self, chosen: list[Pending], done: asyncio.Future[Any], start_ns: int) -> None:
+        try:
+            outcome: Any = done.result()
+        except Exception as err:
+            outcome = err
+        self._complete(chosen, outcome, start_ns)
+
+    def _complete(self, chosen: list[Pending], outcome: Any, start_ns: int) -> None:
+        """Resolve the futures of one run; ``outcome`` is ``_execute``'s result or its exception."""
         self._free += 1
         self._inflight -= 1
         self._wakeup.set()
         try:
-            results, total, input_ns, infer_ns, output_ns = done.result()
+            if isinstance(outcome, BaseException):
+                raise outcome
+            results, total, input_ns, infer_ns, output_ns = outcome
+            if infer_ns:
+                run_ns = input_ns + infer_ns + output_ns
+                avg = self._run_ns_avg
+                self._run_ns_avg = run_ns if avg is None else 0.8 * avg + 0.2 * run_ns
         except Exception as err:
             results, total, input_ns, infer_ns, output_ns = (
                 [_as_ferry_error(err, self.label)] * len(chosen),

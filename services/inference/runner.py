@@ -81,6 +81,10 @@ class OrtRunner:
         options.graph_optimization_level = OPT_LEVELS[optimization]
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = inter_op_threads
+        # Idle intra-op threads would otherwise spin for a while after each run, taking a CPU
+        # from the event loop that decodes the next requests (on a 2-CPU host, half the machine).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         model_bytes = Path(path).read_bytes()
         self.sessions = [
             ort.InferenceSession(model_bytes, options, providers=providers) for _ in range(instances)
