@@ -1,0 +1,1 @@
+"""The exporter: PyTorch checkpoint -> verified, optimised ONNX model version in the store."""

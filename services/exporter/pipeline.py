@@ -1,0 +1,398 @@
+"""The export pipeline: finished job -> ONNX -> checked -> optimised -> precision -> gate -> publish.
+
+Each stage reports ``started``/``done`` through a progress callback (the servicer
+streams them). Everything is assembled in a private temporary folder; only a
+version that passed its parity gate is copied into a store staging folder and
+published in one rename, so a failed export leaves the store untouched and a
+worker never sees half a version. ``run`` blocks: the servicer runs it on a
+thread pool so the server's event loop stays responsive.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
+from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
+from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
+from services.exporter import parity, precision
+from services.exporter.samples import Samples, held_out
+from services.exporter.settings import ExporterSettings
+from services.exporter.source import Checkpoint, load_checkpoint, vocab_size
+
+STAGES = ("load", "export", "check", "optimize", "precision", "parity", "package", "publish")
+Progress = Callable[[str, str, str, float], None]
+
+# torch.onnx.export keeps module-level state (opset, "in export" flag); one export at a time.
+_TORCH_EXPORT_LOCK = threading.Lock()
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    precision: str = "fp32"
+    quantization: str = "dynamic"
+    opset: int = 17
+    atol: float = 1e-4
+    rtol: float = 1e-4
+    min_top1_agreement: float = 0.99
+    max_metric_drop: float = 1.0
+    max_batch_size: int = 64
+    parity_samples: int = 256
+    parity_batch: int = 32
+    checkpoint: str = "final"
+    optimization: str = "basic"
+
+
+def resolve_options(given: dict[str, Any], settings: ExporterSettings) -> ExportOptions:
+    """Fill unset (zero / empty) request options from the settings and check them."""
+
+    def pick(key: str, default: Any) -> Any:
+        value = given.get(key)
+        return default if value in (None, 0, 0.0, "") else value
+
+    opts = ExportOptions(
+        precision=str(pick("precision", "fp32")).lower(),
+        quantization=str(pick("quantization", "dynamic")).lower(),
+        opset=int(pick("opset", settings.opset)),
+        atol=float(pick("atol", settings.atol)),
+        rtol=float(pick("rtol", settings.rtol)),
+        min_top1_agreement=float(pick("min_top1_agreement", settings.min_top1_agreement)),
+        max_metric_drop=float(pick("max_metric_drop", settings.max_metric_drop)),
+        max_batch_size=int(pick("max_batch_size", settings.max_batch_size)),
+        parity_samples=int(pick("parity_samples", settings.parity_samples)),
+        parity_batch=int(pick("parity_batch", settings.parity_batch)),
+        checkpoint=str(pick("checkpoint", "final")),
+        optimization=str(pick("optimization", settings.optimization)).lower(),
+    )
+    if opts.precision not in precision.PRECISIONS:
+        raise InvalidArgument(f"unknown precision {opts.precision!r}; choose one of fp32, fp16, int8")
+    if opts.quantization not in precision.QUANTIZATIONS:
+        raise InvalidArgument(f"unknown quantization {opts.quantization!r}; choose dynamic or static")
+    if opts.optimization not in precision.OPTIMIZATIONS:
+        raise InvalidArgument(f"unknown optimization {opts.optimization!r}; choose none, basic or extended")
+    if not 11 <= opts.opset <= 20:
+        raise InvalidArgument(f"opset {opts.opset} is out of range: the exporter supports 11 to 20")
+    if opts.atol < 0 or opts.rtol < 0 or not 0 < opts.min_top1_agreement <= 1 or opts.max_metric_drop < 0:
+        raise InvalidArgument("parity tolerances must be >= 0 and min_top1_agreement within (0, 1]")
+    if opts.max_batch_size < 1 or opts.parity_samples < 2 or opts.parity_batch < 2:
+        raise InvalidArgument("max_batch_size must be >= 1, parity_samples and parity_batch >= 2")
+    validate_name(opts.checkpoint, "checkpoint tag")
+    return opts
+
+
+@dataclass
+class ExportResult:
+    model_name: str
+    version: int = 0
+    published: bool = False
+    parity_passed: bool = False
+    failure: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def torch_outputs(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
+    """The reference: torch eager, fp32, in chunks of ``batch`` rows."""
+    import torch
+
+    with torch.no_grad():
+        parts = [module(torch.from_numpy(x[i : i + batch])) for i in range(0, len(x), batch)]
+    return np.concatenate([p.detach().cpu().numpy() for p in parts]).astype(np.float32)
+
+
+def ort_session(path: Path) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = 1
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def ort_outputs(session: Any, name: str, x: np.ndarray, batch: int) -> np.ndarray:
+    parts = [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
+    return np.concatenate(parts).astype(np.float32)
+
+
+def export_onnx(ckpt: Checkpoint, example: np.ndarray, path: Path, opset: int) -> Path:
+    """``torch.onnx.export`` with a dynamic batch axis and a dynamic axis per variable input dim."""
+    import torch
+
+    inp, out = ckpt.input["name"], ckpt.output["name"]
+    axes = {0: "batch"}
+    for i, dim in enumerate(ckpt.input["shape"]):
+        if dim == -1:
+            axes[i + 1] = "sequence" if i == 0 else f"dim{i + 1}"
+    try:
+        with _TORCH_EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                ckpt.module,
+                (torch.from_numpy(example),),
+                str(path),
+                input_names=[inp],
+                output_names=[out],
+                dynamic_axes={inp: axes, out: {0: "batch"}},
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+    except Exception as err:  # the converter's own error types; its reason goes back to the caller
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:600]
+        raise FailedPrecondition(f"cannot convert the model to ONNX: {reason}") from err
+    return path
+
+
+def check_onnx(path: Path) -> None:
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except Exception as err:  # onnx raises ValidationError and friends
+        raise FailedPrecondition(f"the exported ONNX graph fails onnx.checker: {err}") from err
+
+
+@dataclass
+class _Layout:
+    """One batch layout of the gate with torch's answers, computed once for every candidate file."""
+
+    name: str
+    x: np.ndarray
+    batch: int
+    labels: np.ndarray | None
+    reference: np.ndarray
+
+
+def _layouts(ckpt: Checkpoint, samples: Samples, batch: int) -> list[_Layout]:
+    sets = [("", samples.inputs, samples.labels)]
+    if samples.alt_inputs is not None:
+        sets.append((f"@len{samples.alt_inputs.shape[1]}", samples.alt_inputs, None))
+    layouts = []
+    for suffix, x, labels in sets:
+        few = x[: min(8, len(x))]
+        few_labels = None if labels is None else labels[: len(few)]
+        layouts.append(_Layout(f"batch1{suffix}", few, 1, few_labels, torch_outputs(ckpt.module, few, 1)))
+        layouts.append(
+            _Layout(f"batch{batch}{suffix}", x, batch, labels, torch_outputs(ckpt.module, x, batch))
+        )
+    return layouts
+
+
+def _cases(ckpt: Checkpoint, layouts: list[_Layout], session: Any) -> list[parity.Case]:
+    name, out = ckpt.input["name"], ckpt.output["name"]
+    return [
+        parity.Case(
+            lay.name, {out: lay.reference}, {out: ort_outputs(session, name, lay.x, lay.batch)}, lay.labels
+        )
+        for lay in layouts
+    ]
+
+
+def measure_latency(session: Any, name: str, x: np.ndarray, runs: int) -> dict[str, float]:
+    """Median ORT latency (ms, one intra-op thread) at batch 1 and batch 32."""
+    figures = {}
+    for batch in (1, 32):
+        rows = np.concatenate([x] * (-(-batch // len(x))))[:batch]
+        session.run(None, {name: rows})
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            session.run(None, {name: rows})
+            times.append((time.perf_counter() - t0) * 1000)
+        figures[f"batch_{batch}_ms"] = round(float(np.median(times)), 4)
+    return figures
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import torch
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+class ExportPipeline:
+    """Runs exports against one store with one set of settings; safe to call from many threads."""
+
+    def __init__(self, store: Store, settings: ExporterSettings) -> None:
+        self.store = store
+        self.settings = settings
+
+    def run(
+        self,
+        job_id: str,
+        model_name: str,
+        opts: ExportOptions,
+        progress: Progress | None = None,
+        cancelled: threading.Event | None = None,
+    ) -> ExportResult:
+        """Export ``job_id`` as the next version of ``model_name``; raises Ferry errors for bad input."""
+        validate_name(model_name, "model name")
+        validate_name(job_id, "job id")
+        stages: dict[str, float] = {}
+        notify = progress or (lambda *_: None)
+
+        @contextmanager
+        def stage(name: str, detail: str = "") -> Iterator[dict[str, str]]:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("export cancelled by the client")
+            notify(name, "started", detail, 0.0)
+            t0 = time.perf_counter()
+            done = {"detail": ""}
+            yield done
+            stages[name] = round(time.perf_counter() - t0, 4)
+            notify(name, "done", done["detail"], stages[name])
+
+        with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp:
+            work = Path(tmp)
+            with stage("load", f"job {job_id}, checkpoint {opts.checkpoint}") as s:
+                ckpt = load_checkpoint(self.store, job_id, opts.checkpoint)
+                samples = held_out(
+                    ckpt.spec,
+                    opts.parity_samples,
+                    self.settings.seed,
+                    vocab_size(ckpt.spec),
+                    self.store.root,
+                )
+                s["detail"] = f"{type(ckpt.module).__name__}, {len(samples)} {samples.source} samples"
+            with stage("export", f"opset {opts.opset}") as s:
+                raw = export_onnx(ckpt, samples.inputs[:2], work / "exported.onnx", opts.opset)
+                s["detail"] = f"{raw.stat().st_size} bytes"
+            with stage("check"):
+                check_onnx(raw)
+            with stage("optimize", opts.optimization) as s:
+                fp32 = precision.optimize(raw, work / "fp32.onnx", opts.optimization)
+                s["detail"] = f"{fp32.stat().st_size} bytes"
+            with stage("precision", opts.precision) as s:
+                served = self._precision(ckpt, opts, fp32, work)
+                s["detail"] = f"{served.stat().st_size} bytes"
+            with stage("parity", f"{opts.precision}, batch 1 and {opts.parity_batch}") as s:
+                report = self._gate(ckpt, opts, samples, fp32, served)
+                s["detail"] = "passed" if report["passed"] else f"failed: {report['failure']}"
+            meta = self._meta(ckpt, opts, report, raw, fp32, served, stages)
+            if not report["passed"]:
+                return ExportResult(model_name, failure=str(report["failure"]), meta=meta)
+            with stage("package") as s:
+                meta["latency_ms"] = measure_latency(
+                    ort_session(served), ckpt.input["name"], samples.inputs, self.settings.latency_runs
+                )
+                meta["stages_s"] = stages
+                config = self._config(model_name, ckpt, opts)
+                staged = self.store.staging_dir(model_name)
+                try:
+                    shutil.copyfile(served, staged / MODEL_FILE)
+                    atomic_write_json(staged / "meta.json", meta)
+                except BaseException:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    raise
+                s["detail"] = str(meta["latency_ms"])
+            with stage("publish") as s:
+                try:
+                    version = self.store.publish_version(model_name, staged, config)
+                except BaseException:
+                    shutil.rmtree(staged, ignore_errors=True)
+                    raise
+                s["detail"] = f"{model_name} version {version}"
+        meta["version"] = version
+        return ExportResult(model_name, version, True, True, "", meta)
+
+    def _gate(
+        self, ckpt: Checkpoint, opts: ExportOptions, samples: Samples, fp32: Path, served: Path
+    ) -> dict[str, Any]:
+        """fp32: the served graph within atol/rtol. fp16/int8: the fp32 graph within atol/rtol
+        first (the conversion itself must be exact), then the served file by top-1 and metric."""
+        layouts = _layouts(ckpt, samples, opts.parity_batch)
+        exact = parity.GateOptions(precision="fp32", atol=opts.atol, rtol=opts.rtol, task=ckpt.task)
+        report = parity.gate(_cases(ckpt, layouts, ort_session(fp32)), exact)
+        if opts.precision != "fp32":
+            fp32_report = report
+            approx = parity.GateOptions(
+                precision=opts.precision,
+                min_top1_agreement=opts.min_top1_agreement,
+                max_metric_drop=opts.max_metric_drop,
+                task=ckpt.task,
+            )
+            report = parity.gate(_cases(ckpt, layouts, ort_session(served)), approx)
+            report["fp32_graph"] = fp32_report
+            if not fp32_report["passed"]:
+                report.update(passed=False, failure=f"fp32 graph: {fp32_report['failure']}")
+        report["samples_source"] = samples.source
+        return report
+
+    def _precision(self, ckpt: Checkpoint, opts: ExportOptions, fp32: Path, work: Path) -> Path:
+        if opts.precision == "fp16":
+            return precision.to_fp16(fp32, work / "fp16.onnx")
+        if opts.precision == "int8":
+            calibration: list[np.ndarray] = []
+            if opts.quantization == "static":
+                cal = held_out(
+                    ckpt.spec,
+                    self.settings.calibration_samples,
+                    self.settings.seed + 1,
+                    vocab_size(ckpt.spec),
+                )
+                calibration = [cal.inputs[i : i + 16] for i in range(0, len(cal), 16)]
+            return precision.to_int8(
+                fp32, work / "int8.onnx", opts.quantization, ckpt.input["name"], calibration
+            )
+        return fp32
+
+    def _config(self, model_name: str, ckpt: Checkpoint, opts: ExportOptions) -> dict[str, Any]:
+        spec = ModelSpec(
+            name=model_name,
+            inputs=(
+                TensorSpec(
+                    ckpt.input["name"], ckpt.input.get("datatype", "FP32"), tuple(ckpt.input["shape"])
+                ),
+            ),
+            outputs=(TensorSpec(ckpt.output["name"], "FP32", tuple(ckpt.output["shape"])),),
+            max_batch_size=opts.max_batch_size,
+        )
+        return spec_to_config(spec)
+
+    def _meta(
+        self,
+        ckpt: Checkpoint,
+        opts: ExportOptions,
+        report: dict[str, Any],
+        raw: Path,
+        fp32: Path,
+        served: Path,
+        stages: dict[str, float],
+    ) -> dict[str, Any]:
+        return {
+            "format": 1,
+            "created_unix_ms": int(time.time() * 1000),
+            "source": {
+                "kind": "job",
+                "job_id": ckpt.job_id,
+                "checkpoint": str(ckpt.path),
+                "checkpoint_tag": ckpt.tag,
+                "weights_sha256": ckpt.weights_sha256,
+                "metrics": ckpt.metrics,
+            },
+            "model": ckpt.spec.get("model", {}),
+            "task": ckpt.task,
+            "input": ckpt.input,
+            "output": ckpt.output,
+            "precision": opts.precision,
+            "options": asdict(opts),
+            "parity": report,
+            "files": {
+                "exported_bytes": raw.stat().st_size,
+                "optimized_fp32_bytes": fp32.stat().st_size,
+                "model_bytes": served.stat().st_size,
+            },
+            "stages_s": dict(stages),
+            "exporter": _versions(),
+        }

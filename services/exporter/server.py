@@ -1,0 +1,50 @@
+"""``ferry serve exporter``: wire settings, store and servicer into a server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from ferry._proto.ferry.v1 import exporter_pb2 as pb
+from ferry._proto.ferry.v1 import exporter_pb2_grpc as pb_grpc
+from ferry.core.grpcserver import build_server, ready_line, serve_until_signal
+from ferry.core.settings import settings_from_argv
+from ferry.core.store import Store
+from ferry.core.telemetry import setup_logging, start_metrics_server
+from services.exporter.servicer import ExporterServicer
+from services.exporter.settings import ExporterSettings
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Exporter"].full_name
+
+
+async def serve(settings: ExporterSettings) -> None:
+    store = Store(settings.store)
+    servicer = ExporterServicer(store, settings)
+
+    def register(server: object) -> list[str]:
+        pb_grpc.add_ExporterServicer_to_server(servicer, server)
+        return [SERVICE_NAME]
+
+    handle = build_server(
+        settings.host, settings.port, register, max_message_bytes=settings.max_message_bytes
+    )
+    metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    try:
+        await serve_until_signal(
+            handle,
+            settings.grace_s,
+            ready_message=ready_line("exporter", handle.port, metrics_port=metrics_port, store=store.root),
+        )
+    finally:
+        servicer.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings = settings_from_argv(ExporterSettings, argv, "ferry serve exporter")
+    setup_logging(settings.log_level, "exporter")
+    if settings.torch_threads:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    asyncio.run(serve(settings))
+    return 0

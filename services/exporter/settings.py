@@ -1,0 +1,44 @@
+"""The exporter's settings: flags > FERRY_EXPORTER_* environment > YAML file > defaults."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from ferry.core.settings import ServiceSettings
+
+
+class ExporterSettings(ServiceSettings):
+    """Everything the exporter can be told; each field is also ``FERRY_EXPORTER_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="FERRY_EXPORTER_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
+    port: int = Field(8003, description="gRPC port; 0 picks a free one (printed on the ready line)")
+    store: str = Field(".ferry/store", description="model store root folder")
+    max_concurrent_exports: int = Field(2, ge=1, description="exports running at once; more wait their turn")
+    opset: int = Field(17, ge=11, le=20, description="ONNX opset when a request does not choose one")
+    max_batch_size: int = Field(
+        64, ge=1, description="config.json max_batch_size when a request does not say"
+    )
+    optimization: Literal["none", "basic", "extended"] = Field(
+        "basic",
+        description="ORT offline graph optimisation; basic keeps standard ops (runs on any provider)",
+    )
+    parity_samples: int = Field(256, ge=8, description="held-out samples the parity gate runs")
+    parity_batch: int = Field(32, ge=2, description="the larger batch of the gate (the other is 1)")
+    atol: float = Field(1e-4, gt=0, description="fp32 gate absolute tolerance")
+    rtol: float = Field(1e-4, ge=0, description="fp32 gate relative tolerance")
+    min_top1_agreement: float = Field(0.99, gt=0, le=1, description="fp16/int8 gate: top-1 agreement")
+    max_metric_drop: float = Field(1.0, ge=0, description="fp16/int8 gate: metric drop bound, in points")
+    calibration_samples: int = Field(128, ge=1, description="samples for static int8 calibration")
+    latency_runs: int = Field(20, ge=1, description="ORT runs per batch size when measuring latency")
+    seed: int = Field(0, description="seed for held-out sampling")
+    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch decides)")
+    max_import_bytes: int = Field(512 * 1024 * 1024, description="largest ONNX file ImportOnnx accepts")
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
+    grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight calls get to finish")
+    metrics_port: int = Field(0, description="Prometheus /metrics port, 0 = off")
+    log_level: str = "WARNING"
