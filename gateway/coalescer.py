@@ -182,16 +182,30 @@ class Batcher:
     _queues: dict[Hashable, deque[Pending]] = field(default_factory=dict)
     _running: dict[Hashable, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    _limits: dict[Hashable, int] = field(default_factory=dict)
 
-    async def submit(self, key: Hashable, item: Prepared, concurrency: int, extra: Any = None) -> Any:
-        """Queue ``item`` under ``key`` and wait for its answer."""
+    async def submit(
+        self,
+        key: Hashable,
+        item: Prepared,
+        concurrency: int,
+        extra: Any = None,
+        max_rows: int | None = None,
+    ) -> Any:
+        """Queue ``item`` under ``key`` and wait for its answer.
+
+        ``max_rows`` caps this key's batches below the batcher's own cap (the model's
+        ``max_batch_size``: a merged batch must still be a request the worker accepts).
+        """
         pending = Pending(item, asyncio.get_running_loop().create_future(), extra)
         key = (key, item.signature if item.signature is not None else object())  # None: alone
+        if max_rows is not None:
+            self._limits[key] = max(1, min(self.max_rows, max_rows))
         self._queues.setdefault(key, deque()).append(pending)
         self._kick(key, max(1, concurrency))
         return await pending.future
 
-    def _take(self, queue: deque[Pending]) -> list[Pending]:
+    def _take(self, queue: deque[Pending], limit: int) -> list[Pending]:
         batch: list[Pending] = []
         rows = 0
         while queue:
@@ -199,7 +213,7 @@ class Batcher:
             if head.future.done():  # the caller went away
                 queue.popleft()
                 continue
-            if batch and rows + head.item.rows > self.max_rows:
+            if batch and rows + head.item.rows > limit:
                 break
             batch.append(queue.popleft())
             rows += head.item.rows
@@ -208,7 +222,7 @@ class Batcher:
     def _kick(self, key: Hashable, concurrency: int) -> None:
         queue = self._queues.get(key)
         while queue and self._running.get(key, 0) < concurrency:
-            batch = self._take(queue)
+            batch = self._take(queue, self._limits.get(key, self.max_rows))
             if not batch:
                 break
             self._running[key] = self._running.get(key, 0) + 1
@@ -216,8 +230,7 @@ class Batcher:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         if queue is not None and not queue and not self._running.get(key):
-            self._queues.pop(key, None)
-            self._running.pop(key, None)
+            self._forget(key)
 
     async def _run(self, key: Hashable, batch: list[Pending], concurrency: int) -> None:
         try:
@@ -233,8 +246,12 @@ class Batcher:
             self._running[key] = self._running.get(key, 1) - 1
             self._kick(key, concurrency)
             if not self._queues.get(key) and not self._running.get(key):
-                self._queues.pop(key, None)
-                self._running.pop(key, None)
+                self._forget(key)
+
+    def _forget(self, key: Hashable) -> None:
+        self._queues.pop(key, None)
+        self._running.pop(key, None)
+        self._limits.pop(key, None)
 
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())

@@ -28,7 +28,14 @@ import grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import translate
-from ferry.core.errors import FerryError, NotFound, ResourceExhausted, Unavailable
+from ferry.core.errors import (
+    FailedPrecondition,
+    FerryError,
+    Internal,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
 from gateway import metrics
 from gateway.cache import HIT_PARAMETER, ResultCache, SingleFlight, cache_key, cache_opt_out, request_digest
 from gateway.coalescer import Batcher, Pending, Prepared, as_raw_request, merge, prepare, split
@@ -36,6 +43,11 @@ from gateway.discovery import Discovery
 from gateway.upstream import Upstream
 
 log = logging.getLogger("ferry.gateway.dataplane")
+
+
+# Errors of a merged call that one member could have caused: re-run the members one by one.
+# Others (overload, deadline, a dead worker) would only be repeated, so every member gets them.
+SPLITTABLE = (InvalidArgument, Internal, FailedPrecondition)
 
 
 @dataclass
@@ -141,7 +153,7 @@ class DataPlane:
         key: Hashable = (model, version, pinned)
 
         async def run() -> tuple[pb.ModelInferResponse, bool]:
-            return await self.batcher.submit(key, item, concurrency, job)
+            return await self.batcher.submit(key, item, concurrency, job, spec.max_batch_size)
 
         shared = False
         if digest is not None:
@@ -213,7 +225,7 @@ class DataPlane:
             response = await self.upstream.infer(merged, deadline, rid, pinned)
             answers = split(response, [i.rows for i in items])
         except FerryError as err:
-            if len(items) > 1 and not isinstance(err, Unavailable):
+            if len(items) > 1 and isinstance(err, SPLITTABLE):
                 await self._one_by_one([batch[n] for n in misses], version, pinned)
                 return
             for n in misses:

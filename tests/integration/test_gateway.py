@@ -181,7 +181,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path])
     )
     publish(root, "roll", 1, onnx_files["mlp"], {"max_batch_size": 64})
     publish(root, "spare", 1, onnx_files["mlp"], {"max_batch_size": 64})
-    publish(root, "slow", 1, onnx_files["slow"], {"max_batch_size": 64})
+    publish(root, "slow", 1, onnx_files["slow"], {"max_batch_size": 8})  # merged batches must fit
     return root
 
 

@@ -148,3 +148,23 @@ async def test_batcher_failure_reaches_every_member_and_skips_gone_callers() -> 
     for call in (first, second):
         with pytest.raises(InvalidArgument, match="nope"):
             await call
+
+
+@aio
+async def test_batches_never_exceed_the_models_max_batch_size() -> None:
+    seen: list[int] = []
+    release = asyncio.Event()
+
+    async def dispatch(key: Hashable, batch: list[Pending]) -> None:
+        seen.append(sum(p.item.rows for p in batch))
+        await release.wait()
+        for p in batch:
+            p.future.set_result(None)
+
+    batcher = Batcher(dispatch, max_rows=64)
+    items = [prepare(SPEC, request(2, n)) for n in range(7)]
+    calls = [asyncio.ensure_future(batcher.submit("k", it, 1, None, max_rows=5)) for it in items]
+    await asyncio.sleep(0.01)
+    release.set()
+    await asyncio.gather(*calls)
+    assert seen == [2, 4, 4, 4]  # 2-row requests under a 5-row cap: never 6
