@@ -128,7 +128,7 @@ async def serve(settings: GatewaySettings) -> None:
         max_batch=settings.coalesce_max_batch,
         upstream_per_worker=settings.upstream_per_worker,
     )
-    servicer = GatewayServicer(discovery, dataplane, upstream)
+    servicer = GatewayServicer(discovery, dataplane, upstream, default_timeout_s=settings.default_timeout_s)
     admin = AdminServicer(discovery, router, dataplane, cache)
 
     def register(server: grpc.aio.Server) -> list[str]:
@@ -147,6 +147,7 @@ async def serve(settings: GatewaySettings) -> None:
         interceptors=interceptors,
         credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
         reuse_port=settings.reuse_port,
+        max_message_bytes=settings.max_message_bytes,
     )
 
     async def on_start() -> None:

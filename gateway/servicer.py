@@ -35,13 +35,23 @@ def request_id(context: grpc.aio.ServicerContext) -> str:
     return uuid.uuid4().hex
 
 
-def deadline_of(context: grpc.aio.ServicerContext) -> float | None:
+def deadline_of(context: grpc.aio.ServicerContext, default_s: float | None = None) -> float | None:
+    """The caller's deadline as a monotonic time; ``default_s`` from now when it set none."""
     left = context.time_remaining()
+    if left is None:
+        left = default_s
     return None if left is None else time.monotonic() + left
 
 
 class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, discovery: Discovery, dataplane: DataPlane, upstream: Upstream) -> None:
+    def __init__(
+        self,
+        discovery: Discovery,
+        dataplane: DataPlane,
+        upstream: Upstream,
+        default_timeout_s: float | None = None,
+    ) -> None:
+        self.default_timeout_s = default_timeout_s
         self.discovery = discovery
         self.dataplane = dataplane
         self.upstream = upstream
@@ -76,7 +86,7 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
         invoke: Callable[[Worker, Any, float | None, Any], Awaitable[Any]],
     ) -> Any:
         rid = request_id(context)
-        deadline = deadline_of(context)
+        deadline = deadline_of(context, self.default_timeout_s)
         try:
             resolved = self.discovery.resolve(model, version)
         except NotFound:
@@ -112,7 +122,9 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
-        return await self.dataplane.infer(request, deadline_of(context), request_id(context))
+        return await self.dataplane.infer(
+            request, deadline_of(context, self.default_timeout_s), request_id(context)
+        )
 
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
@@ -124,7 +136,9 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest, n: int) -> None:
             try:
-                resp = await self.dataplane.infer(req, deadline_of(context), f"{rid}.{n}")
+                resp = await self.dataplane.infer(
+                    req, deadline_of(context, self.default_timeout_s), f"{rid}.{n}"
+                )
                 await results.put(pb.ModelStreamInferResponse(infer_response=resp))
             except FerryError as err:
                 await results.put(

@@ -44,6 +44,10 @@ class GatewaySettings(ServiceSettings):
     eject_max_s: float = Field(30.0, description="longest ejection period")
     coalesce: bool = Field(True, description="merge concurrent requests for one model version upstream")
     coalesce_max_batch: int = Field(64, description="most rows in one merged upstream call")
+    default_timeout_s: float = Field(
+        60.0, description="deadline for calls that come without one (a hung worker must not hang callers)"
+    )
+    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
     upstream_per_worker: int = Field(2, description="concurrent upstream batches per worker and model")
     # Security.
     tls_cert: str | None = Field(None, description="PEM certificate for the gateway port")
