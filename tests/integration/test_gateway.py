@@ -200,7 +200,7 @@ def cluster(store: Path) -> Iterator[dict[str, Any]]:
         url = f"redis://ferry:s3cret@127.0.0.1:{redis.port}/0"
         workers = start_workers(store, 2)
         gateway = start_gateway(workers, "--redis-url", url, "--cache-timeout-ms", "2000")
-        yield {"gateway": gateway, "workers": workers, "redis": redis, "store": store}
+        yield {"gateway": gateway, "workers": workers, "redis": redis, "store": store, "redis_url": url}
     finally:
         if gateway is not None:
             gateway.stop()
@@ -490,6 +490,18 @@ def test_admin_service(cluster: dict[str, Any]) -> None:
     assert any(m.model == "mlp" and m.state == "READY" for m in workers[0].models)
     assert cache.enabled and cache.backend == "redis" and cache.breaker_state == "closed"
     assert cache.hits >= 1 and cache.misses >= 1 and cache.errors == 0
+
+
+def test_replicas_share_the_cache(cluster: dict[str, Any]) -> None:
+    other = start_gateway(
+        cluster["workers"], "--redis-url", cluster["redis_url"], "--cache-timeout-ms", "2000"
+    )
+    try:
+        req = mlp_request(2, seed=31337)
+        assert not _hit(_infer(cluster["gateway"].address, req))
+        wait_until(lambda: _hit(_infer(other.address, req)), 20, "the second replica answers from Redis")
+    finally:
+        other.stop()
 
 
 # -- a new version rolled out under load ---------------------------------------------------------
