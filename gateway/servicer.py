@@ -152,14 +152,16 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def feed() -> None:
             n = 0
-            async for req in request_iterator:
-                task = asyncio.ensure_future(one(req, n))
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                n += 1
-            while tasks:
-                await asyncio.gather(*list(tasks), return_exceptions=True)
-            await results.put(None)
+            try:
+                async for req in request_iterator:
+                    task = asyncio.ensure_future(one(req, n))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                    n += 1
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                await results.put(None)  # the answer loop ends even when reading the stream failed
 
         feeder = asyncio.ensure_future(feed())
         try:

@@ -224,6 +224,11 @@ def test_model_outside_the_keys_patterns_is_permission_denied(setup: dict[str, A
             "PERMISSION_DENIED",
             "API key 'reader' may not use model 'secret-model'",
         )
+        stream = stub.ModelStreamInfer(iter([denied]), timeout=10, metadata=md)
+        assert _status(lambda: list(stream)) == (
+            "PERMISSION_DENIED",
+            "API key 'reader' may not use model 'secret-model'",
+        )
         # the unrestricted key may use it
         assert (
             _status(lambda: stub.ModelInfer(denied, timeout=10, metadata=bearer(KEYS["limited"])))[0] == "OK"
