@@ -133,14 +133,16 @@ def _data(kind: str) -> tuple[np.ndarray, np.ndarray]:
     return data.x_train, data.y_train
 
 
-def train_job(store: Store, job_id: str, kind: str, steps: int = 30, state: str = "SUCCEEDED") -> Path:
+def train_job(
+    store: Store, job_id: str, kind: str, steps: int = 30, state: str = "SUCCEEDED", lr: float = 0.01
+) -> Path:
     """Train the ``kind`` model for a few real steps and write a finished job the way the trainer does."""
     entry = KINDS[kind]
     task = entry.get("task", "classification")
     torch.manual_seed(0)
     model = build_model(entry["model"])
     x, y = _data(kind)
-    opt = torch.optim.Adam(model.parameters(), lr=0.01)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
     model.train()
     for step in range(steps):
