@@ -38,6 +38,8 @@ from services.inference.stats import ModelStats
 Outputs = dict[str, np.ndarray]
 # Model runs whose recent average is below this run inline on the event loop (one runner slot only).
 INLINE_BELOW_NS = 1_000_000
+# Most event-loop passes a forming batch waits for while the loop has other work ready.
+MAX_YIELD_PASSES = 64
 RunFn = Callable[[dict[str, np.ndarray]], Outputs]
 
 
@@ -131,6 +133,7 @@ class Batcher:
         self._inline_below_ns = INLINE_BELOW_NS if slots == 1 else 0
         self._run_ns_avg: float | None = None
         self._seen_count = -1
+        self._passes = 0
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"ort-{label}")
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -194,13 +197,19 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._max_rows > 0 and self._count != self._seen_count and self._count < self._max_rows:
-                # Give the event loop a pass first, and again as long as each pass brought new
-                # requests: calls the server has already accepted join this batch instead of
-                # waiting for the next one. Costs one pass when nothing else is coming (c=1).
-                self._seen_count = self._count
-                await asyncio.sleep(0)
-                continue
+            if self._max_rows > 0 and self._passes < MAX_YIELD_PASSES and self._count < self._max_rows:
+                # Dispatch when the loop has nothing else to do: while other callbacks are ready
+                # (calls being read, decoded, answered), give them a pass, so that the requests
+                # they carry join this batch instead of each running alone. At c=1 the loop is
+                # idle and the batch leaves at once.
+                ready = getattr(self._loop, "_ready", None)
+                busy = len(ready) > 0 if ready is not None else self._count != self._seen_count
+                if busy or self._passes == 0:
+                    self._passes += 1
+                    self._seen_count = self._count
+                    await asyncio.sleep(0)
+                    continue
+            self._passes = 0
             self._seen_count = -1
             wait = queue_wait(
                 self._policy,
