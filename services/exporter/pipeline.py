@@ -27,6 +27,7 @@ from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
 from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
 from services.exporter import parity, precision
+from services.exporter.runtime import measure_latency, ort_outputs, ort_session, torch_outputs
 from services.exporter.samples import Samples, held_out
 from services.exporter.settings import ExporterSettings
 from services.exporter.source import Checkpoint, load_checkpoint, vocab_size
@@ -101,29 +102,6 @@ class ExportResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-def torch_outputs(module: Any, x: np.ndarray, batch: int) -> np.ndarray:
-    """The reference: torch eager, fp32, in chunks of ``batch`` rows."""
-    import torch
-
-    with torch.no_grad():
-        parts = [module(torch.from_numpy(x[i : i + batch])) for i in range(0, len(x), batch)]
-    return np.concatenate([p.detach().cpu().numpy() for p in parts]).astype(np.float32)
-
-
-def ort_session(path: Path) -> Any:
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    opts.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def ort_outputs(session: Any, name: str, x: np.ndarray, batch: int) -> np.ndarray:
-    parts = [session.run(None, {name: x[i : i + batch]})[0] for i in range(0, len(x), batch)]
-    return np.concatenate(parts).astype(np.float32)
-
-
 def export_onnx(ckpt: Checkpoint, example: np.ndarray, path: Path, opset: int) -> Path:
     """``torch.onnx.export`` with a dynamic batch axis and a dynamic axis per variable input dim."""
     import torch
@@ -196,21 +174,6 @@ def _cases(ckpt: Checkpoint, layouts: list[_Layout], session: Any) -> list[parit
         )
         for lay in layouts
     ]
-
-
-def measure_latency(session: Any, name: str, x: np.ndarray, runs: int) -> dict[str, float]:
-    """Median ORT latency (ms, one intra-op thread) at batch 1 and batch 32."""
-    figures = {}
-    for batch in (1, 32):
-        rows = np.concatenate([x] * (-(-batch // len(x))))[:batch]
-        session.run(None, {name: rows})
-        times = []
-        for _ in range(runs):
-            t0 = time.perf_counter()
-            session.run(None, {name: rows})
-            times.append((time.perf_counter() - t0) * 1000)
-        figures[f"batch_{batch}_ms"] = round(float(np.median(times)), 4)
-    return figures
 
 
 def _versions() -> dict[str, str]:
