@@ -42,7 +42,11 @@ async def serve(settings: WorkerSettings) -> None:
         servicer.ready = True
 
     async def on_stop() -> None:
+        # Health already says NOT_SERVING; a gateway or load balancer stops sending within
+        # this delay, so the calls still queued in the transport arrive and finish instead
+        # of being cut off by the server's shutdown.
         servicer.ready = False
+        await asyncio.sleep(settings.drain_delay_s)
 
     handle.on_stop.append(on_stop)
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)

@@ -39,6 +39,10 @@ class WorkerSettings(ServiceSettings):
     )
     warmup: bool = Field(True, description="run each new session once before it serves")
     grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight requests get to finish")
+    drain_delay_s: float = Field(
+        1.0,
+        description="on SIGTERM, keep serving this long with health NOT_SERVING so callers move away first",
+    )
     metrics_port: int = Field(0, description="Prometheus /metrics port, 0 = off")
     reuse_port: bool = Field(False, description="SO_REUSEPORT, so several worker processes share one port")
     tls_cert: str | None = None
