@@ -40,7 +40,6 @@ class BenchConfig:
     output_dir: Path = Path("bench-results")
     redis_url: str | None = None
     worker_procs: int = 1
-    gateway_procs: int = 1
     channels: int = 0  # 0: one per server process behind the address
     pool_size: int = 16
     soak_s: float = 0.0

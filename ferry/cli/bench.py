@@ -53,6 +53,13 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--redis-url", default=None, help="gateway result cache in this Redis (default: in-process)"
     )
     p.add_argument("--worker-procs", type=int, default=1, help="worker (and floor) processes on one port")
+    p.add_argument(
+        "--worker-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="extra flag for every worker, repeatable (e.g. --worker-arg=--intra-op-threads=1)",
+    )
     p.add_argument("--channels", type=int, default=0, help="client channels per server (0: one per process)")
     p.add_argument(
         "--soak",
@@ -91,6 +98,7 @@ def _run(args: argparse.Namespace) -> int:
         redis_url=args.redis_url,
         worker_procs=args.worker_procs,
         channels=args.channels,
+        worker_flags=args.worker_arg,
         soak_s=args.soak,
         soak_interval_s=args.soak_interval_s,
         log=log,
@@ -105,6 +113,7 @@ def _run(args: argparse.Namespace) -> int:
         "duration_s": cfg.duration_s,
         "max_requests": cfg.max_requests,
         "worker_procs": cfg.worker_procs,
+        "worker_flags": list(cfg.worker_flags),
         "scenarios": list(cfg.scenarios),
         "models": list(cfg.models),
         "concurrency": list(cfg.concurrency),

@@ -168,7 +168,10 @@ class Batcher:
     # --- dispatching --------------------------------------------------------------------------
 
     def _queued(self) -> deque[Pending] | None:
-        return next((q for q in self._queues if q), None)
+        for q in self._queues:  # a plain loop: this runs on every event-loop pass of a forming batch
+            if q:
+                return q
+        return None
 
     def _drop_dead(self, queue: deque[Pending]) -> None:
         now = time.monotonic()
