@@ -174,3 +174,18 @@ class TestTargets:
         assert all_checked(self.measured())
         assert not all_checked([point("worker", 1, checked=99)])
         assert not all_checked([point("worker", 1, errors=1)])
+
+
+class TestSoak:
+    def test_rss_growth_first_to_last_sample(self) -> None:
+        from benchmarks.run import rss_growth
+
+        samples = [
+            {"t_s": 10, "rss": {"worker": 100, "gateway": 50}},
+            {"t_s": 20, "rss": {"worker": 130, "gateway": 40}},
+            {"t_s": 30, "rss": {"worker": 105, "gateway": 55}},
+        ]
+        growth = rss_growth(samples)
+        assert growth["worker"] == pytest.approx(0.05)
+        assert growth["gateway"] == pytest.approx(0.10)
+        assert rss_growth(samples[:1]) == {}
