@@ -15,11 +15,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import numpy as np
 
-from ferry._proto.ferry.v1 import exporter_pb2, exporter_pb2_grpc
-from ferry.client._channel import open_channel, translate
+from ferry.client.exporter import ExporterClient
 from ferry.client.inference import InferenceClient
 from ferry.client.trainer import TrainerClient, state_name
 from ferry.core.errors import FailedPrecondition
@@ -65,23 +63,16 @@ async def ensure_demo_model(
         if state_name(job) != "SUCCEEDED":
             raise FailedPrecondition(f"demo training job {job.id} ended {state_name(job)}: {job.error}")
     say(f"  trained: job {job.id}; exporting to ONNX with the parity gate")
-    channel = open_channel(exporter)
-    try:
-        stub = exporter_pb2_grpc.ExporterStub(channel)
-        report = None
-        async for event in stub.Export(exporter_pb2.ExportRequest(job_id=job.id, model_name=DEMO_MODEL)):
-            if event.HasField("stage") and event.stage.state == "done":
-                say(f"  export {event.stage.stage}: {event.stage.detail}")
-            if event.HasField("report"):
-                report = event.report
-    except grpc.aio.AioRpcError as err:
-        raise translate(err) from err
-    finally:
-        await channel.close()
-    if report is None or not report.published:
-        raise FailedPrecondition(
-            f"demo export published nothing: {report.failure if report else 'no report'}"
+    async with ExporterClient(exporter) as client:
+        report = await client.export(
+            job.id,
+            DEMO_MODEL,
+            on_progress=lambda stage: (
+                say(f"  export {stage.stage}: {stage.detail}") if stage.state == "done" else None
+            ),
         )
+    if not report.published:
+        raise FailedPrecondition(f"demo export published nothing: {report.failure}")
     say(f"  published '{DEMO_MODEL}' version {report.version}")
     return int(report.version)
 
