@@ -6,7 +6,8 @@ Built with ``ferry.core.grpcserver.build_server`` (health, reflection, the error
 interceptor, the same options as every Ferry service), its ``ModelInfer`` answers
 a precomputed response: the benchmark's requests carry the index of their input
 in the shared pool as ``id``, and the floor returns the ONNX Runtime answer it
-computed for that input at start-up (a dict lookup, no decoding, no model run).
+computed and serialized for that input at start-up (a dict lookup, no decoding,
+no model run, no serializing).
 What a request costs here is gRPC + protobuf + Python and nothing else, so no
 server on this machine can answer faster: every other scenario is a ratio to it.
 """
@@ -25,15 +26,15 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.core.codec import add_output
 from ferry.core.errors import NotFound
-from ferry.core.grpcserver import build_server, ready_line, serve_until_signal
+from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Answers from a table of precomputed responses: ``(model, id) -> response``."""
+    """Answers from a table of precomputed, serialized responses: ``(model, id) -> bytes``."""
 
-    def __init__(self, answers: dict[str, dict[str, pb.ModelInferResponse]], classes: int) -> None:
+    def __init__(self, answers: dict[str, dict[str, bytes]], classes: int) -> None:
         self.answers = answers
         self.classes = classes
 
@@ -45,7 +46,7 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | bytes:
         table = self.answers.get(request.model_name)
         if table is None:
             raise NotFound(f"model {request.model_name!r} is not served by the floor")
@@ -59,12 +60,10 @@ class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
         return out
 
 
-def precompute(
-    store: Path, models: Sequence[str], pool_size: int
-) -> dict[str, dict[str, pb.ModelInferResponse]]:
+def precompute(store: Path, models: Sequence[str], pool_size: int) -> dict[str, dict[str, bytes]]:
     from benchmarks.models import CLASSES, OUTPUT_NAME, input_pool, reference_outputs
 
-    answers: dict[str, dict[str, pb.ModelInferResponse]] = {}
+    answers: dict[str, dict[str, bytes]] = {}
     for name in models:
         onnx_file = store / "onnx" / f"{name}.onnx"
         expected = reference_outputs(onnx_file, input_pool(name, pool_size))
@@ -72,7 +71,7 @@ def precompute(
         for i, row in enumerate(expected):
             out = pb.ModelInferResponse(model_name=name, model_version="1", id=str(i))
             add_output(out, OUTPUT_NAME, row.reshape(1, CLASSES))
-            table[str(i)] = out
+            table[str(i)] = out.SerializeToString()
         answers[name] = table
     return answers
 
@@ -84,8 +83,7 @@ async def serve(args: argparse.Namespace) -> None:
     servicer = FloorServicer(answers, CLASSES)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        return [add_servicer(server, servicer, SERVICE)]
 
     handle = build_server(args.host, args.port, register, reuse_port=args.reuse_port)
     await serve_until_signal(handle, 2.0, ready_message=ready_line("floor", handle.port))

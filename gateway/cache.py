@@ -11,7 +11,13 @@ request parameters that can change a result (``NEUTRAL_PARAMETERS`` do not).
 the timeout counts as a miss (and an error in the metrics), and a circuit
 breaker stops asking a sick backend until its reset period has passed. Values
 over the size cap are not stored. Lookups and fills take lists so the gateway
-does one MGET and one pipeline per upstream batch.
+does one MGET and one pipeline per upstream batch; the in-process LRU also
+answers one key at once (``get_local``), so a hit never waits for a batch.
+
+Values are serialized answers without their ``id``: a hit goes back to the
+caller as those bytes plus the caller's ``id`` and the hit mark appended
+(``cached_answer``). Protobuf merges concatenated messages, so nothing is
+parsed or serialized again on a hit.
 """
 
 from __future__ import annotations
@@ -39,6 +45,18 @@ NEUTRAL_PARAMETERS = frozenset(
     {OPT_OUT_PARAMETER, "timeout", "priority", "headers", "triton_enable_empty_final_response"}
 )
 KEY_PREFIX = "ferry:v1"
+
+
+_HIT_MARK = pb.ModelInferResponse(
+    parameters={HIT_PARAMETER: pb.InferParameter(bool_param=True)}
+).SerializeToString()
+
+
+def cached_answer(value: bytes, request_id: str) -> bytes:
+    """The wire answer for a hit: the stored answer, the caller's ``id``, ``ferry_cache_hit`` true."""
+    if request_id:
+        return value + pb.ModelInferResponse(id=request_id).SerializeToString() + _HIT_MARK
+    return value + _HIT_MARK
 
 
 def _param_repr(param: pb.InferParameter) -> str:
@@ -104,19 +122,18 @@ class LruBackend:
         self.clock = clock
         self._data: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 
+    def get_now(self, key: str) -> bytes | None:
+        entry = self._data.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= self.clock():
+            del self._data[key]
+            return None
+        self._data.move_to_end(key)
+        return entry[1]
+
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        now = self.clock()
-        out: list[bytes | None] = []
-        for key in keys:
-            entry = self._data.get(key)
-            if entry is None or entry[0] <= now:
-                if entry is not None:
-                    del self._data[key]
-                out.append(None)
-                continue
-            self._data.move_to_end(key)
-            out.append(entry[1])
-        return out
+        return [self.get_now(key) for key in keys]
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
         expires = self.clock() + ttl_s
@@ -203,6 +220,20 @@ class ResultCache:
             return False, None
         self.breaker.success()
         return True, result
+
+    @property
+    def local(self) -> bool:
+        """The backend answers in-process (``get_local``), with no I/O that could fail or stall."""
+        return hasattr(self.backend, "get_now")
+
+    def get_local(self, key: str) -> bytes | None:
+        """One lookup in an in-process backend; only call when ``local``."""
+        value: bytes | None = self.backend.get_now(key)  # type: ignore[attr-defined]
+        if value is None:
+            self.stats.misses += 1
+        else:
+            self.stats.hits += 1
+        return value
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:

@@ -9,10 +9,12 @@ joining their raw bytes, without decoding; raw v2 layout is row-major, so row
 blocks of a batch are contiguous (BYTES included: length-prefixed elements).
 The answer is split back by rows the same way.
 
-``Batcher`` decides *when*: a batch goes upstream at once while fewer than
-``concurrency()`` batches of its key are in flight, otherwise requests queue and
-leave together when a slot frees. Light load pays no delay; heavy load makes
-batches as large as ``max_rows``.
+``Batcher`` decides *when*: while fewer than ``concurrency`` batches of its key
+are in flight, a batch forms for as long as the event loop has other calls ready
+to decode (``ferry.core.forming``) and then goes upstream; otherwise requests
+queue and leave together when a slot frees. Light load pays no delay; heavy load
+makes batches as large as ``max_rows``, so the worker's per-call cost is shared
+by many requests.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ import struct
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core import codec
 from ferry.core.errors import Internal
-from ferry.core.modelconfig import ModelSpec, validate_request
+from ferry.core.forming import FormingBatch
+from ferry.core.modelconfig import ModelSpec, accept_request
 from gateway.cache import NEUTRAL_PARAMETERS, _param_repr
 
 
@@ -38,7 +42,25 @@ class Prepared:
     request: pb.ModelInferRequest
     rows: int
     raw: list[bytes]
-    signature: Hashable | None  # None: must travel alone
+    batched: bool  # the model takes a batch axis, so the request may join others
+
+    @cached_property
+    def signature(self) -> Hashable | None:
+        """What must agree for two requests to merge; None: must travel alone. Worked out only
+        for requests that go upstream (a cache hit never needs it)."""
+        if not self.batched:
+            return None
+        request = self.request
+        return (
+            tuple(
+                sorted(
+                    (t.name, t.datatype, tuple(t.shape[1:]), _params_key(t.parameters))
+                    for t in request.inputs
+                )
+            ),
+            tuple(sorted((o.name, _params_key(o.parameters)) for o in request.outputs)),
+            _params_key(request.parameters, NEUTRAL_PARAMETERS),
+        )
 
 
 def _params_key(params: Any, skip: frozenset[str] = frozenset()) -> tuple[tuple[str, str], ...]:
@@ -50,33 +72,21 @@ def prepare(spec: ModelSpec, request: pb.ModelInferRequest) -> Prepared:
 
     Raises ``InvalidArgument`` with the worker's own messages (same checks, same order).
     """
-    rows = validate_request(spec, request)
-    arrays = codec.decode_inputs(request)
+    rows, arrays = accept_request(spec, request)
     if request.raw_input_contents:
         raw = list(request.raw_input_contents)
     else:
         raw = [codec.raw_bytes(arrays[t.name]) for t in request.inputs]
-    signature: Hashable | None = None
-    if spec.max_batch_size > 0:
-        signature = (
-            tuple(
-                sorted(
-                    (t.name, t.datatype, tuple(t.shape[1:]), _params_key(t.parameters))
-                    for t in request.inputs
-                )
-            ),
-            tuple(sorted((o.name, _params_key(o.parameters)) for o in request.outputs)),
-            _params_key(request.parameters, NEUTRAL_PARAMETERS),
-        )
-    return Prepared(request=request, rows=rows, raw=raw, signature=signature)
+    return Prepared(request=request, rows=rows, raw=raw, batched=spec.max_batch_size > 0)
 
 
 def as_raw_request(item: Prepared, version: str) -> pb.ModelInferRequest:
-    """The request as it goes upstream alone: raw contents, the resolved version."""
+    """The request as it goes upstream alone: raw contents, the resolved version, no ``id``
+    (the gateway answers its caller with the caller's own; the answer may be cached for others)."""
     req = pb.ModelInferRequest()
     req.CopyFrom(item.request)
     req.model_version = version
-    req.id = item.request.id
+    req.ClearField("id")
     for t in req.inputs:
         t.ClearField("contents")
     del req.raw_input_contents[:]
@@ -183,6 +193,8 @@ class Batcher:
     _running: dict[Hashable, int] = field(default_factory=dict)
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _limits: dict[Hashable, int] = field(default_factory=dict)
+    _forming: dict[Hashable, FormingBatch] = field(default_factory=dict)
+    _held: set[Hashable] = field(default_factory=set)  # keys with a forming pass scheduled
 
     async def submit(
         self,
@@ -222,7 +234,20 @@ class Batcher:
     def _kick(self, key: Hashable, concurrency: int) -> None:
         queue = self._queues.get(key)
         while queue and self._running.get(key, 0) < concurrency:
-            batch = self._take(queue, self._limits.get(key, self.max_rows))
+            limit = self._limits.get(key, self.max_rows)
+            full = len(queue) >= limit or sum(p.item.rows for p in queue) >= limit
+            forming = self._forming.get(key)
+            if forming is None:
+                forming = self._forming[key] = FormingBatch(asyncio.get_running_loop())
+            if full:
+                forming.reset()
+            elif key in self._held:
+                return  # a forming pass is scheduled; it sends the batch when the loop is idle
+            elif forming.wait(len(queue)):
+                self._held.add(key)
+                asyncio.get_running_loop().call_soon(self._resume, key, concurrency)
+                return
+            batch = self._take(queue, limit)
             if not batch:
                 break
             self._running[key] = self._running.get(key, 0) + 1
@@ -248,10 +273,15 @@ class Batcher:
             if not self._queues.get(key) and not self._running.get(key):
                 self._forget(key)
 
+    def _resume(self, key: Hashable, concurrency: int) -> None:
+        self._held.discard(key)
+        self._kick(key, concurrency)
+
     def _forget(self, key: Hashable) -> None:
         self._queues.pop(key, None)
         self._running.pop(key, None)
         self._limits.pop(key, None)
+        self._forming.pop(key, None)
 
     def queued(self) -> int:
         return sum(len(q) for q in self._queues.values())

@@ -4,6 +4,7 @@
             -> resolve the version (Discovery) and the model's signature
             -> prepare: validate like a worker, bring inputs to raw bytes
             -> cacheable? key = model + resolved version + canonical digest
+               -> in-process cache: a hit is answered here, as stored bytes
                -> single-flight: identical concurrent misses share one execution
             -> Batcher: per model version and merge signature
                -> dispatch: one MGET for the batch's keys, hits answered,
@@ -37,7 +38,7 @@ from ferry.core.errors import (
     ResourceExhausted,
 )
 from gateway import metrics
-from gateway.cache import HIT_PARAMETER, ResultCache, SingleFlight, cache_key, cache_opt_out, request_digest
+from gateway.cache import ResultCache, SingleFlight, cache_key, cache_opt_out, cached_answer, request_digest
 from gateway.coalescer import Batcher, Pending, Prepared, as_raw_request, merge, prepare, split
 from gateway.discovery import Discovery
 from gateway.upstream import Upstream
@@ -77,6 +78,17 @@ class Job:
     deadline: float | None
     request_id: str
     pinned: bool
+    looked_up: bool = False  # the in-process cache already said miss
+
+
+def _parses(value: bytes) -> bool:
+    """A value from a shared backend is checked before it is sent on: anyone with access to the
+    Redis could have written that key."""
+    try:
+        pb.ModelInferResponse.FromString(value)
+    except Exception:
+        return False
+    return True
 
 
 class DataPlane:
@@ -100,11 +112,13 @@ class DataPlane:
         self.flights = SingleFlight()
         self.batcher = Batcher(self._dispatch, max_rows=max_batch if coalesce else 1)
         self.in_flight = 0
+        metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
         self.cache_counters: dict[tuple[str, str], CacheCounters] = defaultdict(CacheCounters)
 
     async def infer(
         self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | bytes:
+        """The answer, as a message or as its serialized bytes (a cache hit)."""
         if self.in_flight >= self.max_in_flight:
             metrics.REJECTED.inc()
             raise ResourceExhausted(
@@ -112,14 +126,11 @@ class DataPlane:
                 "retry later or on another replica"
             )
         self.in_flight += 1
-        metrics.IN_FLIGHT.inc()
         started = time.perf_counter()
-        # names no worker lists stay out of the label set, so clients cannot grow it without bound
-        model = request.model_name if self.discovery.has_model(request.model_name) else "_unknown"
+        model = request.model_name
         status = "OK"
         try:
-            response = await self._infer(request, deadline, request_id)
-            return response
+            return await self._infer(request, deadline, request_id)
         except FerryError as err:
             status = err.code.name
             log.info("request failed: %s %s", status, err.message, extra={"rid": request_id, "model": model})
@@ -129,27 +140,36 @@ class DataPlane:
             raise
         finally:
             self.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
-            metrics.REQUESTS.labels(model, status).inc()
-            metrics.LATENCY.labels(model).observe(time.perf_counter() - started)
+            # names no worker lists stay out of the label set, so clients cannot grow it without bound
+            if status != "OK" and not self.discovery.has_model(model):
+                model = "_unknown"
+            metrics.REQUESTS.observe(model, status, time.perf_counter() - started)
 
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
-    ) -> pb.ModelInferResponse:
+    ) -> pb.ModelInferResponse | bytes:
         model = request.model_name
         pinned = bool(request.model_version)
         try:
-            version = self.discovery.resolve(model, request.model_version)
+            version, candidates = self.discovery.route(model, request.model_version)
         except NotFound:
             # no worker has it ready: let a worker answer, so the caller sees the worker's own words
             return await self._forward_unknown(request, deadline, request_id)
         spec = await self.discovery.spec(model, version)
         item = prepare(spec, request)
         digest = None
+        looked_up = False
         if self.cache is not None and spec.response_cache and not cache_opt_out(request):
             digest = request_digest(request, item.raw)
-        job = Job(model, digest, deadline, request_id, pinned)
-        concurrency = self.upstream_per_worker * max(1, len(self.discovery.candidates(model, version)))
+            if self.cache.local:
+                t0 = time.perf_counter_ns()
+                value = self.cache.get_local(cache_key(model, version, digest))
+                self._count_lookup(model, version, value is not None, time.perf_counter_ns() - t0)
+                if value is not None:
+                    return cached_answer(value, request.id)
+                looked_up = True
+        job = Job(model, digest, deadline, request_id, pinned, looked_up)
+        concurrency = self.upstream_per_worker * max(1, len(candidates))
         key: Hashable = (model, version, pinned)
 
         async def run() -> tuple[pb.ModelInferResponse, bool]:
@@ -162,14 +182,19 @@ class DataPlane:
                 metrics.SINGLE_FLIGHT.inc()
         else:
             response, hit = await run()
+        if hit:
+            return cached_answer(response, request.id)
         out = response
         if shared:  # the answer object is the flight leader's: answer with a copy
             out = pb.ModelInferResponse()
             out.CopyFrom(response)
         out.id = request.id
-        if hit:
-            out.parameters[HIT_PARAMETER].bool_param = True
         return out
+
+    def _count_lookup(self, model: str, version: str, hit: bool, ns: int) -> None:
+        counters = self.cache_counters[(model, version)]
+        (counters.hit if hit else counters.miss).add(ns)
+        metrics.cache(model, "hit" if hit else "miss").inc()
 
     async def _forward_unknown(
         self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
@@ -187,31 +212,24 @@ class DataPlane:
     async def _dispatch(self, key: Hashable, batch: list[Pending]) -> None:
         (model, version, pinned), _signature = key  # type: ignore[misc]
         jobs: list[Job] = [p.extra for p in batch]
-        keyed = [n for n, j in enumerate(jobs) if j.digest is not None]
+        keyed = [n for n, j in enumerate(jobs) if j.digest is not None and not j.looked_up]
         misses = list(range(len(batch)))
         if keyed and self.cache is not None:
             t0 = time.perf_counter_ns()
             keys = [cache_key(model, version, jobs[n].digest or "") for n in keyed]
             values = await self.cache.get_many(keys)
             per = (time.perf_counter_ns() - t0) // max(1, len(keyed))
-            counters = self.cache_counters[(model, version)]
             hit_set: set[int] = set()
             for n, value in zip(keyed, values, strict=True):
+                if value is not None and not _parses(value):
+                    metrics.cache(model, "corrupt").inc()
+                    value = None
+                self._count_lookup(model, version, value is not None, per)
                 if value is None:
-                    counters.miss.add(per)
-                    metrics.CACHE.labels(model, "miss").inc()
                     continue
-                try:
-                    cached = pb.ModelInferResponse.FromString(value)
-                except Exception:
-                    counters.miss.add(per)
-                    metrics.CACHE.labels(model, "corrupt").inc()
-                    continue
-                counters.hit.add(per)
-                metrics.CACHE.labels(model, "hit").inc()
                 hit_set.add(n)
                 if not batch[n].future.done():
-                    batch[n].future.set_result((cached, True))
+                    batch[n].future.set_result((value, True))
             misses = [n for n in misses if n not in hit_set]
         misses = [n for n in misses if not batch[n].future.done()]
         if not misses:
@@ -219,7 +237,7 @@ class DataPlane:
         items = [batch[n].item for n in misses]
         deadline = self._latest_deadline([jobs[n] for n in misses])
         rid = ",".join(jobs[n].request_id for n in misses[:16])
-        metrics.UPSTREAM_BATCH.labels(model).observe(len(items))
+        metrics.upstream_batch(model).observe(len(items))
         try:
             merged = merge(items, version)
             response = await self.upstream.infer(merged, deadline, rid, pinned)
@@ -235,6 +253,8 @@ class DataPlane:
         fills: list[tuple[str, bytes]] = []
         served = response.model_version or version
         for n, answer in zip(misses, answers, strict=True):
+            if answer.id:  # a worker echoing an id: stored answers carry none
+                answer.ClearField("id")
             if not batch[n].future.done():
                 batch[n].future.set_result((answer, False))
             digest = jobs[n].digest

@@ -126,6 +126,9 @@ class Discovery:
         self.on_change = on_change
         self.workers: dict[str, Worker] = {}
         self._specs: dict[tuple[str, str], ModelSpec] = {}
+        # (model, asked version) -> (version it runs on, workers that have it ready): every
+        # request asks, the answer changes only when a worker's health or index does (_notify)
+        self._routes: dict[tuple[str, str], tuple[str, list[str]]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._background: set[asyncio.Task[None]] = set()
         self._changed = asyncio.Event()
@@ -168,6 +171,7 @@ class Discovery:
         log.info("worker removed", extra={"worker": address})
 
     def _notify(self) -> None:
+        self._routes.clear()
         self._changed.set()
         self._changed = asyncio.Event()
         if self.on_change is not None:
@@ -297,6 +301,15 @@ class Discovery:
 
     def has_model(self, model: str) -> bool:
         return any(model in w.models for w in self.healthy())
+
+    def route(self, model: str, version: str = "") -> tuple[str, list[str]]:
+        """``resolve`` and ``candidates`` in one, remembered until the pool changes."""
+        key = (model, version)
+        hit = self._routes.get(key)
+        if hit is None:
+            resolved = self.resolve(model, version)
+            hit = self._routes[key] = (resolved, self.candidates(model, resolved))
+        return hit
 
     def resolve(self, model: str, version: str = "") -> str:
         """The version a request for ``model`` (and optional ``version``) runs on."""

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-REQUESTS = Counter(
-    "ferry_gateway_requests_total", "Inference requests answered, by model and status", ["model", "status"]
-)
-LATENCY = Histogram(
-    "ferry_gateway_request_seconds",
-    "End-to-end inference latency at the gateway",
-    ["model"],
-    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+from ferry.core.telemetry import Labelled, RequestMetrics
+
+REQUESTS = RequestMetrics(
+    "ferry_gateway",
+    "at the gateway, end to end",
+    (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 CACHE = Counter("ferry_gateway_cache_total", "Result cache lookups by outcome", ["model", "outcome"])
 CACHE_ERRORS = Counter("ferry_gateway_cache_errors_total", "Cache backend errors and timeouts", ["op"])
@@ -39,3 +37,9 @@ WORKER_IN_FLIGHT = Gauge("ferry_gateway_worker_in_flight", "Upstream calls in fl
 WORKERS = Gauge("ferry_gateway_workers", "Known workers by health", ["state"])
 AUTH_DENIED = Counter("ferry_gateway_auth_denied_total", "Calls refused by API-key auth", ["code"])
 REJECTED = Counter("ferry_gateway_overload_rejections_total", "Requests refused because the gateway was full")
+
+# The children the request path touches on every call, kept (see ``Labelled``).
+cache = Labelled(CACHE)
+upstream_batch = Labelled(UPSTREAM_BATCH)
+upstream_seconds = Labelled(UPSTREAM_SECONDS)
+worker_in_flight = Labelled(WORKER_IN_FLIGHT)

@@ -15,11 +15,16 @@ from pathlib import Path
 
 import grpc
 
-from ferry._proto.ferry.v1 import admin_pb2, admin_pb2_grpc
+from ferry._proto.ferry.v1 import admin_pb2
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client._channel import open_channel
-from ferry.core.grpcserver import build_server, ready_line, serve_until_signal, server_credentials
+from ferry.core.grpcserver import (
+    add_servicer,
+    build_server,
+    ready_line,
+    serve_until_signal,
+    server_credentials,
+)
 from ferry.core.settings import settings_from_argv
 from ferry.core.telemetry import setup_logging, start_metrics_server
 from gateway import metrics
@@ -36,8 +41,8 @@ from gateway.upstream import Upstream
 
 log = logging.getLogger("ferry.gateway")
 
-INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
-ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"].full_name
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"]
 WORKER_CHANNEL_OPTIONS = [
     ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
@@ -132,9 +137,7 @@ async def serve(settings: GatewaySettings) -> None:
     admin = AdminServicer(discovery, router, dataplane, cache)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        admin_pb2_grpc.add_GatewayAdminServicer_to_server(admin, server)
-        return [INFERENCE_SERVICE, ADMIN_SERVICE]
+        return [add_servicer(server, servicer, INFERENCE_SERVICE), add_servicer(server, admin, ADMIN_SERVICE)]
 
     ring = KeyRing.load(settings.api_keys_file, settings.api_keys)
     interceptors = (

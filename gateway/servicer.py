@@ -7,6 +7,7 @@ returns; errors are Ferry errors, mapped to statuses by the shared interceptor.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -28,11 +29,17 @@ EXTENSIONS = ["model_repository", "statistics", "ferry_gateway", "ferry_result_c
 FANOUT_TIMEOUT_S = 10.0
 
 
+# Ids for calls that bring none: this process's random prefix and a counter. Unique across
+# replicas and restarts like a uuid4, at a fraction of its cost on every call.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ids = itertools.count(1)
+
+
 def request_id(context: grpc.aio.ServicerContext) -> str:
     for k, v in context.invocation_metadata() or ():
         if k == "x-request-id" and v:
             return str(v)
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ids):x}"
 
 
 def deadline_of(context: grpc.aio.ServicerContext, default_s: float | None = None) -> float | None:
@@ -121,7 +128,7 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
         )
 
     # -- inference -------------------------------------------------------------------------------
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse | bytes:
         return await self.dataplane.infer(
             request, deadline_of(context, self.default_timeout_s), request_id(context)
         )
@@ -139,7 +146,12 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
                 resp = await self.dataplane.infer(
                     req, deadline_of(context, self.default_timeout_s), f"{rid}.{n}"
                 )
-                await results.put(pb.ModelStreamInferResponse(infer_response=resp))
+                answer = pb.ModelStreamInferResponse()
+                if isinstance(resp, bytes):  # a cache hit, already serialized
+                    answer.infer_response.MergeFromString(resp)
+                else:
+                    answer.infer_response.CopyFrom(resp)
+                await results.put(answer)
             except FerryError as err:
                 await results.put(
                     pb.ModelStreamInferResponse(

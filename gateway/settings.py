@@ -48,7 +48,7 @@ class GatewaySettings(ServiceSettings):
         60.0, description="deadline for calls that come without one (a hung worker must not hang callers)"
     )
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
-    upstream_per_worker: int = Field(2, description="concurrent upstream batches per worker and model")
+    upstream_per_worker: int = Field(1, description="concurrent upstream batches per worker and model")
     # Security.
     tls_cert: str | None = Field(None, description="PEM certificate for the gateway port")
     tls_key: str | None = Field(None, description="PEM private key for the gateway port")

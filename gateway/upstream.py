@@ -100,7 +100,7 @@ class Upstream:
             if timeout is not None and timeout <= 0:
                 raise DeadlineExceeded("deadline exceeded before the request reached a worker")
             self.router.started(address)
-            metrics.WORKER_IN_FLIGHT.labels(address).inc()
+            metrics.worker_in_flight(address).inc()
             started = time.perf_counter()
             try:
                 result = await invoke(worker, request, timeout, metadata)
@@ -141,7 +141,7 @@ class Upstream:
                 self.router.finished(address, ok=True)
                 return result
             finally:
-                metrics.WORKER_IN_FLIGHT.labels(address).dec()
-                metrics.UPSTREAM_SECONDS.labels(address).observe(time.perf_counter() - started)
+                metrics.worker_in_flight(address).dec()
+                metrics.upstream_seconds(address).observe(time.perf_counter() - started)
         assert last is not None
         raise last

@@ -181,7 +181,7 @@ def _decode_raw_fast(request: pb.ModelInferRequest) -> dict[str, np.ndarray] | N
         return None
     arrays: dict[str, np.ndarray] = {}
     for i, tensor in enumerate(inputs):
-        dtype = _FIXED.get(tensor.datatype)
+        dtype = FIXED_DTYPES.get(tensor.datatype)
         name = tensor.name
         if dtype is None or name in arrays or tensor.HasField("contents"):
             return None
@@ -194,11 +194,11 @@ def _decode_raw_fast(request: pb.ModelInferRequest) -> dict[str, np.ndarray] | N
         data = raw[i]
         if len(data) != count * dtype.itemsize:
             return None
-        arrays[name] = np.frombuffer(data, dtype=dtype).reshape(shape)
+        arrays[name] = np.ndarray(shape, dtype, data)  # a read-only view, no copy
     return arrays
 
 
-_FIXED = {name: dt for name, dt in DATATYPES.items() if name != "BYTES"}
+FIXED_DTYPES = {name: dt for name, dt in DATATYPES.items() if name != "BYTES"}
 
 
 def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+from google.protobuf import message_factory
+from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -105,6 +107,37 @@ def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
                 response_serializer=handler.response_serializer,
             )
     return handler
+
+
+def _serialize(message: Any) -> bytes:
+    # A handler may answer with bytes it serialized earlier (a cached answer, a precomputed one):
+    # they go out as they are, so a hot answer is never parsed only to be serialized again.
+    return message if type(message) is bytes else message.SerializeToString()
+
+
+def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDescriptor) -> str:
+    """Register ``servicer``'s methods for ``service``; returns the service's full name.
+
+    Does what the generated ``add_*Servicer_to_server`` does, from the descriptor, with one
+    difference: every method may answer with a message or with that message's serialized bytes.
+    """
+    factories = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: factories[(method.client_streaming, method.server_streaming)](
+            getattr(servicer, method.name),
+            request_deserializer=message_factory.GetMessageClass(method.input_type).FromString,
+            response_serializer=_serialize,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    server.add_registered_method_handlers(service.full_name, handlers)
+    return service.full_name
 
 
 @dataclass

@@ -6,15 +6,14 @@ import asyncio
 from collections.abc import Sequence
 
 from ferry._proto.ferry.v1 import exporter_pb2 as pb
-from ferry._proto.ferry.v1 import exporter_pb2_grpc as pb_grpc
-from ferry.core.grpcserver import build_server, ready_line, serve_until_signal
+from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
 from services.exporter.servicer import ExporterServicer
 from services.exporter.settings import ExporterSettings
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Exporter"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["Exporter"]
 
 
 async def serve(settings: ExporterSettings) -> None:
@@ -22,8 +21,7 @@ async def serve(settings: ExporterSettings) -> None:
     servicer = ExporterServicer(store, settings)
 
     def register(server: object) -> list[str]:
-        pb_grpc.add_ExporterServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        return [add_servicer(server, servicer, SERVICE)]
 
     handle = build_server(
         settings.host, settings.port, register, max_message_bytes=settings.max_message_bytes

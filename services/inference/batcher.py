@@ -32,14 +32,14 @@ from ferry.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ferry.core.forming import FormingBatch
 from ferry.core.modelconfig import BatchingPolicy
 from services.inference.stats import ModelStats
 
 Outputs = dict[str, np.ndarray]
-# Model runs whose recent average is below this run inline on the event loop (one runner slot only).
+# A lone request whose model's recent runs average below this runs inline on the event loop
+# (one runner slot only).
 INLINE_BELOW_NS = 1_000_000
-# Most event-loop passes a forming batch waits for while the loop has other work ready.
-MAX_YIELD_PASSES = 64
 RunFn = Callable[[dict[str, np.ndarray]], Outputs]
 
 
@@ -127,13 +127,13 @@ class Batcher:
         self._closed = False
         self._slots = slots
         self._free = slots
-        # Runs shorter than this go inline on the event loop: a thread hand-off (executor
-        # submit, wake-up, call_soon_threadsafe) costs more than a small model's whole run, and
-        # while the loop runs the model the next requests queue up and form the next batch.
+        # At light load (a batch of one) a short run goes inline on the event loop: the thread
+        # hand-off (executor submit, wake-up, call_soon_threadsafe) costs more than a small
+        # model's whole run. A batch of several means load: it runs in the executor, so the loop
+        # keeps reading calls meanwhile and the next batch is formed when this one finishes.
         self._inline_below_ns = INLINE_BELOW_NS if slots == 1 else 0
         self._run_ns_avg: float | None = None
-        self._seen_count = -1
-        self._passes = 0
+        self._forming = FormingBatch(asyncio.get_running_loop())
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"ort-{label}")
         self._wakeup = asyncio.Event()
         self._drained = asyncio.Event()
@@ -200,20 +200,10 @@ class Batcher:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
-            if self._max_rows > 0 and self._passes < MAX_YIELD_PASSES and self._count < self._max_rows:
-                # Dispatch when the loop has nothing else to do: while other callbacks are ready
-                # (calls being read, decoded, answered), give them a pass, so that the requests
-                # they carry join this batch instead of each running alone. At c=1 the loop is
-                # idle and the batch leaves at once.
-                ready = getattr(self._loop, "_ready", None)
-                busy = len(ready) > 0 if ready is not None else self._count != self._seen_count
-                if busy or self._passes == 0:
-                    self._passes += 1
-                    self._seen_count = self._count
-                    await asyncio.sleep(0)
-                    continue
-            self._passes = 0
-            self._seen_count = -1
+            if self._max_rows > 0 and self._count < self._max_rows and self._forming.wait(self._count):
+                await asyncio.sleep(0)  # one more loop pass: the calls it decodes may join
+                continue
+            self._forming.reset()
             wait = queue_wait(
                 self._policy,
                 sum(p.rows for p in queue),
@@ -257,7 +247,7 @@ class Batcher:
         start = time.perf_counter_ns()
         inputs, rows = [p.inputs for p in chosen], [p.rows for p in chosen]
         avg = self._run_ns_avg
-        if avg is not None and avg < self._inline_below_ns:
+        if len(chosen) == 1 and avg is not None and avg < self._inline_below_ns:
             try:
                 outcome: Any = self._execute(inputs, rows)
             except Exception as err:

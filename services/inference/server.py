@@ -6,8 +6,13 @@ import asyncio
 from collections.abc import Sequence
 
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from ferry.core.grpcserver import build_server, ready_line, serve_until_signal, server_credentials
+from ferry.core.grpcserver import (
+    add_servicer,
+    build_server,
+    ready_line,
+    serve_until_signal,
+    server_credentials,
+)
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -16,7 +21,7 @@ from services.inference.repository import Repository
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import WorkerSettings
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -25,8 +30,7 @@ async def serve(settings: WorkerSettings) -> None:
     servicer = InferenceServicer(repo, WorkerMetrics())
 
     def register(server: object) -> list[str]:
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
-        return [SERVICE_NAME]
+        return [add_servicer(server, servicer, SERVICE)]
 
     handle = build_server(
         settings.host,

@@ -15,9 +15,9 @@ import grpc
 import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from ferry.core.codec import add_output, decode_inputs
+from ferry.core.codec import add_output
 from ferry.core.errors import FerryError, InvalidArgument
-from ferry.core.modelconfig import config_proto, metadata_proto, validate_request
+from ferry.core.modelconfig import accept_request, config_proto, metadata_proto
 from services.inference.metrics import WorkerMetrics
 from services.inference.repository import Repository, Version
 
@@ -98,8 +98,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version: Version | None = None
         try:
             version = self.repo.resolve(request.model_name, request.model_version)
-            rows = validate_request(version.spec, request)
-            inputs = decode_inputs(request)
+            rows, inputs = accept_request(version.spec, request)
             params = request.parameters
             priority = _param_int(params, "priority") or 0
             timeout_us = _param_int(params, "timeout")

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import grpc
 
-from ferry._proto.ferry.v1 import trainer_pb2, trainer_pb2_grpc
-from ferry.core.grpcserver import build_server, ready_line, serve_until_signal
+from ferry._proto.ferry.v1 import trainer_pb2
+from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -19,7 +19,7 @@ from services.trainer.jobs import JobManager
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
 
-SERVICE_NAME = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"].full_name
+SERVICE = trainer_pb2.DESCRIPTOR.services_by_name["Trainer"]
 
 
 def _warm_imports() -> None:
@@ -35,8 +35,7 @@ async def serve(settings: TrainerSettings) -> None:
     warming = asyncio.get_running_loop().run_in_executor(None, _warm_imports)
 
     def register(server: grpc.aio.Server) -> list[str]:
-        trainer_pb2_grpc.add_TrainerServicer_to_server(TrainerServicer(manager), server)
-        return [SERVICE_NAME]
+        return [add_servicer(server, TrainerServicer(manager), SERVICE)]
 
     handle = build_server(settings.host, settings.port, register)
     handle.on_stop.append(manager.stop)

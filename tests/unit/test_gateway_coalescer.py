@@ -112,7 +112,7 @@ def test_models_without_a_batch_axis_never_merge() -> None:
 
 
 @aio
-async def test_batcher_sends_the_first_at_once_and_queues_the_rest_into_batches() -> None:
+async def test_batcher_forms_a_full_batch_from_one_pass_and_queues_the_rest() -> None:
     seen: list[int] = []
     release = asyncio.Event()
 
@@ -126,11 +126,27 @@ async def test_batcher_sends_the_first_at_once_and_queues_the_rest_into_batches(
     items = [prepare(SPEC, request(1, n)) for n in range(9)]
     calls = [asyncio.ensure_future(batcher.submit("k", it, concurrency=1)) for it in items]
     await asyncio.sleep(0.01)
-    assert seen == [1]  # only one batch in flight: the rest wait together
+    assert seen == [4]  # submitted in one pass: the first batch leaves full; one in flight at a time
     release.set()
     assert await asyncio.gather(*calls) == [1] * 9
-    assert seen == [1, 4, 4]
+    assert seen == [4, 4, 1]
     assert batcher.queued() == 0
+
+
+@aio
+async def test_batcher_sends_a_lone_request_once_the_loop_is_idle() -> None:
+    seen: list[int] = []
+
+    async def dispatch(key: Hashable, batch: list[Pending]) -> None:
+        seen.append(len(batch))
+        for p in batch:
+            p.future.set_result(p.item.rows)
+
+    batcher = Batcher(dispatch, max_rows=64)
+    call = asyncio.ensure_future(batcher.submit("k", prepare(SPEC, request(1)), concurrency=2))
+    await asyncio.sleep(0.005)  # nothing else runs meanwhile: the loop is idle, so it leaves at once
+    assert seen == [1]
+    assert await call == 1
 
 
 @aio
@@ -167,4 +183,4 @@ async def test_batches_never_exceed_the_models_max_batch_size() -> None:
     await asyncio.sleep(0.01)
     release.set()
     await asyncio.gather(*calls)
-    assert seen == [2, 4, 4, 4]  # 2-row requests under a 5-row cap: never 6
+    assert seen == [4, 4, 4, 2]  # 2-row requests under a 5-row cap: never 6

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
@@ -9,6 +10,7 @@ from ferry.core.modelconfig import (
     ModelSpec,
     TensorSpec,
     VersionPolicy,
+    accept_request,
     config_proto,
     metadata_proto,
     spec_from_config,
@@ -50,6 +52,28 @@ def test_valid_request_returns_rows() -> None:
 def test_bad_requests(req: pb.ModelInferRequest, message: str) -> None:
     with pytest.raises(InvalidArgument, match=message):
         validate_request(SPEC, req)
+    raw = pb.ModelInferRequest()
+    raw.CopyFrom(req)
+    for t in raw.inputs:  # the same request in raw form, sized right: the one-pass path's errors
+        count = 1
+        for d in t.shape:
+            count *= d
+        raw.raw_input_contents.append(bytes(4 * count))
+    with pytest.raises(InvalidArgument, match=message):
+        accept_request(SPEC, raw)
+
+
+def test_accept_request_decodes_in_one_pass_and_checks_byte_sizes() -> None:
+    x = np.arange(2 * 3 * 5, dtype=np.float32).reshape(2, 3, 5)
+    r = request([2, 3, 5])
+    r.raw_input_contents.append(x.tobytes())
+    rows, arrays = accept_request(SPEC, r)
+    assert rows == 2
+    np.testing.assert_array_equal(arrays["input"], x)
+    short = request([2, 3, 5])
+    short.raw_input_contents.append(x.tobytes()[:-4])
+    with pytest.raises(InvalidArgument, match="116 bytes but shape"):
+        accept_request(SPEC, short)
 
 
 def test_unknown_requested_output() -> None:
