@@ -51,19 +51,18 @@ class Prepared:
         if not self.batched:
             return None
         request = self.request
+        inputs = [(t.name, t.datatype, tuple(t.shape[1:]), _params_key(t.parameters)) for t in request.inputs]
+        outputs = [(o.name, _params_key(o.parameters)) for o in request.outputs]
         return (
-            tuple(
-                sorted(
-                    (t.name, t.datatype, tuple(t.shape[1:]), _params_key(t.parameters))
-                    for t in request.inputs
-                )
-            ),
-            tuple(sorted((o.name, _params_key(o.parameters)) for o in request.outputs)),
+            tuple(sorted(inputs)) if len(inputs) > 1 else tuple(inputs),
+            tuple(sorted(outputs)) if len(outputs) > 1 else tuple(outputs),
             _params_key(request.parameters, NEUTRAL_PARAMETERS),
         )
 
 
 def _params_key(params: Any, skip: frozenset[str] = frozenset()) -> tuple[tuple[str, str], ...]:
+    if not params:  # the common case, and the cheap one to check
+        return ()
     return tuple((k, _param_repr(params[k])) for k in sorted(params) if k not in skip)
 
 
