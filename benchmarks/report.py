@@ -9,7 +9,14 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from benchmarks.stats import SCENARIO_TITLES, SCENARIOS, evaluate_targets, markdown_table, targets_table
+from benchmarks.stats import (
+    SCENARIO_TITLES,
+    SCENARIOS,
+    combine_rounds,
+    evaluate_targets,
+    markdown_table,
+    targets_table,
+)
 
 
 def _clean(value: Any) -> Any:
@@ -34,9 +41,11 @@ def write_all(
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
     doc = {"meta": dict(meta), "points": list(points), "targets": targets, "soak": soak}
     paths["json"].write_text(json.dumps(_clean(doc), indent=2))
-    paths["markdown"].write_text(markdown(points, meta, targets, soak))
+    # the table and the plot show one row per point: with several rounds, the median round
+    table = combine_rounds(points)
+    paths["markdown"].write_text(markdown(table, meta, targets, soak))
     if points:
-        paths["png"] = plot(out_dir / "results.png", points)
+        paths["png"] = plot(out_dir / "results.png", table)
     return paths
 
 
@@ -55,6 +64,13 @@ def markdown(
         "Ratios compare throughput with the transport floor measured at the same model and concurrency "
         "in this run.\n",
     ]
+    rounds = int(meta.get("rounds", 1) or 1)
+    if rounds > 1:
+        parts.append(
+            f"{rounds} rounds, interleaved: each row is the round whose ratio to that round's floor is the "
+            "median, `x floor` that median (every round's ratio in results.json); errors and checked "
+            "answers count all rounds.\n"
+        )
     if points:
         parts += ["## Results\n", markdown_table(points), "## Targets\n", targets_table(targets)]
     if soak:

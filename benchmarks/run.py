@@ -45,6 +45,7 @@ class BenchConfig:
     soak_s: float = 0.0
     soak_interval_s: float = 10.0
     worker_flags: Sequence[str] = ()
+    rounds: int = 1  # every (model, concurrency) group measured this many times, interleaved
     log: Callable[[str], None] = print
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -244,16 +245,23 @@ class Bench:
         return result
 
     async def run(self) -> list[dict[str, Any]]:
+        """Every point; with ``rounds`` > 1 each (model, concurrency) group is measured that many
+        times over, scenario after scenario, so every round has its own floor seconds away."""
         cfg = self.cfg
-        total = len(cfg.models) * len(cfg.concurrency) * len(cfg.scenarios)
+        rounds = max(1, cfg.rounds)
+        scenarios = [s for s in SCENARIOS if s in cfg.scenarios]
+        total = len(cfg.models) * len(cfg.concurrency) * len(scenarios) * rounds
         n = 0
         for name in cfg.models:
             for c in cfg.concurrency:
-                for scenario in [s for s in SCENARIOS if s in cfg.scenarios]:
-                    n += 1
-                    p = await self.point(self.models[name], scenario, c)
-                    self.points.append(p)
-                    cfg.log(progress_line(n, total, p))
+                for r in range(1, rounds + 1):
+                    for scenario in scenarios:
+                        n += 1
+                        p = await self.point(self.models[name], scenario, c)
+                        if rounds > 1:
+                            p["round"] = r
+                        self.points.append(p)
+                        cfg.log(progress_line(n, total, p))
         return self.points
 
     async def run_soak(self, model: str = "cnn", concurrency: int = 32) -> dict[str, Any]:
@@ -295,8 +303,9 @@ def rss_growth(samples: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 def progress_line(n: int, total: int, p: dict[str, Any]) -> str:
     batch = "" if math.isnan(p["mean_batch"]) else f" batch {p['mean_batch']:.1f}"
+    round_ = f" round {p['round']}" if "round" in p else ""
     return (
-        f"[{n:>2}/{total}] {p['model']} c={p['concurrency']:<2} {p['scenario']:<15} "
+        f"[{n:>2}/{total}] {p['model']} c={p['concurrency']:<2} {p['scenario']:<15}{round_} "
         f"{p['throughput']:8.0f} req/s  p50 {p['p50_ms']:6.2f} ms  p99 {p['p99_ms']:6.2f} ms{batch}  "
         f"errors {p['errors']}  checked {p['checked']}/{p['requests']}"
         + (f" WRONG {p['wrong']}: {p['first_wrong']}" if p["wrong"] else "")

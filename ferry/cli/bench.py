@@ -26,6 +26,16 @@ def _ints(text: str) -> list[int]:
     return values
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _names(choices: tuple[str, ...]):  # type: ignore[no-untyped-def]
     def parse(text: str) -> list[str]:
         names = [x.strip() for x in text.split(",") if x.strip()]
@@ -69,6 +79,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="instead of the table: load CNN c=32 for this long and sample server RSS",
     )
     p.add_argument("--soak-interval-s", type=float, default=10.0, help="RSS sampling period in --soak")
+    p.add_argument(
+        "--rounds",
+        type=_positive,
+        default=1,
+        help="measure each model and concurrency this many times, interleaved; report the median ratio",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(handler=_run)
 
@@ -101,6 +117,7 @@ def _run(args: argparse.Namespace) -> int:
         worker_flags=args.worker_arg,
         soak_s=args.soak,
         soak_interval_s=args.soak_interval_s,
+        rounds=args.rounds,
         log=log,
     )
     started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
@@ -113,6 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         "duration_s": cfg.duration_s,
         "max_requests": cfg.max_requests,
         "worker_procs": cfg.worker_procs,
+        "rounds": cfg.rounds,
         "worker_flags": list(cfg.worker_flags),
         "scenarios": list(cfg.scenarios),
         "models": list(cfg.models),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from tests.support.procs import REPO
 
+BENCH = [sys.executable, "-m", "ferry.cli.main", "bench"]
+
 
 def test_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
     out = tmp_path / "bench"
@@ -67,3 +69,55 @@ def test_bench_rejects_unknown_scenario(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     assert "unknown ['nope']; choose from ort, floor, worker, gateway-nocache, gateway-hits" in proc.stderr
+
+
+def test_bench_rounds_report_the_median_ratio(tmp_path: Path) -> None:
+    out = tmp_path / "bench"
+    proc = subprocess.run(
+        [
+            *BENCH,
+            "--models",
+            "mlp",
+            "--concurrency",
+            "1",
+            "--scenarios",
+            "floor,worker",
+            "--rounds",
+            "3",
+            "--warmup-s",
+            "0.2",
+            "--duration-s",
+            "1",
+            "--max-requests",
+            "30",
+            "--output-dir",
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["rounds"] == 3
+    order = [(p["round"], p["scenario"]) for p in doc["points"]]
+    assert order == [(r, s) for r in (1, 2, 3) for s in ("floor", "worker")]  # interleaved
+    assert all(p["checked"] == p["requests"] > 0 for p in doc["points"])
+    floors = {p["round"]: p["throughput"] for p in doc["points"] if p["scenario"] == "floor"}
+    ratios = sorted(p["throughput"] / floors[p["round"]] for p in doc["points"] if p["scenario"] == "worker")
+    md = (out / "results.md").read_text()
+    assert "3 rounds, interleaved" in md
+    row = next(line for line in md.splitlines() if line.startswith("| mlp | 1 | worker direct |"))
+    assert f"| {ratios[1]:.2f} |" in row
+    assert "(90/90)" not in row and "| 90/90 |" in row  # checked answers of all three rounds
+    assert "median of 3 rounds" in md
+    last = next(line for line in proc.stdout.splitlines() if line.startswith("[ 6/6]"))
+    assert "worker" in last and "round 3" in last
+
+
+def test_bench_rejects_bad_rounds() -> None:
+    for bad in ("0", "-1", "two"):
+        proc = subprocess.run([*BENCH, "--rounds", bad], cwd=REPO, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, bad
+        assert f"argument --rounds: expected a positive integer, got '{bad}'" in proc.stderr

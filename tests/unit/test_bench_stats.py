@@ -10,6 +10,7 @@ import pytest
 from benchmarks.stats import (
     all_checked,
     check_output,
+    combine_rounds,
     cpu_us_per_request,
     evaluate_targets,
     latency_summary,
@@ -174,6 +175,59 @@ class TestTargets:
         assert all_checked(self.measured())
         assert not all_checked([point("worker", 1, checked=99)])
         assert not all_checked([point("worker", 1, errors=1)])
+
+
+class TestRounds:
+    def three_rounds(self) -> list[dict]:
+        # the machine slows down in round 2: the floor and the worker drop together
+        return [
+            point("floor", 1000, round=1),
+            point("worker", 700, round=1, p50_ms=1.7),
+            point("floor", 500, round=2),
+            point("worker", 450, round=2, p50_ms=1.2),
+            point("floor", 900, round=3),
+            point("worker", 720, round=3, p50_ms=1.5),
+        ]
+
+    def test_each_round_is_judged_against_its_own_floor(self) -> None:
+        rows = {p["scenario"]: p for p in combine_rounds(self.three_rounds())}
+        worker = rows["worker"]
+        assert worker["round_ratios"] == pytest.approx([0.7, 0.9, 0.8])
+        assert worker["ratio"] == pytest.approx(0.8)  # the median, not 1870 / 2400
+        assert worker["round"] == 3 and worker["throughput"] == 720  # the median round's figures
+        assert worker["requests"] == 300 and worker["checked"] == 300
+        assert rows["floor"]["throughput"] == 900  # the floor's median round
+        table = markdown_table(combine_rounds(self.three_rounds()))
+        assert "| cnn | 32 | worker direct | 720 | 0.80 |" in table
+
+    def test_a_wrong_answer_in_any_round_shows(self) -> None:
+        points = self.three_rounds()
+        points[3]["wrong"] = 2
+        worker = next(p for p in combine_rounds(points) if p["scenario"] == "worker")
+        assert worker["wrong"] == 2 and worker["round"] == 3
+        assert "(2 wrong)" in markdown_table(combine_rounds(points))
+        rows = {r["target"]: r for r in evaluate_targets(points)}
+        assert rows["worker direct CNN c=32 throughput"]["ok"] is False
+
+    def test_targets_take_the_median_over_rounds(self) -> None:
+        points = self.three_rounds()
+        points += [point("floor", 1000, c=1, round=r, p50_ms=1.0) for r in (1, 2, 3)]
+        points += [
+            point("worker", 900, c=1, round=r, p50_ms=p50) for r, p50 in ((1, 1.2), (2, 1.9), (3, 1.4))
+        ]
+        rows = {r["target"]: r for r in evaluate_targets(points)}
+        ratio = rows["worker direct CNN c=32 throughput"]
+        assert ratio["measured"] == pytest.approx(0.8) and ratio["ok"] is False
+        assert ratio["values"] == pytest.approx([0.7, 0.9, 0.8])
+        p50 = rows["worker direct CNN c=1 p50"]
+        assert p50["measured"] == pytest.approx(0.4) and p50["ok"] is True
+        table = targets_table(evaluate_targets(points))
+        assert "| 0.80x (median of 3 rounds: 0.70 to 0.90) | NO |" in table
+
+    def test_one_round_is_left_as_it_is(self) -> None:
+        points = [point("floor", 1000), point("worker", 900)]
+        assert combine_rounds(points) == points
+        assert "median" not in targets_table(evaluate_targets(points))
 
 
 class TestSoak:
