@@ -279,11 +279,17 @@ def test_deadline_expired_in_queue_is_not_run(worker: ServiceProcess) -> None:
 
     async def run() -> tuple[object, int, int]:
         async with InferenceClient(worker.address) as c:
+            # The machine's speed varies several-fold: time one batch, and send the late request a
+            # third of a batch in, with a third of a batch to live. It queues behind the second
+            # batch, so its turn comes after about two batches, long after its deadline.
+            started = time.monotonic()
+            await c.infer("slow", {"input": full})
+            batch_s = time.monotonic() - started
             before = (await c.statistics("slow")).model_stats[0].inference_count
             ahead = [asyncio.create_task(c.infer("slow", {"input": full})) for _ in range(2)]
-            await asyncio.sleep(0.1)
+            await asyncio.sleep(batch_s / 3)
             late = await asyncio.gather(
-                c.infer("slow", {"input": full[:1]}, timeout=0.05), return_exceptions=True
+                c.infer("slow", {"input": full[:1]}, timeout=batch_s / 3), return_exceptions=True
             )
             await asyncio.gather(*ahead)
             await asyncio.sleep(0.5)
