@@ -36,6 +36,7 @@ from ferry.core.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unavailable,
 )
 from gateway import metrics
 from gateway.cache import ResultCache, SingleFlight, cache_key, cache_opt_out, cached_answer, request_digest
@@ -155,7 +156,17 @@ class DataPlane:
         except NotFound:
             # no worker has it ready: let a worker answer, so the caller sees the worker's own words
             return await self._forward_unknown(request, deadline, request_id)
-        spec = await self.discovery.spec(model, version)
+        try:
+            spec = await self.discovery.spec(model, version)
+        except Unavailable:
+            # The version went away between two index polls (a rollout): the failed fetch has
+            # refreshed the index, so routing again picks a version a worker has, or finds that
+            # none has the pinned one (the caller then gets the worker's own NOT_FOUND).
+            try:
+                version, candidates = self.discovery.route(model, request.model_version)
+            except NotFound:
+                return await self._forward_unknown(request, deadline, request_id)
+            spec = await self.discovery.spec(model, version)
         item = prepare(spec, request)
         digest = None
         looked_up = False

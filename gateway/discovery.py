@@ -272,9 +272,13 @@ class Discovery:
         models = index_from_response(resp)
         worker.index_ok = True
         if models != worker.models:
+            # only versions whose state changed: a version that stays READY while its successor
+            # loads keeps its signature, so requests routed to it are still checked without a fetch
             for model in set(models) | set(worker.models):
-                if models.get(model) != worker.models.get(model):
-                    self.forget_specs(model)
+                old, new = worker.models.get(model, {}), models.get(model, {})
+                for version in set(old) | set(new):
+                    if old.get(version) != new.get(version):
+                        self.forget_specs(model, version)
             worker.models = models
             self._notify()
 
@@ -358,14 +362,20 @@ class Discovery:
                 )
             except grpc.aio.AioRpcError as err:
                 last = err
+                if err.code() == grpc.StatusCode.NOT_FOUND:
+                    await self.refresh(worker)  # its index is behind (a rollout): catch up now
                 continue
             spec = spec_from_config_proto(resp.config)
             self._specs[key] = spec
             return spec
         raise Unavailable(f"cannot read the configuration of model {model!r} from any worker: {last}")
 
-    def forget_specs(self, model: str | None = None) -> None:
-        for key in [k for k in self._specs if model is None or k[0] == model]:
+    def forget_specs(self, model: str | None = None, version: str | None = None) -> None:
+        for key in [
+            k
+            for k in self._specs
+            if (model is None or k[0] == model) and (version is None or k[1] == version)
+        ]:
             del self._specs[key]
 
     async def wait_changed(self, timeout: float) -> None:

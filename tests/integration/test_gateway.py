@@ -534,6 +534,45 @@ def test_version_rollout_under_load(
     assert got.model_version == "2" and got.raw_output_contents[0] == want.raw_output_contents[0]
 
 
+def test_a_stale_index_catches_up_instead_of_failing(
+    cluster: dict[str, Any], onnx_files: dict[str, Path]
+) -> None:
+    """A version unloaded between two of the gateway's index polls: the gateway re-reads the index
+    and answers from the version the workers have, or with the worker's own NOT_FOUND when the caller
+    pinned the one that went away; never UNAVAILABLE."""
+    store, workers = cluster["store"], cluster["workers"]
+    config = {"max_batch_size": 64}
+
+    def on_workers(version: str, ready: bool) -> Callable[[], bool]:
+        clients = [tc.InferenceServerClient(w.address) for w in workers]
+        return lambda: all(c.is_model_ready("stale", version) == ready for c in clients)
+
+    publish(store, "stale", 1, onnx_files["mlp"], config)
+    wait_until(on_workers("1", True), what="stale v1 on every worker")
+    gateway = start_gateway(workers, "--index-interval-s", "600", "--no-cache-enabled")  # polls once
+    try:
+        wait_until(lambda: tc.InferenceServerClient(gateway.address).is_model_ready("stale", "1"))
+        publish(store, "stale", 2, onnx_files["mlp2"], config)
+        wait_until(on_workers("2", True), what="stale v2 on every worker")
+        wait_until(on_workers("1", False), what="stale v1 unloaded")
+        pinned = mlp_request(1, model="stale")
+        pinned.model_version = "1"
+        with pytest.raises(grpc.RpcError) as err:
+            _infer(gateway.address, pinned)
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "'stale'" in err.value.details() and "version 1" in err.value.details()
+
+        publish(store, "stale", 3, onnx_files["mlp"], config)
+        wait_until(on_workers("3", True), what="stale v3 on every worker")
+        wait_until(on_workers("2", False), what="stale v2 unloaded")
+        req = mlp_request(2, seed=3, model="stale")
+        got = _infer(gateway.address, req)
+        assert got.model_version == "3"
+        assert got.raw_output_contents[0] == _infer(workers[0].address, req).raw_output_contents[0]
+    finally:
+        gateway.stop()
+
+
 # -- discovery by DNS, metrics over HTTP ---------------------------------------------------------
 def test_dns_discovery_and_prometheus_metrics(cluster: dict[str, Any]) -> None:
     import urllib.request
