@@ -14,8 +14,13 @@ BENCH = [sys.executable, "-m", "ferry.cli.main", "bench"]
 
 def run_bench(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], dict]:
     """A bounded ``ferry bench`` run that must succeed; its output and its ``results.json``."""
+    short = ("--models", "mlp", "--warmup-s", "0.2", "--duration-s", "1")  # later flags win
     proc = subprocess.run(
-        [*BENCH, *args, "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True, timeout=240
+        [*BENCH, *short, *args, "--output-dir", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc, json.loads((out / "results.json").read_text())
@@ -23,19 +28,7 @@ def run_bench(out: Path, *args: str) -> tuple[subprocess.CompletedProcess[str], 
 
 def test_bench_writes_json_markdown_and_png(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    proc, doc = run_bench(
-        out,
-        "--models",
-        "mlp",
-        "--concurrency",
-        "1,4",
-        "--warmup-s",
-        "0.3",
-        "--duration-s",
-        "1",
-        "--max-requests",
-        "40",
-    )
+    proc, doc = run_bench(out, "--concurrency", "1,4", "--max-requests", "40")
     points = doc["points"]
     seen = {(p["scenario"], p["concurrency"]) for p in points}
     scenarios = ("ort", "floor", "worker", "gateway-nocache", "gateway-hits")
@@ -69,23 +62,8 @@ def test_bench_rejects_unknown_scenario(tmp_path: Path) -> None:
 
 def test_bench_rounds_report_the_median_ratio(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    proc, doc = run_bench(
-        out,
-        "--models",
-        "mlp",
-        "--concurrency",
-        "1",
-        "--scenarios",
-        "floor,worker",
-        "--rounds",
-        "3",
-        "--warmup-s",
-        "0.2",
-        "--duration-s",
-        "1",
-        "--max-requests",
-        "30",
-    )
+    args = ("--concurrency", "1", "--scenarios", "floor,worker", "--rounds", "3", "--max-requests", "30")
+    proc, doc = run_bench(out, *args)
     assert doc["meta"]["rounds"] == 3
     order = [(p["round"], p["scenario"]) for p in doc["points"]]
     assert order == [(r, s) for r in (1, 2, 3) for s in ("floor", "worker")]  # interleaved
