@@ -38,6 +38,7 @@ from ferry.core.errors import (
     ResourceExhausted,
     Unavailable,
 )
+from ferry.core.modelconfig import ModelSpec
 from gateway import metrics
 from gateway.cache import ResultCache, SingleFlight, cache_key, cache_opt_out, cached_answer, request_digest
 from gateway.coalescer import Batcher, Pending, Prepared, as_raw_request, merge, prepare, split
@@ -151,30 +152,20 @@ class DataPlane:
     ) -> pb.ModelInferResponse | bytes:
         model = request.model_name
         pinned = bool(request.model_version)
-        try:
-            version, candidates = self.discovery.route(model, request.model_version)
-        except NotFound:
+        routed = await self._route(model, request.model_version)
+        if routed is None:
             # no worker has it ready: let a worker answer, so the caller sees the worker's own words
             return await self._forward_unknown(request, deadline, request_id)
-        try:
-            spec = await self.discovery.spec(model, version)
-        except Unavailable:
-            # The version went away between two index polls (a rollout): the failed fetch has
-            # refreshed the index, so routing again picks a version a worker has, or finds that
-            # none has the pinned one (the caller then gets the worker's own NOT_FOUND).
-            try:
-                version, candidates = self.discovery.route(model, request.model_version)
-            except NotFound:
-                return await self._forward_unknown(request, deadline, request_id)
-            spec = await self.discovery.spec(model, version)
+        version, candidates, spec = routed
         item = prepare(spec, request)
-        digest = None
+        digest = ckey = None
         looked_up = False
         if self.cache is not None and spec.response_cache and not cache_opt_out(request):
             digest = request_digest(request, item.raw)
+            ckey = cache_key(model, version, digest)
             if self.cache.local:
                 t0 = time.perf_counter_ns()
-                value = self.cache.get_local(cache_key(model, version, digest))
+                value = self.cache.get_local(ckey)
                 self._count_lookup(model, version, value is not None, time.perf_counter_ns() - t0)
                 if value is not None:
                     return cached_answer(value, request.id)
@@ -187,8 +178,8 @@ class DataPlane:
             return await self.batcher.submit(key, item, concurrency, job, spec.max_batch_size)
 
         shared = False
-        if digest is not None:
-            (response, hit), shared = await self.flights.do(cache_key(model, version, digest), run)
+        if ckey is not None:
+            (response, hit), shared = await self.flights.do(ckey, run)
             if shared:
                 metrics.SINGLE_FLIGHT.inc()
         else:
@@ -201,6 +192,27 @@ class DataPlane:
             out.CopyFrom(response)
         out.id = request.id
         return out
+
+    async def _route(self, model: str, asked: str) -> tuple[str, list[str], ModelSpec] | None:
+        """The version a request runs on, the workers that have it and its signature; None when no
+        worker has it ready.
+
+        A version can go away between two index polls (a rollout): reading its signature then
+        fails, and that failure refreshes the index, so routing once more picks a version a worker
+        has, or finds that none has the one the caller pinned.
+        """
+        retried = False
+        while True:
+            try:
+                version, candidates = self.discovery.route(model, asked)
+            except NotFound:
+                return None
+            try:
+                return version, candidates, await self.discovery.spec(model, version)
+            except Unavailable:
+                if retried:
+                    raise
+                retried = True
 
     def _count_lookup(self, model: str, version: str, hit: bool, ns: int) -> None:
         counters = self.cache_counters[(model, version)]
