@@ -23,6 +23,7 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
 from tests.integration.test_gateway import Load, mlp_request, start_gateway, start_workers, wait_until
+from tests.support.deps import require_binary
 from tests.support.models import export_mlp, export_slow, publish
 from tests.support.procs import RedisServer, ServiceProcess, free_port
 
@@ -40,8 +41,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cluster(store: Path) -> Iterator[dict[str, Any]]:
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed")
+    require_binary("redis-server")
     port = free_port()
     redis = RedisServer(port=port)  # not started: the gateway first meets a refusing Redis
     workers: list[ServiceProcess] = []
@@ -238,7 +238,7 @@ def test_worker_drained_with_sigterm_under_load_fails_nothing(cluster: dict[str,
         return load
 
     load = asyncio.run(scenario())
-    victim.wait(30)
+    assert victim.wait(30) == 0, victim.output()[-2000:]  # a drained worker exits cleanly
     assert load.failures == []
 
 

@@ -22,11 +22,12 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from gateway.auth import hash_key
 from tests.integration.test_gateway import mlp_request, start_gateway, start_workers, wait_until
+from tests.support.deps import require_binary, require_module
 from tests.support.models import export_mlp, publish
 from tests.support.procs import RedisServer, ServiceProcess, free_port
 
-x509 = pytest.importorskip("cryptography.x509")
-tc = pytest.importorskip("tritonclient.grpc")
+x509 = require_module("cryptography.x509")
+tc = require_module("tritonclient.grpc")
 
 
 def make_pki(folder: Path) -> dict[str, Path]:
@@ -174,8 +175,12 @@ def test_mtls_gateway_demands_a_client_certificate(setup: dict[str, Any]) -> Non
 
 
 def test_the_worker_refuses_clients_without_a_certificate(setup: dict[str, Any]) -> None:
-    with secure(setup["worker"].address, setup["pki"], client_cert=False) as ch, pytest.raises(grpc.RpcError):
+    with (
+        secure(setup["worker"].address, setup["pki"], client_cert=False) as ch,
+        pytest.raises(grpc.RpcError) as err,
+    ):
         pb_grpc.GRPCInferenceServiceStub(ch).ServerLive(pb.ServerLiveRequest(), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # the TLS handshake is refused
 
 
 # -- API keys ------------------------------------------------------------------------------------
@@ -250,8 +255,7 @@ def test_over_the_rate_limit_is_resource_exhausted(setup: dict[str, Any]) -> Non
 
 
 def test_rediss_cache_over_tls(setup: dict[str, Any]) -> None:
-    if not RedisServer.available():
-        pytest.skip("redis-server is not installed")
+    require_binary("redis-server")
     pki = setup["pki"]
     tls_port = free_port()
     redis = RedisServer(

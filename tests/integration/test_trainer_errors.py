@@ -21,9 +21,10 @@ import pytest
 
 from ferry.client.trainer import SyncTrainerClient, state_name
 from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, ResourceExhausted
+from tests.support.deps import require_module
 from tests.support.procs import REPO, ServiceProcess
 
-pytest.importorskip("torch")
+require_module("torch")
 
 UPLOAD_LIMIT = 200_000
 IRIS = {"model": {"arch": "mlp"}, "dataset": {"name": "iris"}, "epochs": 1}

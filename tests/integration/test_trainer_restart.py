@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 
 from ferry.client.trainer import SyncTrainerClient, state_name
+from tests.support.deps import require_module
 from tests.support.procs import ServiceProcess
 
-torch = pytest.importorskip("torch")
-safetensors_torch = pytest.importorskip("safetensors.torch")
+torch = require_module("torch")
+safetensors_torch = require_module("safetensors.torch")
 
 SPEC = {
     "model": {"arch": "mlp", "params": {"hidden": [32]}},

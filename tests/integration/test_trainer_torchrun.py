@@ -4,22 +4,17 @@ no trainer involved, leaves a job record and checkpoints in the store like any t
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
-import pytest
-
+from tests.support.deps import require_binary, require_module
 from tests.support.procs import REPO, free_port
 
-pytest.importorskip("torch")
+require_module("torch")
 
 
 def test_torchrun_two_processes_write_a_job_into_the_store(tmp_path: Path) -> None:
-    torchrun = Path(sys.executable).with_name("torchrun")
-    if not torchrun.exists() and not shutil.which("torchrun"):
-        pytest.skip("torchrun is not installed")
+    torchrun = require_binary("torchrun")
     spec = {
         "model": {"arch": "mlp", "params": {"hidden": [64]}},
         "dataset": {"name": "digits", "params": {"flatten": True}},
@@ -29,7 +24,7 @@ def test_torchrun_two_processes_write_a_job_into_the_store(tmp_path: Path) -> No
     }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     store = tmp_path / "store"
-    argv = [str(torchrun if torchrun.exists() else "torchrun"), "--nnodes", "1", "--nproc-per-node", "2"]
+    argv = [torchrun, "--nnodes", "1", "--nproc-per-node", "2"]
     argv += ["--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     argv += ["-m", "services.trainer.runner", "--store", str(store), "--job", "tr-1"]
     argv += ["--spec-file", str(tmp_path / "spec.json"), "--threads", "2"]

@@ -17,10 +17,11 @@ import pytest
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client.inference import InferenceClient, SyncInferenceClient, build_request
 from ferry.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from tests.support.deps import require_module
 from tests.support.models import export_cnn, export_mlp, export_slow, ort_run, publish
 from tests.support.procs import ServiceProcess
 
-tc = pytest.importorskip("tritonclient.grpc")
+tc = require_module("tritonclient.grpc")
 
 
 @pytest.fixture(scope="module")
@@ -139,11 +140,15 @@ def test_triton_repository_and_statistics(triton: object) -> None:
     index = {m.name: m for m in triton.get_model_repository_index().models}
     assert index["mlp"].state == "READY" and index["broken"].state == "UNAVAILABLE"
     assert "INVALID_PROTOBUF" in index["broken"].reason
-    triton.infer("mlp", [triton_input("input", np.ones((1, 8), np.float32))])
+    before = triton.get_inference_statistics("mlp").model_stats[0]
+    triton.infer("mlp", [triton_input("input", np.ones((3, 8), np.float32))])
     stats = triton.get_inference_statistics("mlp").model_stats[0]
-    assert stats.name == "mlp" and stats.inference_count >= 1 and stats.execution_count >= 1
-    assert stats.inference_stats.success.count >= 1 and stats.inference_stats.queue.count >= 1
-    assert stats.inference_stats.compute_infer.ns > 0
+    assert stats.name == "mlp"
+    assert stats.inference_count - before.inference_count == 3  # rows
+    assert stats.execution_count - before.execution_count == 1
+    assert stats.inference_stats.success.count - before.inference_stats.success.count == 1
+    assert stats.inference_stats.queue.count - before.inference_stats.queue.count == 1
+    assert stats.inference_stats.compute_infer.ns > before.inference_stats.compute_infer.ns
     triton.unload_model("cnn")
     assert not triton.is_model_ready("cnn")
     with pytest.raises(tc.InferenceServerException, match="not loaded"):

@@ -8,7 +8,6 @@ the port the service really bound (``--port 0``) and can run in parallel.
 from __future__ import annotations
 
 import contextlib
-import shutil
 import socket
 import subprocess
 import sys
@@ -57,10 +56,6 @@ class RedisServer:
         self.port = port or free_port()
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
-
-    @staticmethod
-    def available() -> bool:
-        return shutil.which("redis-server") is not None
 
     @property
     def url(self) -> str:

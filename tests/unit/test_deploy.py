@@ -25,7 +25,6 @@ import io
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 from functools import cache
@@ -38,6 +37,8 @@ import kubernetes_validate
 import pytest
 import yaml
 from dockerfile_parse import DockerfileParser
+
+from tests.support.deps import find_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -76,8 +77,7 @@ HEALTHCHECK_SCRIPT = "/opt/ferry/healthcheck.py"
 
 def _tool(name: str) -> str:
     """A binary from the dev extra: beside this interpreter first (the venv), then PATH."""
-    beside = Path(sys.executable).with_name(name)
-    found = str(beside) if beside.exists() else shutil.which(name)
+    found = find_binary(name)
     if not found:
         pytest.fail(f"{name} not found: install the dev extra (pip install -c constraints.txt -e '.[dev]')")
     return found
@@ -86,10 +86,7 @@ def _tool(name: str) -> str:
 def _settings_class(service: str) -> type:
     target = SERVICES[service][0]
     module, _, name = target.partition(":")
-    try:
-        return getattr(importlib.import_module(module), name)
-    except ImportError as err:  # a service still being written must not hide the rest
-        pytest.skip(f"{target} not importable yet: {err}")
+    return getattr(importlib.import_module(module), name)
 
 
 def _ferry_env(env: dict[str, str], service: str) -> dict[str, str]:

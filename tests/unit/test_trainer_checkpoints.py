@@ -10,8 +10,9 @@ import pytest
 
 from services.trainer import checkpoints as ckpt
 from services.trainer.runner import lr_at
+from tests.support.deps import require_module
 
-torch = pytest.importorskip("torch")
+torch = require_module("torch")
 
 BASE = {"lr": 0.1, "warmup_epochs": 0, "schedule": "constant", "gamma": 0.5, "step_size": 2, "epochs": 10}
 

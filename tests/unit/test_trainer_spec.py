@@ -11,8 +11,9 @@ from ferry.client.trainer import build_spec
 from ferry.core.errors import InvalidArgument
 from services.trainer.servicer import spec_from_proto
 from services.trainer.spec import normalize_spec
+from tests.support.deps import require_module
 
-pytest.importorskip("torch")
+require_module("torch")
 
 
 def norm(tmp_path: Path, **spec: Any) -> dict[str, Any]:

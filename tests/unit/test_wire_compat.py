@@ -11,9 +11,10 @@ import pytest
 from google.protobuf.descriptor import Descriptor
 
 from ferry._proto.inference import grpc_service_pb2, model_config_pb2
+from tests.support.deps import require_module
 
-tc_service = pytest.importorskip("tritonclient.grpc.service_pb2")
-tc_config = pytest.importorskip("tritonclient.grpc.model_config_pb2")
+tc_service = require_module("tritonclient.grpc.service_pb2")
+tc_config = require_module("tritonclient.grpc.model_config_pb2")
 
 
 def compare(ours: Descriptor, theirs: Descriptor) -> None:
