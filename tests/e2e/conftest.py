@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import psutil
 import pytest
 
+from tests.support.deps import require_binary
 from tests.support.models import export_cnn, publish
 
 FERRY = [sys.executable, "-m", "ferry.cli.main"]
@@ -67,6 +69,11 @@ def descendants(pid: int) -> list[psutil.Process]:
         return []
 
 
+def _without_redis_url(env: Mapping[str, str]) -> dict[str, str]:
+    """The stack under test starts its own redis-server; a Redis URL in the caller's env must not leak in."""
+    return {k: v for k, v in env.items() if k not in ("REDIS_URL", "FERRY_UP_REDIS_URL")}
+
+
 def start_up(root: Path) -> RunningStack:
     """`ferry up --no-demo` in the background, returned once it says it is serving."""
     proc = subprocess.Popen(
@@ -74,7 +81,7 @@ def start_up(root: Path) -> RunningStack:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**_without_redis_url(os.environ), "PYTHONUNBUFFERED": "1"},
     )
     lines: list[str] = []
     try:
@@ -85,10 +92,10 @@ def start_up(root: Path) -> RunningStack:
     return RunningStack(proc, root, lines)
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
-    """`ferry up` with a small CNN already in the store (no demo training)."""
-    root = tmp_path_factory.mktemp("stack")
+@contextlib.contextmanager
+def running_stack(root: Path) -> Iterator[RunningStack]:
+    """`ferry up --no-demo` with a small CNN in the store, stopped on the way out."""
+    require_binary("redis-server")
     onnx = export_cnn(root / "cnn.onnx", channels=1, size=8, classes=10)
     publish(root / "store", "cnn", 1, onnx)
     running = start_up(root)
@@ -98,3 +105,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
         if running.proc.poll() is None:
             running.proc.terminate()
             running.proc.wait(60)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RunningStack]:
+    """One stack shared by the tests that only read from it; a test that breaks one starts its own."""
+    with running_stack(tmp_path_factory.mktemp("stack")) as running:
+        yield running

@@ -13,7 +13,16 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from tests.e2e.conftest import FERRY, RunningStack, descendants, ferry, stack_flags, start_up, wait_for_line
+from tests.e2e.conftest import (
+    FERRY,
+    RunningStack,
+    descendants,
+    ferry,
+    running_stack,
+    stack_flags,
+    start_up,
+    wait_for_line,
+)
 
 
 def test_status_shows_every_service_serving(stack: RunningStack) -> None:
@@ -21,7 +30,9 @@ def test_status_shows_every_service_serving(stack: RunningStack) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("gateway", "trainer", "exporter", "worker-1", "worker-2"):
         assert re.search(rf"^{name}\s+127\.0\.0\.1:\d+\s+SERVING$", result.stdout, re.M), result.stdout
-    assert "redis" in result.stdout or "in-process" in "".join(stack.lines)
+    # redis-server is a dev dependency: the stack must have started its private one, not fallen back
+    assert re.search(r"^redis\s+redis://127\.0\.0\.1:\d+/0\s+SERVING$", result.stdout, re.M), result.stdout
+    assert "result cache: private redis-server at redis://127.0.0.1:" in "".join(stack.lines)
 
 
 def test_infer_prints_top_classes(stack: RunningStack, tmp_path: Path) -> None:
@@ -92,7 +103,12 @@ def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
     assert not (tmp_path / "stack.json").exists()
 
 
-def test_a_crashed_worker_is_reported_and_restarted(stack: RunningStack) -> None:
+def test_a_crashed_worker_is_reported_and_restarted(tmp_path: Path) -> None:
+    with running_stack(tmp_path) as stack:
+        _crash_worker_1(stack)
+
+
+def _crash_worker_1(stack: RunningStack) -> None:
     state = json.loads(Path(stack.state_file).read_text())
     port = int(state["services"]["worker-1"].rsplit(":", 1)[1])
     victim = next(
