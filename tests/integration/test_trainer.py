@@ -330,3 +330,26 @@ def test_prometheus_metrics_count_jobs(trainer: ServiceProcess, client: SyncTrai
     assert delta('ferry_trainer_jobs{state="SUCCEEDED"}') == 1
     assert delta('ferry_trainer_jobs_finished_total{state="SUCCEEDED"}') == 1
     assert delta("ferry_trainer_epoch_seconds_count") == QUICK["epochs"]
+
+
+def test_the_exporter_tests_checkpoint_fixture_matches_a_real_job(
+    client: SyncTrainerClient, store: Path, tmp_path: Path
+) -> None:
+    from ferry.core.store import Store
+    from tests.unit.test_exporter_source import train_job
+
+    real = client.wait(client.submit(QUICK, name="contract").id, timeout=120)
+    assert state_name(real) == "SUCCEEDED", real.error
+    real_final = store / "checkpoints" / real.id / "final"
+    made_final = train_job(Store(tmp_path), "made", "mlp", steps=1)
+    assert sorted(p.name for p in made_final.iterdir()) == sorted(p.name for p in real_final.iterdir())
+    for name in ("spec.json", "metrics.json"):
+        made, got = (json.loads((f / name).read_text()) for f in (made_final, real_final))
+        assert set(made) == set(got), name
+    assert set(json.loads((made_final / "metrics.json").read_text())["test"]) <= set(
+        json.loads((real_final / "metrics.json").read_text())["test"]
+    )
+    made_record = json.loads((tmp_path / "jobs" / "made.json").read_text())
+    real_record = record(store, real.id)
+    assert set(made_record) <= set(real_record)
+    assert set(made_record["spec"]) <= set(real_record["spec"]) | {"job", "input", "output", "classes"}

@@ -1,8 +1,9 @@
 """Finished-job checkpoints made by really training zoo models, and the exporter's checkpoint reader.
 
-``train_job`` is the trainer contract written by hand: a few real optimiser steps
-on real data, then ``jobs/<job>.json``, ``weights.safetensors``, ``spec.json`` and
-``metrics.json``. The integration tests use it too. The factories below are user
+``train_job`` makes a finished job quickly: a few real optimiser steps on real data,
+the checkpoint written by the trainer's own ``save_checkpoint`` and a minimal
+``jobs/<job>.json`` (``tests/integration/test_trainer.py`` checks both key for key
+against a real trainer job). The integration tests use it too. The factories below are user
 models named by ``spec.json`` (``tests.unit.test_exporter_source:...``).
 """
 
@@ -21,6 +22,7 @@ from ferry.core.errors import FailedPrecondition, NotFound
 from ferry.core.store import Store, atomic_write_json
 from ferry.zoo import build_model
 from services.exporter.source import load_checkpoint
+from services.trainer.checkpoints import FINAL, save_checkpoint
 
 HERE = "tests.unit.test_exporter_source"
 
@@ -152,11 +154,6 @@ def train_job(
         loss.backward()
         opt.step()
     model.eval()
-    folder = store.checkpoint_dir(job_id, "final")
-    folder.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "weights.safetensors"))
     spec = {
         "job": job_id,
         "model": entry["model"],
@@ -166,8 +163,10 @@ def train_job(
         "dataset": entry["dataset"],
         "classes": entry["classes"],
     }
-    atomic_write_json(folder / "spec.json", spec)
-    atomic_write_json(folder / "metrics.json", {"loss": float(loss.item()), "steps": steps})
+    summary = {"test": {"loss": float(loss.item())}, "history": [], "best_epoch": 0, "stopped_early": False,
+               "epochs_run": 1}  # fmt: skip
+    # the trainer's own writer, so the layout the exporter reads is the one the trainer writes
+    folder = save_checkpoint(store.checkpoint_dir(job_id, FINAL).parent, FINAL, model, spec, summary)
     atomic_write_json(store.job_file(job_id), {"id": job_id, "state": state, "spec": spec})
     return folder
 
@@ -182,7 +181,7 @@ def test_load_checkpoint_rebuilds_the_trained_module(tmp_path: Path) -> None:
     assert ckpt.spec["model"]["arch"] == "mlp"
     assert not ckpt.module.training
     assert len(ckpt.weights_sha256) == 64
-    assert ckpt.metrics["steps"] == 3
+    assert ckpt.metrics["epochs_run"] == 1 and ckpt.metrics["test"]["loss"] > 0  # read as written
 
 
 def test_unknown_job_is_not_found(tmp_path: Path) -> None:
