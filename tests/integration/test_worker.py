@@ -344,7 +344,9 @@ def test_hot_swap_under_load_fails_nothing(
 
     async def run() -> tuple[list[str], int]:
         async with InferenceClient(worker.address) as c:
+            ready_by = time.monotonic() + 30
             while not await c.model_ready("swap"):
+                assert time.monotonic() < ready_by, "model 'swap' never became ready"
                 await asyncio.sleep(0.1)
             seen: list[str] = []
             failures = 0
@@ -362,7 +364,8 @@ def test_hot_swap_under_load_fails_nothing(
                     seen.append(r.model_version)
 
             tasks = [asyncio.create_task(loop()) for _ in range(8)]
-            await asyncio.sleep(0.5)
+            while len(seen) < 40 and time.monotonic() < stop_at:  # the load is running on version 1
+                await asyncio.sleep(0.01)
             publish(store, "swap", 2, onnx_files["mlp2"])
             await asyncio.gather(*tasks)
             return seen, failures
