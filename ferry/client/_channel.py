@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import functools
 import threading
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
@@ -21,6 +21,7 @@ from ferry.core.errors import FerryError, error_for_status
 
 P = ParamSpec("P")
 T = TypeVar("T")
+M = TypeVar("M")
 
 DEFAULT_OPTIONS = [
     ("grpc.max_receive_message_length", 256 * 1024 * 1024),
@@ -60,6 +61,31 @@ def translated(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any,
             raise translate(err) from err
 
     return call
+
+
+def chunked(head: M, make: Callable[[bytes], M], data: bytes, chunk_bytes: int) -> Iterator[M]:
+    """The upload protocol both upload RPCs share: a header message, then the bytes in chunks."""
+    yield head
+    for i in range(0, len(data), chunk_bytes):
+        yield make(data[i : i + chunk_bytes])
+
+
+async def upload(method: Any, messages: Iterator[Any], timeout: float | None) -> Any:
+    """Send a client stream and return the server's answer, even when it answers early.
+
+    A server that refuses an upload (too large, bad checksum) ends the call while the
+    client is still writing. Writing message by message and then awaiting the call gives
+    the caller that refusal; feeding grpc.aio an iterator can surface the failed write
+    instead ("Internal error from Core"), depending on who is faster.
+    """
+    call = method(timeout=timeout)
+    try:
+        for message in messages:
+            await call.write(message)
+        await call.done_writing()
+    except (asyncio.InvalidStateError, grpc.aio.AioRpcError):
+        pass  # the call has ended: its status, awaited below, is the answer
+    return await call
 
 
 class LoopThread:

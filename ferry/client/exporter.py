@@ -19,7 +19,7 @@ import grpc
 
 from ferry._proto.ferry.v1 import exporter_pb2 as pb
 from ferry._proto.ferry.v1 import exporter_pb2_grpc as pb_grpc
-from ferry.client._channel import SyncWrapper, open_channel, translate, translated
+from ferry.client._channel import SyncWrapper, chunked, open_channel, translate, translated, upload
 from ferry.core.errors import InvalidArgument
 
 CHUNK_BYTES = 1024 * 1024
@@ -140,13 +140,8 @@ class ExporterClient:
             config_json=json.dumps(config) if config else "",
             source=source or ("" if isinstance(model, bytes) else str(model)),
         )
-
-        async def chunks() -> AsyncIterator[pb.ImportChunk]:
-            yield pb.ImportChunk(header=header)
-            for i in range(0, len(data), CHUNK_BYTES):
-                yield pb.ImportChunk(data=data[i : i + CHUNK_BYTES])
-
-        response = await self.stub.ImportOnnx(chunks(), timeout=timeout)
+        messages = chunked(pb.ImportChunk(header=header), lambda b: pb.ImportChunk(data=b), data, CHUNK_BYTES)
+        response = await upload(self.stub.ImportOnnx, messages, timeout)
         return int(response.version), json.loads(response.meta_json or "{}")
 
     @translated

@@ -20,7 +20,7 @@ import grpc
 
 from ferry._proto.ferry.v1 import trainer_pb2 as pb
 from ferry._proto.ferry.v1 import trainer_pb2_grpc as pb_grpc
-from ferry.client._channel import SyncWrapper, open_channel, translate, translated
+from ferry.client._channel import SyncWrapper, chunked, open_channel, translate, translated, upload
 from ferry.core.errors import InvalidArgument
 
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -130,13 +130,9 @@ class TrainerClient:
             fmt = fmt or path.suffix.lstrip(".").lower()
             data = path.read_bytes()
         digest = sha256 or hashlib.sha256(data).hexdigest()
-
-        async def chunks() -> AsyncIterator[pb.DatasetChunk]:
-            yield pb.DatasetChunk(name=name, format=fmt or "npz", overwrite=overwrite, sha256=digest)
-            for i in range(0, len(data), chunk_bytes):
-                yield pb.DatasetChunk(data=data[i : i + chunk_bytes])
-
-        return await self.stub.UploadDataset(chunks(), timeout=timeout)
+        head = pb.DatasetChunk(name=name, format=fmt or "npz", overwrite=overwrite, sha256=digest)
+        messages = chunked(head, lambda b: pb.DatasetChunk(data=b), data, chunk_bytes)
+        return await upload(self.stub.UploadDataset, messages, timeout)
 
 
 class SyncTrainerClient(SyncWrapper):
