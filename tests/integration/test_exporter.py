@@ -292,3 +292,24 @@ def test_cli_export_and_models(exporter: ServiceProcess, store: Store) -> None:
         timeout=60,
     )
     assert json.loads(shown.stdout)["meta"]["source"]["job_id"] == "job-mlp"
+
+
+def test_import_onnx_over_the_size_limit_keeps_nothing(tmp_path: Path) -> None:
+    from ferry.core.errors import ResourceExhausted
+    from tests.support.models import export_mlp
+
+    path = export_mlp(tmp_path / "mlp.onnx", in_features=8, classes=3)
+    limit = path.stat().st_size // 2  # the model is twice what this exporter accepts
+    store = Store(tmp_path / "store")
+    proc = ServiceProcess.serve(
+        "exporter", "--store", str(store.root), "--port", "0", "--max-import-bytes", str(limit)
+    ).start()
+    try:
+        with SyncExporterClient(proc.address) as client:
+            with pytest.raises(ResourceExhausted) as err:
+                client.import_onnx("toobig", path)
+            assert err.value.message == f"the uploaded model exceeds max_import_bytes={limit}"
+            assert client.list_models() == {}
+    finally:
+        proc.stop()
+    assert not (store.root / "models" / "toobig").exists()

@@ -217,6 +217,20 @@ def test_upload_over_the_size_limit_keeps_nothing(client: SyncTrainerClient, sto
     assert sorted((store / "datasets").iterdir()) == before
 
 
+def test_upload_with_overwrite_replaces_the_dataset(client: SyncTrainerClient, store: Path) -> None:
+    first = _npz(np.zeros((10, 3), np.float32), np.arange(10) % 2)
+    second = _npz(np.ones((20, 4), np.float32), np.arange(20) % 3)
+    assert list(client.upload_dataset("again", first).x_shape) == [10, 3]
+    message = expect(
+        FerryError, grpc.StatusCode.ALREADY_EXISTS, lambda: client.upload_dataset("again", second)
+    )
+    assert message == "dataset 'again' already exists; upload with overwrite to replace it"
+    assert (store / "datasets" / "again.npz").read_bytes() == first  # the refusal changed nothing
+    answer = client.upload_dataset("again", second, overwrite=True)
+    assert (list(answer.x_shape), answer.classes) == ([20, 4], 3)
+    assert (store / "datasets" / "again.npz").read_bytes() == second
+
+
 def test_uploaded_npz_and_csv_train(client: SyncTrainerClient, store: Path) -> None:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(200, 5)).astype(np.float32)
