@@ -51,7 +51,7 @@ class UpSettings(ServiceSettings):
     store: str = Field(".ferry/store", description="model store shared by every service")
     redis_url: str | None = Field(
         None,
-        validation_alias=AliasChoices("redis_url", "FERRY_UP_REDIS_URL", "REDIS_URL"),
+        validation_alias=AliasChoices("FERRY_UP_REDIS_URL", "REDIS_URL"),
         description="use this Redis (REDIS_URL works too); unset: a private redis-server if installed, "
         "else the in-process cache",
     )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -185,8 +184,6 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_argv(GatewaySettings, argv, "ferry serve gateway")
-    if settings.redis_url is None and os.environ.get("REDIS_URL"):
-        settings = settings.model_copy(update={"redis_url": os.environ["REDIS_URL"]})
     setup_logging(settings.log_level, "gateway")
     asyncio.run(serve(settings))
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import Field, field_validator
+from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from ferry.core.settings import ServiceSettings
@@ -13,7 +13,9 @@ from ferry.core.settings import ServiceSettings
 class GatewaySettings(ServiceSettings):
     """Everything the gateway reads, resolved once in ``main()``."""
 
-    model_config = SettingsConfigDict(env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True)
+    model_config = SettingsConfigDict(
+        env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True, populate_by_name=True
+    )
 
     host: str = Field("0.0.0.0", description="address the gRPC port binds")
     port: int = Field(8000, description="gRPC port (0 picks a free one)")
@@ -26,7 +28,11 @@ class GatewaySettings(ServiceSettings):
     dns_interval_s: float = Field(5.0, description="how often DNS names are re-resolved")
     index_interval_s: float = Field(0.5, description="how often each worker's repository index is polled")
     # Result cache.
-    redis_url: str | None = Field(None, description="redis:// or rediss:// URL; unset = in-process LRU")
+    redis_url: str | None = Field(
+        None,
+        validation_alias=AliasChoices("FERRY_GATEWAY_REDIS_URL", "REDIS_URL"),
+        description="redis:// or rediss:// URL (REDIS_URL works too); unset = in-process LRU",
+    )
     cache_enabled: bool = Field(True, description="master switch for the result cache")
     cache_ttl_s: int = Field(300, description="time to live of a cached result")
     cache_max_value_bytes: int = Field(1 << 20, description="results larger than this are not cached")

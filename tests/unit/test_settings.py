@@ -40,3 +40,37 @@ def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
     config.write_text("prot: 1\n")
     with pytest.raises(ValueError, match="prot"):
         WorkerSettings.load(config)
+
+
+def test_the_gateway_reads_redis_url_through_its_settings(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from gateway.settings import GatewaySettings
+
+    for name in ("REDIS_URL", "FERRY_GATEWAY_REDIS_URL"):
+        monkeypatch.delenv(name, raising=False)
+    assert settings_from_argv(GatewaySettings, [], "gw").redis_url is None
+    monkeypatch.setenv("REDIS_URL", "redis://plain:1/0")
+    assert settings_from_argv(GatewaySettings, [], "gw").redis_url == "redis://plain:1/0"
+    monkeypatch.setenv("FERRY_GATEWAY_REDIS_URL", "redis://prefixed:2/0")
+    assert settings_from_argv(GatewaySettings, [], "gw").redis_url == "redis://prefixed:2/0"
+    cfg = tmp_path / "gw.yaml"
+    cfg.write_text("redis_url: redis://from-yaml:4/0\n")
+    monkeypatch.delenv("FERRY_GATEWAY_REDIS_URL")
+    monkeypatch.delenv("REDIS_URL")
+    assert (
+        settings_from_argv(GatewaySettings, ["--config", str(cfg)], "gw").redis_url == "redis://from-yaml:4/0"
+    )
+    flags = ["--redis-url", "redis://flag:3/0", "--config", str(cfg)]
+    monkeypatch.setenv("REDIS_URL", "redis://plain:1/0")
+    assert settings_from_argv(GatewaySettings, flags, "gw").redis_url == "redis://flag:3/0"
+
+
+def test_ferry_up_prefers_its_own_redis_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ferry.stack import UpSettings
+
+    monkeypatch.setenv("REDIS_URL", "redis://plain:1/0")
+    assert UpSettings().redis_url == "redis://plain:1/0"
+    monkeypatch.setenv("FERRY_UP_REDIS_URL", "redis://prefixed:2/0")
+    assert UpSettings().redis_url == "redis://prefixed:2/0"
+    assert UpSettings(redis_url="redis://flag:3/0").redis_url == "redis://flag:3/0"
