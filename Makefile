@@ -3,7 +3,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.ferry-setup
 
-.PHONY: setup protos protos-check docs lint format test test-unit test-integration test-e2e demo bench clean
+.PHONY: setup protos protos-check docs docs-check lint format test test-random test-unit test-integration test-e2e demo bench clean
 
 $(STAMP): pyproject.toml constraints.txt tools/setup.sh
 	bash tools/setup.sh
@@ -21,6 +21,7 @@ docs: $(STAMP)
 
 docs-check: $(STAMP)
 	$(PY) tools/settings_table.py --check
+	$(PY) tools/docs_check.py
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
@@ -31,7 +32,13 @@ format: $(STAMP)
 	.venv/bin/ruff format .
 
 test: protos-check docs-check lint
-	$(PY) -m pytest -q -p no:cacheprovider tests
+	$(PY) -m pytest -q -p no:cacheprovider -p no:randomly tests
+
+# The whole suite again in a random order (pytest-randomly; the seed is printed, and
+# `make test-random SEED=N` replays one): no test may depend on another having run first.
+test-random: $(STAMP)
+	@seed=$${SEED:-$$(date +%s)}; echo "random order, seed $$seed (replay: make test-random SEED=$$seed)"; \
+	$(PY) -m pytest -q -p no:cacheprovider -p randomly --randomly-seed=$$seed tests
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

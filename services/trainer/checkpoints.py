@@ -1,4 +1,4 @@
-"""Checkpoints in the store, the contract the exporter builds against (README.md, Trainer).
+"""Checkpoints in the store, the contract the exporter builds against (docs/training.md, Store layout).
 
     checkpoints/<job>/<tag>/weights.safetensors   the model's state_dict
     checkpoints/<job>/<tag>/spec.json             job, model entry, input, output, task, dataset, classes
