@@ -26,6 +26,7 @@ docs-check: $(STAMP)
 lint: $(STAMP)
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
+	.venv/bin/mypy
 
 format: $(STAMP)
 	.venv/bin/ruff check --fix .

@@ -16,7 +16,7 @@ import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import grpc
 from google.protobuf import message_factory
@@ -29,6 +29,25 @@ from ferry.core.errors import FerryError
 
 log = logging.getLogger("ferry.grpc")
 
+if TYPE_CHECKING:
+    # grpc-stubs makes these generic; the runtime classes are not subscriptable. The servers
+    # carry messages of many types (and raw bytes), so handlers are typed per call, not here.
+    Handler = grpc.RpcMethodHandler[Any, Any]
+    Context = grpc.aio.ServicerContext[Any, Any]
+    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
+else:
+    _ServerInterceptor = grpc.aio.ServerInterceptor
+
+
+class AsyncHealth(Protocol):
+    """What Ferry uses of ``grpc_health.v1.health.aio.HealthServicer`` (grpc-stubs has no ``aio``)."""
+
+    async def set(
+        self, service: str, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType
+    ) -> None: ...
+
+    async def enter_graceful_shutdown(self) -> None: ...
+
 
 def _abort_code(err: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, FerryError):
@@ -38,17 +57,18 @@ def _abort_code(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)"
 
 
-class ErrorInterceptor(grpc.aio.ServerInterceptor):
+class ErrorInterceptor(_ServerInterceptor):
     """Maps ``FerryError`` to its status and anything unexpected to a generic INTERNAL."""
 
     def __init__(self) -> None:
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, Handler] = {}
 
-    async def intercept_service(
+    # grpc answers None for a method no service registered; grpc-stubs says it never does.
+    async def intercept_service(  # type: ignore[override]
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
+    ) -> Handler | None:
         method = handler_call_details.method
         cached = self._wrapped.get(method)
         if cached is not None:
@@ -61,9 +81,9 @@ class ErrorInterceptor(grpc.aio.ServerInterceptor):
         return wrapped
 
 
-def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+def _wrap_handler(handler: Handler) -> Handler:
     def unary(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(request: Any, context: Context) -> Any:
             try:
                 return await fn(request, context)
             except (grpc.aio.AbortError, asyncio.CancelledError):
@@ -80,7 +100,7 @@ def _wrap_handler(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
             # (grpc_health's Watch does); it is then wrapped like a unary one.
             return unary(fn)
 
-        async def call(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        async def call(request: Any, context: Context) -> AsyncIterator[Any]:
             try:
                 async for item in fn(request, context):
                     yield item
@@ -136,7 +156,8 @@ def add_servicer(server: grpc.aio.Server, servicer: object, service: ServiceDesc
         for method in service.methods
     }
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
-    server.add_registered_method_handlers(service.full_name, handlers)
+    # Added in grpcio 1.63; grpc-stubs (1.53) does not know it yet.
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
     return service.full_name
 
 
@@ -146,7 +167,7 @@ class ServerHandle:
 
     server: grpc.aio.Server
     port: int
-    health: health.aio.HealthServicer
+    health: AsyncHealth
     services: list[str] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
@@ -185,7 +206,7 @@ def build_server(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     *,
     max_message_bytes: int = 64 * 1024 * 1024,
-    interceptors: Iterable[grpc.aio.ServerInterceptor] = (),
+    interceptors: Iterable[_ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
 ) -> ServerHandle:
@@ -202,7 +223,8 @@ def build_server(
     ]
     server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=options)
     services = list(register(server))
-    health_servicer = health.aio.HealthServicer()
+    # grpc-stubs' grpc_health has no ``aio`` submodule; AsyncHealth says what is used of it.
+    health_servicer: AsyncHealth = health.aio.HealthServicer()  # type: ignore[attr-defined]
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [*services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
     reflection.enable_server_reflection(names, server, pool=POOL)

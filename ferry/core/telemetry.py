@@ -13,7 +13,14 @@ import logging
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+if TYPE_CHECKING:
+    from prometheus_client.metrics import MetricWrapperBase
+    from prometheus_client.metrics_core import Metric
+
+# prometheus_client is imported where it is used; the annotations need it only for type checking.
+M = TypeVar("M", bound="MetricWrapperBase")
 
 _RESERVED = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
 
@@ -55,15 +62,15 @@ def start_metrics_server(port: int, host: str = "127.0.0.1") -> int:
     return int(server.server_port)
 
 
-class Labelled:
+class Labelled(Generic[M]):
     """A metric's labelled children, kept: ``labels()`` validates and locks on every call, and a
     request path that counts several series per call pays for it; this pays one dict lookup."""
 
-    def __init__(self, metric: Any) -> None:
+    def __init__(self, metric: M) -> None:
         self._metric = metric
-        self._children: dict[tuple[str, ...], Any] = {}
+        self._children: dict[tuple[str, ...], M] = {}
 
-    def __call__(self, *labels: str) -> Any:
+    def __call__(self, *labels: str) -> M:
         child = self._children.get(labels)
         if child is None:
             child = self._children[labels] = self._metric.labels(*labels)
@@ -99,7 +106,7 @@ class RequestMetrics:
         cells[bisect.bisect_left(self._bounds, seconds)] += 1
         cells[-1] += seconds
 
-    def collect(self) -> Iterator[Any]:
+    def collect(self) -> Iterator[Metric]:
         from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
 
         requests = CounterMetricFamily(
@@ -115,9 +122,10 @@ class RequestMetrics:
         )
         for model, cells in list(self._latency.items()):
             cells = list(cells)
-            buckets, total = [], 0.0
-            for bound, n in zip([*map(str, self._bounds), "+Inf"], cells[:-1], strict=True):
-                total += n
+            buckets: list[tuple[str, float]] = []
+            total = 0.0
+            for bound, count in zip([*map(str, self._bounds), "+Inf"], cells[:-1], strict=True):
+                total += count
                 buckets.append((bound, total))
             latency.add_metric([model], buckets, cells[-1])
         yield latency
