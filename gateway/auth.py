@@ -46,7 +46,11 @@ OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 
 
 def hash_key(key: str) -> str:
-    """What the key file stores for ``key``: ``ferry-gateway hash-key`` users compute the same."""
+    """What the key file stores for ``key``: its sha256 hex digest.
+
+    There is no CLI command for it: call this function (``python -c "from gateway.auth import
+    hash_key; print(hash_key('KEY'))"``) or run ``printf %s KEY | sha256sum`` (no trailing newline).
+    """
     return hashlib.sha256(key.encode()).hexdigest()
 
 

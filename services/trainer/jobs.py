@@ -2,7 +2,7 @@
 
 A job record (``jobs/<id>.json`` in the store) is written only here, on every
 state change and epoch, and at most every few seconds for progress, so a
-restarted trainer knows every job. Jobs run ``services.trainer.runner`` in a new
+restarted trainer knows every job (its shape is ``records``). Jobs run ``services.trainer.runner`` in a new
 process session; its ``FERRY_EVENT`` lines on stdout drive the record and the
 watchers. States::
 
@@ -36,39 +36,23 @@ from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, Una
 from ferry.core.store import Store, atomic_write_json, validate_name
 from services.trainer import checkpoints as ckpt
 from services.trainer import metrics as prom
-from services.trainer.runner import EVENT_PREFIX
+from services.trainer.records import (
+    CANCELLED,
+    EVENT_PREFIX,
+    FAILED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    new_record,
+    now_ms,
+)
 from services.trainer.settings import TrainerSettings
 
 log = logging.getLogger("ferry.trainer.jobs")
 
-QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED"
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 PERSIST_EVERY_S = 2.0
 MAX_HISTORY = 1000  # epoch metrics kept in the record (checkpoints keep them all)
-
-
-def now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-def new_record(job_id: str, name: str, spec: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "id": job_id,
-        "name": name,
-        "state": QUEUED,
-        "spec": spec,
-        "progress": {"epoch": 0, "epochs": spec["epochs"], "metrics": {}},
-        "error": "",
-        "created_ms": now_ms(),
-        "started_ms": 0,
-        "finished_ms": 0,
-        "checkpoints": [],
-        "test_metrics": {},
-        "history": [],
-        "attempts": 0,
-        "resumed_from": "",
-        "pid": 0,
-    }
 
 
 class _Running:

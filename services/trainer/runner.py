@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-EVENT_PREFIX = "FERRY_EVENT "
+from services.trainer.records import EVENT_PREFIX, FAILED, RUNNING, SUCCEEDED, new_record, now_ms
 
 
 class JobFailed(Exception):
@@ -324,7 +324,6 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
     """One rank of a job launched by torchrun (or alone): no trainer, rank 0 keeps the job record."""
     from ferry.core.store import atomic_write_json, validate_name
     from services.trainer import checkpoints as ckpt
-    from services.trainer.jobs import new_record, now_ms
     from services.trainer.spec import normalize_spec
 
     validate_name(job_id, "job id")
@@ -335,7 +334,7 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
     ctx.update(spec={**spec, "job": job_id}, init="env://" if world > 1 else "")
     record = new_record(job_id, job_id, spec)
     if rank == 0:
-        record.update(state="RUNNING", started_ms=now_ms(), attempts=1, pid=os.getpid(), world=world)
+        record.update(state=RUNNING, started_ms=now_ms(), attempts=1, pid=os.getpid(), world=world)
         atomic_write_json(store.job_file(job_id), record)
     code = 0
     try:
@@ -348,7 +347,7 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
         done = code == 0 and final.is_file()
         summary = json.loads(final.read_text()) if done else {}
         record.update(
-            state="SUCCEEDED" if done else "FAILED",
+            state=SUCCEEDED if done else FAILED,
             error="" if done else LAST_EVENTS.get("failed", {}).get("error", f"exited with code {code}"),
             finished_ms=now_ms(),
             pid=0,

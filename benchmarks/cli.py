@@ -5,6 +5,10 @@ worker direct, gateway with cache off, gateway with every request a cache hit)
 for each model and concurrency, then writes ``results.json``, ``results.md``
 (with ratios to the floor and the issue's targets) and ``results.png``. Run from
 the repository root: the scenarios live in ``benchmarks/``.
+
+The ``ferry`` CLI imports nothing from ``benchmarks``: this module's ``register`` is declared
+in pyproject.toml under the ``ferry.commands`` entry-point group, which ``ferry.cli.main``
+reads, so the dependency runs one way (benchmarks -> ferry).
 """
 
 from __future__ import annotations
