@@ -42,6 +42,13 @@ CNN_DIGITS = {
     "schedule": "cosine",
     "seed": 1,
 }
+NAN = {
+    "model": {"arch": "mlp"},
+    "dataset": {"name": "synthetic_regression"},
+    "optimizer": "sgd",
+    "lr": 1e20,
+    "epochs": 1,
+}
 IRIS = {"model": {"arch": "mlp", "params": {"hidden": [16], "dropout": 0.1}}, "dataset": {"name": "iris"}}
 
 
@@ -226,14 +233,7 @@ def test_sigkilled_job_process_ends_failed(client: SyncTrainerClient, store: Pat
 
 
 def test_nan_loss_fails_the_job(client: SyncTrainerClient) -> None:
-    spec = {
-        "model": {"arch": "mlp"},
-        "dataset": {"name": "synthetic_regression"},
-        "optimizer": "sgd",
-        "lr": 1e20,
-        "epochs": 2,
-    }
-    job = client.wait(client.submit(spec, name="nan").id, timeout=120)
+    job = client.wait(client.submit({**NAN, "epochs": 2}, name="nan").id, timeout=120)
     assert state_name(job) == "FAILED"
     assert job.error.startswith("loss became ") and "(not finite) at epoch 1" in job.error
 
@@ -273,13 +273,6 @@ def test_early_stopping_keeps_the_best_epoch_and_regression_trains(
 
 
 QUICK = {**IRIS, "epochs": 2}
-NAN = {
-    "model": {"arch": "mlp"},
-    "dataset": {"name": "synthetic_regression"},
-    "optimizer": "sgd",
-    "lr": 1e20,
-    "epochs": 1,
-}
 
 
 def test_list_filters_by_state_and_pages(client: SyncTrainerClient) -> None:

@@ -15,6 +15,7 @@ import shutil
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -26,7 +27,7 @@ def in_ci() -> bool:
     return os.environ.get("CI", "").lower() not in ("", "0", "false", "no")
 
 
-def missing(what: str) -> None:
+def missing(what: str) -> NoReturn:
     """Skip the calling test or module for a missing dependency, or fail when in CI."""
     message = f"{what} is not installed; {_INSTALL_HINT}"
     if in_ci():
@@ -43,7 +44,6 @@ def require_module(name: str) -> ModuleType:
         return importlib.import_module(name)
     except ImportError:
         missing(f"the Python package for {name!r}")
-        raise  # unreachable: missing() always raises
 
 
 def find_binary(name: str) -> str | None:
@@ -57,5 +57,4 @@ def require_binary(name: str) -> str:
     found = find_binary(name)
     if not found:
         missing(f"the {name!r} executable")
-        raise AssertionError("unreachable")
     return found
