@@ -6,18 +6,26 @@ checkpoint's ``spec.json`` holds a ``model`` entry, either ``{"arch": NAME,
 "params": {...}}`` for a user's own, and ``build_model`` turns that entry back into
 the same ``nn.Module`` on both sides. Only the trainer and the exporter import
 this module; workers and the gateway never import torch.
+
+A factory is code, so naming one in a job spec must not be a way to run code:
+``build_model`` imports a factory only when its module lies under one of the
+prefixes the operator allowed (``--allowed-factories``, empty by default), and
+``check_factory`` refuses the rest before anything is imported.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ferry.core.errors import InvalidArgument
+from ferry.core.errors import InvalidArgument, PermissionDenied
+
+_FACTORY = re.compile(r"^([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*):([A-Za-z_]\w*)$")
 
 
 class MLP(nn.Module):
@@ -98,11 +106,30 @@ ARCHITECTURES: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def load_factory(path: str) -> Callable[..., nn.Module]:
-    """Import ``package.module:function``; a path that does not import is the caller's mistake."""
-    module_name, _, attr = path.partition(":")
-    if not module_name or not attr:
+def check_factory(path: str, allowed: Sequence[str]) -> None:
+    """Refuse a factory outside the allowed module prefixes, without importing anything.
+
+    A prefix covers its module and the modules below it: ``pkg.models`` allows
+    ``pkg.models:make`` and ``pkg.models.big:make``, not ``pkg.models_old:make``.
+    """
+    match = _FACTORY.match(path)
+    if match is None:
         raise InvalidArgument(f"factory {path!r} must look like 'package.module:function'")
+    module = match.group(1)
+    prefixes = [p.strip() for p in allowed if p.strip()]
+    if not any(module == p or module.startswith(p + ".") for p in prefixes):
+        listed = ", ".join(prefixes) if prefixes else "none"
+        raise PermissionDenied(
+            f"factory {path!r} is not allowed here (allowed module prefixes: {listed}); job specs name "
+            f"zoo architectures ({', '.join(sorted(ARCHITECTURES))}) unless the operator allows "
+            "factories with --allowed-factories"
+        )
+
+
+def load_factory(path: str, allowed: Sequence[str]) -> Callable[..., nn.Module]:
+    """Import an allowed ``package.module:function``; one that does not import is the spec's mistake."""
+    check_factory(path, allowed)
+    module_name, _, attr = path.partition(":")
     try:
         module = importlib.import_module(module_name)
         factory = getattr(module, attr)
@@ -113,11 +140,11 @@ def load_factory(path: str) -> Callable[..., nn.Module]:
     return factory
 
 
-def build_model(entry: dict[str, Any]) -> nn.Module:
-    """Build the module a ``spec.json`` ``model`` entry describes."""
+def build_model(entry: dict[str, Any], allowed_factories: Sequence[str] = ()) -> nn.Module:
+    """Build the module a ``spec.json`` ``model`` entry describes; factories only when allowed."""
     params = dict(entry.get("params", {}))
     if "factory" in entry:
-        model = load_factory(str(entry["factory"]))(**params)
+        model = load_factory(str(entry["factory"]), allowed_factories)(**params)
     else:
         arch = entry.get("arch")
         if arch not in ARCHITECTURES:

@@ -36,6 +36,10 @@ IN_FLIGHT = Gauge("ferry_gateway_in_flight", "Requests inside the gateway")
 WORKER_IN_FLIGHT = Gauge("ferry_gateway_worker_in_flight", "Upstream calls in flight per worker", ["worker"])
 WORKERS = Gauge("ferry_gateway_workers", "Known workers by health", ["state"])
 AUTH_DENIED = Counter("ferry_gateway_auth_denied_total", "Calls refused by API-key auth", ["code"])
+RATE_LIMIT_LOCAL = Gauge(
+    "ferry_gateway_rate_limit_local",
+    "1 while Redis is unreachable and this replica counts API-key rate limits on its own",
+)
 REJECTED = Counter("ferry_gateway_overload_rejections_total", "Requests refused because the gateway was full")
 
 # The children the request path touches on every call, kept (see ``Labelled``).

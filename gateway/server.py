@@ -17,22 +17,17 @@ import grpc
 from ferry._proto.ferry.v1 import admin_pb2
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import open_channel
-from ferry.core.grpcserver import (
-    add_servicer,
-    build_server,
-    ready_line,
-    serve_until_signal,
-    server_credentials,
-)
+from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.security import secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.telemetry import setup_logging, start_metrics_server
 from gateway import metrics
 from gateway.admin import AdminServicer
-from gateway.auth import AuthInterceptor, KeyRing
 from gateway.breaker import STATE_VALUE, CircuitBreaker
 from gateway.cache import LruBackend, RedisBackend, ResultCache
 from gateway.dataplane import DataPlane
 from gateway.discovery import Discovery
+from gateway.ratelimit import SharedLimiter
 from gateway.router import RetryPolicy, Router
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
@@ -71,6 +66,7 @@ def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
             private_key=key,
             tls=settings.worker_tls,
             options=options,
+            api_key=settings.worker_api_key.get_secret_value() if settings.worker_api_key else None,
         )
 
     return make
@@ -98,6 +94,19 @@ def build_cache(settings: GatewaySettings) -> ResultCache | None:
         timeout_s=timeout,
         breaker=breaker,
         on_error=lambda op: metrics.CACHE_ERRORS.labels(op).inc(),
+    )
+
+
+def build_limiter(settings: GatewaySettings) -> SharedLimiter | None:
+    """API-key rate limits shared by every replica through Redis; None keeps them per process."""
+    if not (
+        settings.redis_url and settings.rate_limit_shared and (settings.api_keys_file or settings.api_keys)
+    ):
+        return None
+    return SharedLimiter(
+        settings.redis_url,
+        timeout_s=settings.cache_timeout_ms / 1000,
+        on_fallback=lambda local: metrics.RATE_LIMIT_LOCAL.set(1 if local else 0),
     )
 
 
@@ -138,16 +147,20 @@ async def serve(settings: GatewaySettings) -> None:
     def register(server: grpc.aio.Server) -> list[str]:
         return [add_servicer(server, servicer, INFERENCE_SERVICE), add_servicer(server, admin, ADMIN_SERVICE)]
 
-    ring = KeyRing.load(settings.api_keys_file, settings.api_keys)
-    interceptors = (
-        [AuthInterceptor(ring, on_deny=lambda code: metrics.AUTH_DENIED.labels(code).inc())] if ring else []
+    shared = build_limiter(settings)
+    port = secure_port(
+        settings,
+        settings.host,
+        "gateway",
+        limiter=(lambda key: shared.take(key.name, key.rate_per_s, key.burst)) if shared else None,
+        on_deny=lambda code: metrics.AUTH_DENIED.labels(code).inc(),
     )
     handle = build_server(
         settings.host,
         settings.port,
         register,
-        interceptors=interceptors,
-        credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+        guard=port.guard,
+        credentials=port.credentials,
         reuse_port=settings.reuse_port,
         max_message_bytes=settings.max_message_bytes,
     )
@@ -164,6 +177,8 @@ async def serve(settings: GatewaySettings) -> None:
         await discovery.close()
         if cache is not None:
             await cache.close()
+        if shared is not None:
+            await shared.close()
 
     handle.on_stop.append(on_stop)
     metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
@@ -177,7 +192,7 @@ async def serve(settings: GatewaySettings) -> None:
             metrics_port=metrics_port,
             workers=len(discovery.workers) if discovery.workers else len(settings.workers),
             cache=cache.backend.name if cache else "off",
-            auth="on" if ring else "off",
+            auth=port.auth,
         ),
     )
 

@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from ferry.core.settings import ServiceSettings
+from ferry.core.security import SecuritySettings
 
 
-class GatewaySettings(ServiceSettings):
+class GatewaySettings(SecuritySettings):
     """Everything the gateway reads, resolved once in ``main()``."""
 
     model_config = SettingsConfigDict(
         env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True, populate_by_name=True
     )
 
-    host: str = Field("0.0.0.0", description="address the gRPC port binds")
+    host: str = Field("127.0.0.1", description="address the gRPC port binds; 0.0.0.0 in a container")
     port: int = Field(8000, description="gRPC port (0 picks a free one)")
     workers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="static worker addresses host:port"
@@ -56,9 +56,6 @@ class GatewaySettings(ServiceSettings):
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
     upstream_per_worker: int = Field(1, description="concurrent upstream batches per worker and model")
     # Security.
-    tls_cert: str | None = Field(None, description="PEM certificate for the gateway port")
-    tls_key: str | None = Field(None, description="PEM private key for the gateway port")
-    tls_client_ca: str | None = Field(None, description="CA that client certificates must chain to (mTLS)")
     worker_tls: bool = Field(False, description="talk TLS to workers")
     worker_ca: str | None = Field(None, description="CA bundle that worker certificates chain to")
     worker_cert: str | None = Field(None, description="client certificate presented to workers (mTLS)")
@@ -66,8 +63,12 @@ class GatewaySettings(ServiceSettings):
     worker_server_name: str | None = Field(
         None, description="name to check worker certificates against (workers are dialled by IP)"
     )
-    api_keys_file: str | None = Field(None, description="YAML/JSON file of hashed API keys")
-    api_keys: str | None = Field(None, description="the same document inline (JSON), e.g. from a secret")
+    worker_api_key: SecretStr | None = Field(
+        None, description="key the gateway sends to workers that require one (roles infer, read, models)"
+    )
+    rate_limit_shared: bool = Field(
+        True, description="share API-key rate limits across gateway replicas through redis_url"
+    )
     # Operations.
     metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="address the metrics port binds")

@@ -29,6 +29,49 @@ DEFAULT_OPTIONS = [
 ]
 
 
+class _BearerKey:
+    """Adds ``authorization: Bearer <key>`` to a call's metadata.
+
+    An interceptor rather than call credentials: gRPC sends call credentials over TLS only,
+    and a key must also reach a loopback service that runs without TLS. grpc.aio files each
+    interceptor under one call kind only, so ``bearer_interceptors`` makes one per kind.
+    """
+
+    def __init__(self, key: str) -> None:
+        self._header = ("authorization", f"Bearer {key}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(<hidden>)"
+
+    def _details(self, details: Any) -> Any:
+        metadata = [m for m in (details.metadata or ()) if m[0] != "authorization"]
+        return details._replace(metadata=(*metadata, self._header))
+
+
+class _UnaryUnaryKey(_BearerKey, grpc.aio.UnaryUnaryClientInterceptor):
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _UnaryStreamKey(_BearerKey, grpc.aio.UnaryStreamClientInterceptor):
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(self._details(details), request)
+
+
+class _StreamUnaryKey(_BearerKey, grpc.aio.StreamUnaryClientInterceptor):
+    async def intercept_stream_unary(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+class _StreamStreamKey(_BearerKey, grpc.aio.StreamStreamClientInterceptor):
+    async def intercept_stream_stream(self, continuation: Any, details: Any, requests: Any) -> Any:
+        return await continuation(self._details(details), requests)
+
+
+def bearer_interceptors(key: str) -> list[Any]:
+    return [kind(key) for kind in (_UnaryUnaryKey, _UnaryStreamKey, _StreamUnaryKey, _StreamStreamKey)]
+
+
 def open_channel(
     address: str,
     *,
@@ -37,13 +80,16 @@ def open_channel(
     private_key: bytes | None = None,
     tls: bool = False,
     options: list[tuple[str, Any]] | None = None,
+    api_key: str | None = None,
 ) -> grpc.aio.Channel:
-    """An asyncio channel to ``address``; TLS when ``tls`` or any certificate is given."""
+    """An asyncio channel to ``address``; TLS when ``tls`` or any certificate is given; every
+    call carries ``api_key`` as a bearer token when one is given."""
     opts = [*DEFAULT_OPTIONS, *(options or [])]
+    interceptors = bearer_interceptors(api_key) if api_key else None
     if tls or root_certificates or certificate_chain:
         creds = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-        return grpc.aio.secure_channel(address, creds, options=opts)
-    return grpc.aio.insecure_channel(address, options=opts)
+        return grpc.aio.secure_channel(address, creds, options=opts, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
 
 
 def translate(err: grpc.aio.AioRpcError) -> FerryError:

@@ -26,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ferry._proto._pool import POOL
 from ferry.core.errors import FerryError
+from ferry.core.guard import Guard, GuardInterceptor
 
 log = logging.getLogger("ferry.grpc")
 
@@ -209,10 +210,12 @@ def build_server(
     interceptors: Iterable[_ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
+    guard: Guard | None = None,
 ) -> ServerHandle:
     """Create the server, register services via ``register`` (returns their full names), bind.
 
-    The error interceptor comes last so it sees exactly what the servicer raised.
+    The error interceptor comes first, outermost, so a refusal from the guard inside it and
+    anything a servicer raises take the same path to a status.
     """
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -221,7 +224,10 @@ def build_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    server = grpc.aio.server(interceptors=[*interceptors, ErrorInterceptor()], options=options)
+    chain: list[_ServerInterceptor] = [ErrorInterceptor()]
+    if guard is not None:
+        chain.append(GuardInterceptor(guard))
+    server = grpc.aio.server(interceptors=[*chain, *interceptors], options=options)
     services = list(register(server))
     # grpc-stubs' grpc_health has no ``aio`` submodule; AsyncHealth says what is used of it.
     health_servicer: AsyncHealth = health.aio.HealthServicer()  # type: ignore[attr-defined]

@@ -88,6 +88,16 @@ def resolve_options(given: dict[str, Any], settings: ExporterSettings) -> Export
         raise InvalidArgument("parity tolerances must be >= 0 and min_top1_agreement within (0, 1]")
     if opts.max_batch_size < 1 or opts.parity_samples < 2 or opts.parity_batch < 2:
         raise InvalidArgument("max_batch_size must be >= 1, parity_samples and parity_batch >= 2")
+    if opts.parity_samples > settings.max_parity_samples:
+        raise InvalidArgument(
+            f"parity_samples {opts.parity_samples} is over this exporter's limit "
+            f"(max_parity_samples={settings.max_parity_samples})"
+        )
+    if opts.max_batch_size > settings.max_batch_size_limit:
+        raise InvalidArgument(
+            f"max_batch_size {opts.max_batch_size} is over this exporter's limit "
+            f"(max_batch_size_limit={settings.max_batch_size_limit})"
+        )
     validate_name(opts.checkpoint, "checkpoint tag")
     return opts
 
@@ -219,7 +229,7 @@ class ExportPipeline:
         with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp:
             work = Path(tmp)
             with stage("load", f"job {job_id}, checkpoint {opts.checkpoint}") as s:
-                ckpt = load_checkpoint(self.store, job_id, opts.checkpoint)
+                ckpt = load_checkpoint(self.store, job_id, opts.checkpoint, self.settings.allowed_factories)
                 samples = held_out(
                     ckpt.spec,
                     opts.parity_samples,

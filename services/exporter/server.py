@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 from ferry._proto.ferry.v1 import exporter_pb2 as pb
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.security import secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -23,15 +24,23 @@ async def serve(settings: ExporterSettings) -> None:
     def register(server: object) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]
 
+    port = secure_port(settings, settings.host, "exporter")
     handle = build_server(
-        settings.host, settings.port, register, max_message_bytes=settings.max_message_bytes
+        settings.host,
+        settings.port,
+        register,
+        max_message_bytes=settings.max_message_bytes,
+        guard=port.guard,
+        credentials=port.credentials,
     )
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
     try:
         await serve_until_signal(
             handle,
             settings.grace_s,
-            ready_message=ready_line("exporter", handle.port, metrics_port=metrics_port, store=store.root),
+            ready_message=ready_line(
+                "exporter", handle.port, metrics_port=metrics_port, store=store.root, auth=port.auth
+            ),
         )
     finally:
         servicer.close()

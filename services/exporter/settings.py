@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from ferry.core.settings import ServiceSettings
+from ferry.core.security import SecuritySettings
 
 
-class ExporterSettings(ServiceSettings):
+class ExporterSettings(SecuritySettings):
     """Everything the exporter can be told; each field is also ``FERRY_EXPORTER_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix="FERRY_EXPORTER_", extra="forbid")
@@ -28,6 +28,16 @@ class ExporterSettings(ServiceSettings):
         description="ORT offline graph optimisation; basic keeps standard ops (runs on any provider)",
     )
     parity_samples: int = Field(256, ge=8, description="held-out samples the parity gate runs")
+    max_parity_samples: int = Field(
+        20_000, ge=8, description="largest parity_samples an export request may ask for"
+    )
+    max_batch_size_limit: int = Field(
+        4096, ge=1, description="largest max_batch_size an export request may write into config.json"
+    )
+    allowed_factories: list[str] = Field(
+        default_factory=list,
+        description="module prefixes a checkpoint's factory model may come from (empty: zoo only)",
+    )
     parity_batch: int = Field(32, ge=2, description="the larger batch of the gate (the other is 1)")
     atol: float = Field(1e-4, gt=0, description="fp32 gate absolute tolerance")
     rtol: float = Field(1e-4, ge=0, description="fp32 gate relative tolerance")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,7 +19,7 @@ from torch import nn
 
 from ferry.core.errors import FailedPrecondition, FerryError, NotFound
 from ferry.core.store import Store, validate_name
-from ferry.zoo import build_model
+from ferry.zoo import build_model, check_factory
 
 FINISHED = "SUCCEEDED"
 WEIGHTS_FILE = "weights.safetensors"
@@ -91,11 +92,14 @@ def _check_spec(spec: Any, path: Path) -> dict[str, Any]:
     return spec
 
 
-def load_checkpoint(store: Store, job_id: str, tag: str = "final") -> Checkpoint:
+def load_checkpoint(
+    store: Store, job_id: str, tag: str = "final", allowed_factories: Sequence[str] = ()
+) -> Checkpoint:
     """Rebuild a finished job's module from its checkpoint, in eval mode.
 
     NOT_FOUND for an unknown job, FAILED_PRECONDITION for an unfinished one or a
-    checkpoint that is missing or corrupt (the message names the path).
+    checkpoint that is missing or corrupt (the message names the path), PERMISSION_DENIED
+    for a factory model outside ``allowed_factories`` (nothing is imported then).
     """
     state = job_state(store, job_id)
     if state != FINISHED:
@@ -112,8 +116,10 @@ def load_checkpoint(store: Store, job_id: str, tag: str = "final") -> Checkpoint
         raise FailedPrecondition(f"checkpoint is missing its weights: {weights} does not exist")
     metrics_path = folder / METRICS_FILE
     metrics = _read_json(metrics_path, "metrics") if metrics_path.is_file() else {}
+    if "factory" in spec["model"]:
+        check_factory(str(spec["model"]["factory"]), allowed_factories)
     try:
-        module = build_model(spec["model"])
+        module = build_model(spec["model"], allowed_factories)
     except FerryError as err:
         raise FailedPrecondition(f"checkpoint spec {spec_path}: {err.message}") from err
     raw = weights.read_bytes()

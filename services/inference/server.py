@@ -6,13 +6,8 @@ import asyncio
 from collections.abc import Sequence
 
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry.core.grpcserver import (
-    add_servicer,
-    build_server,
-    ready_line,
-    serve_until_signal,
-    server_credentials,
-)
+from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.security import secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -32,12 +27,14 @@ async def serve(settings: WorkerSettings) -> None:
     def register(server: object) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]
 
+    port = secure_port(settings, settings.host, "worker")
     handle = build_server(
         settings.host,
         settings.port,
         register,
         max_message_bytes=settings.max_message_bytes,
-        credentials=server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca),
+        guard=port.guard,
+        credentials=port.credentials,
         reuse_port=settings.reuse_port,
     )
 
@@ -59,7 +56,9 @@ async def serve(settings: WorkerSettings) -> None:
             handle,
             settings.grace_s,
             on_start=on_start,
-            ready_message=ready_line("worker", handle.port, metrics_port=metrics_port, store=store.root),
+            ready_message=ready_line(
+                "worker", handle.port, metrics_port=metrics_port, store=store.root, auth=port.auth
+            ),
         )
     finally:
         await repo.close()

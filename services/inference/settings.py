@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from ferry.core.settings import ServiceSettings
+from ferry.core.security import SecuritySettings
 
 
-class WorkerSettings(ServiceSettings):
+class WorkerSettings(SecuritySettings):
     """Everything an inference worker can be told; each field is also ``FERRY_WORKER_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix="FERRY_WORKER_", extra="forbid")
@@ -45,9 +45,4 @@ class WorkerSettings(ServiceSettings):
     )
     metrics_port: int = Field(0, description="Prometheus /metrics port, 0 = off")
     reuse_port: bool = Field(False, description="SO_REUSEPORT, so several worker processes share one port")
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = Field(
-        None, description="require client certificates signed by this CA (mTLS)"
-    )
     log_level: str = "WARNING"

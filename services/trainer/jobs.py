@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, Unavailable
+from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ferry.core.store import Store, atomic_write_json, validate_name
 from services.trainer import checkpoints as ckpt
 from services.trainer import metrics as prom
@@ -48,6 +48,7 @@ from services.trainer.records import (
     now_ms,
 )
 from services.trainer.settings import TrainerSettings
+from services.trainer.spec import Limits
 
 log = logging.getLogger("ferry.trainer.jobs")
 
@@ -61,6 +62,7 @@ class _Running:
     def __init__(self, proc: asyncio.subprocess.Process) -> None:
         self.proc = proc
         self.cancelled = False
+        self.started = False
         self.done = False
         self.failure = ""
 
@@ -189,10 +191,25 @@ class JobManager:
 
     # --- commands -----------------------------------------------------------------------------
 
-    def submit(self, spec: dict[str, Any], name: str) -> dict[str, Any]:
+    @property
+    def limits(self) -> Limits:
+        s = self.settings
+        return Limits(s.max_nprocs, s.max_epochs, s.max_batch_size, tuple(s.allowed_factories))
+
+    def submit(self, spec: dict[str, Any], name: str, owner: str = "-") -> dict[str, Any]:
+        """Queue a job for ``owner`` (the caller's key name), up to its share of the queue."""
         prefix = validate_name(name, "job name")[:40] if name else "job"
+        pending = sum(
+            1 for r in self.jobs.values() if r.get("owner", "-") == owner and r["state"] not in TERMINAL
+        )
+        if pending >= self.settings.max_queued_jobs_per_key:
+            raise ResourceExhausted(
+                f"key {owner!r} already has {pending} queued or running jobs, the limit "
+                f"(max_queued_jobs_per_key={self.settings.max_queued_jobs_per_key}); wait or cancel one"
+            )
         job_id = f"{prefix}-{uuid.uuid4().hex[:10]}"
         record = new_record(job_id, name, spec)
+        record["owner"] = owner
         self.jobs[job_id] = record
         self._save(record)
         self._pump()
@@ -257,6 +274,7 @@ class JobManager:
             return
         argv = [sys.executable, "-m", "services.trainer.runner", "--store", str(self.store.root)]
         argv += ["--job", job_id, "--threads", str(self.threads), "--parent", str(os.getpid())]
+        argv += ["--allowed-factories", ",".join(self.settings.allowed_factories)]
         if record["resumed_from"]:
             argv += ["--resume", record["resumed_from"]]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -281,11 +299,13 @@ class JobManager:
         self._save(record)
         self._notify(record, "state")
         assert proc.stdout is not None
-        while line := await proc.stdout.readline():
-            text = line.decode(errors="replace").strip()
-            if text.startswith(EVENT_PREFIX):
-                with contextlib.suppress(ValueError):
-                    self._on_event(record, running, json.loads(text[len(EVENT_PREFIX) :]))
+        watchdog = asyncio.get_running_loop().call_later(
+            self.settings.start_timeout_s, self._start_overdue, record, running
+        )
+        try:
+            await self._read_events(record, running, proc.stdout)
+        finally:
+            watchdog.cancel()
         code = await proc.wait()
         if self._stopping:
             return
@@ -302,6 +322,26 @@ class JobManager:
             self._finish(record, FAILED, f"the job process was killed by {signal.Signals(-code).name}")
         else:
             self._finish(record, FAILED, f"the job process exited with code {code}{self._log_tail(job_id)}")
+
+    async def _read_events(
+        self, record: dict[str, Any], running: _Running, stdout: asyncio.StreamReader
+    ) -> None:
+        while line := await stdout.readline():
+            text = line.decode(errors="replace").strip()
+            if text.startswith(EVENT_PREFIX):
+                with contextlib.suppress(ValueError):
+                    self._on_event(record, running, json.loads(text[len(EVENT_PREFIX) :]))
+
+    def _start_overdue(self, record: dict[str, Any], running: _Running) -> None:
+        """A job that never reports ``started`` (a factory that hangs at import, a dataset that
+        never loads) is killed, so it cannot hold a run slot for ever."""
+        if running.started or running.proc.returncode is not None:
+            return
+        running.failure = (
+            f"the job did not start within start_timeout_s={self.settings.start_timeout_s:g} s "
+            "(loading its data and building its model); it was killed"
+        )
+        _signal_group(running.proc, signal.SIGKILL)
 
     def _on_event(self, record: dict[str, Any], running: _Running, event: dict[str, Any]) -> None:
         kind = event.get("type")
@@ -323,6 +363,7 @@ class JobManager:
             self._save(record)
             self._notify(record, "epoch")
         elif kind == "started":
+            running.started = True
             record.update(world=event.get("world", 1), device=event.get("device", ""))
             self._save(record)
         elif kind == "done":

@@ -156,7 +156,12 @@ def train(rank: int, world: int, ctx: dict[str, Any]) -> None:
     xv, yv = tensor(data.x_train[order[:n_val]]), tensor(data.y_train[order[:n_val]])
     xt, yt = tensor(data.x_train[order[n_val:]]), tensor(data.y_train[order[n_val:]])
     torch.manual_seed(seed)
-    model = build_model(spec["model"]).to(device)
+    model = build_model(spec["model"], ctx.get("allowed_factories", ()))
+    if "factory" in spec["model"]:  # someone's code: checked here, in the job's process, never at submit
+        from services.trainer.spec import check_fit
+
+        check_fit(model, data, spec["model"]["factory"])
+    model = model.to(device)
     net = torch.nn.parallel.DistributedDataParallel(model) if world > 1 else model
     optimizer = _make_optimizer(spec, model.parameters())
     loss_fn = _loss_fn(spec)
@@ -287,6 +292,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--parent", type=int, default=0)
     parser.add_argument("--spec-file", default="", help="run this JSON spec without a trainer (torchrun)")
+    parser.add_argument(
+        "--allowed-factories", default="", help="module prefixes a factory model may come from (A,B)"
+    )
     args = parser.parse_args(argv)
     _die_with_parent(args.parent)
     from ferry.core.store import Store
@@ -298,6 +306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resume": args.resume,
         "threads": args.threads or os.cpu_count() or 1,
         "runner_pid": os.getpid(),
+        "allowed_factories": [p for p in args.allowed_factories.split(",") if p],
     }
     if args.spec_file:
         return _run_under_torchrun(store, args.job, Path(args.spec_file), ctx)
@@ -324,12 +333,14 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
     """One rank of a job launched by torchrun (or alone): no trainer, rank 0 keeps the job record."""
     from ferry.core.store import atomic_write_json, validate_name
     from services.trainer import checkpoints as ckpt
-    from services.trainer.spec import normalize_spec
+    from services.trainer.spec import Limits, normalize_spec
 
     validate_name(job_id, "job id")
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     raw = json.loads(spec_file.read_text())
-    spec = normalize_spec({**raw, "nprocs": 1}, store.root)
+    spec = normalize_spec(
+        {**raw, "nprocs": 1}, store.root, Limits(allowed_factories=ctx["allowed_factories"])
+    )
     spec["nprocs"] = world
     ctx.update(spec={**spec, "job": job_id}, init="env://" if world > 1 else "")
     record = new_record(job_id, job_id, spec)

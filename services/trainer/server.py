@@ -12,6 +12,7 @@ import grpc
 
 from ferry._proto.ferry.v1 import trainer_pb2
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.security import secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -29,6 +30,7 @@ def _warm_imports() -> None:
 
 
 async def serve(settings: TrainerSettings) -> None:
+    port = secure_port(settings, settings.host, "trainer")
     store = Store(settings.store)
     manager = JobManager(store, settings)
     await manager.start()
@@ -37,7 +39,9 @@ async def serve(settings: TrainerSettings) -> None:
     def register(server: grpc.aio.Server) -> list[str]:
         return [add_servicer(server, TrainerServicer(manager), SERVICE)]
 
-    handle = build_server(settings.host, settings.port, register)
+    handle = build_server(
+        settings.host, settings.port, register, guard=port.guard, credentials=port.credentials
+    )
     handle.on_stop.append(manager.stop)
 
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
@@ -45,7 +49,9 @@ async def serve(settings: TrainerSettings) -> None:
         await serve_until_signal(
             handle,
             settings.grace_s,
-            ready_message=ready_line("trainer", handle.port, metrics_port=metrics_port, store=store.root),
+            ready_message=ready_line(
+                "trainer", handle.port, metrics_port=metrics_port, store=store.root, auth=port.auth
+            ),
         )
     finally:
         await manager.stop()

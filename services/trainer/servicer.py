@@ -15,6 +15,7 @@ import grpc
 from ferry._proto.ferry.v1 import trainer_pb2 as pb
 from ferry._proto.ferry.v1 import trainer_pb2_grpc
 from ferry.core.errors import InvalidArgument
+from ferry.core.guard import caller_name
 from services.trainer.jobs import JobManager
 from services.trainer.spec import normalize_spec
 from services.trainer.uploads import receive_upload
@@ -107,10 +108,8 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
 
             validate_name(request.name, "job name")
         raw = spec_from_proto(request.spec)
-        spec = await asyncio.to_thread(
-            normalize_spec, raw, self.manager.store.root, self.manager.settings.max_nprocs
-        )
-        return job_to_proto(self.manager.submit(spec, request.name))
+        spec = await asyncio.to_thread(normalize_spec, raw, self.manager.store.root, self.manager.limits)
+        return job_to_proto(self.manager.submit(spec, request.name, owner=caller_name()))
 
     async def GetJob(self, request: pb.TrainGetRequest, context: grpc.aio.ServicerContext) -> pb.TrainJob:
         return job_to_proto(self.manager.get(request.id))

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from ferry.core.settings import ServiceSettings
+from ferry.core.security import SecuritySettings
 
 
-class TrainerSettings(ServiceSettings):
+class TrainerSettings(SecuritySettings):
     """Everything the trainer service reads, resolved once in ``main()``."""
 
     model_config = SettingsConfigDict(env_prefix="FERRY_TRAINER_", extra="forbid", validate_default=True)
@@ -19,6 +19,20 @@ class TrainerSettings(ServiceSettings):
     max_concurrent_jobs: int = Field(2, ge=1, description="jobs running at once; the rest queue")
     threads_per_job: int = Field(0, ge=0, description="torch threads per job; 0 = CPUs / concurrent jobs")
     max_nprocs: int = Field(8, ge=1, description="largest nprocs (DDP processes) a job may ask for")
+    max_epochs: int = Field(100_000, ge=1, description="largest epochs a job may ask for")
+    max_batch_size: int = Field(65536, ge=1, description="largest batch_size a job may ask for")
+    max_queued_jobs_per_key: int = Field(
+        16,
+        ge=1,
+        description="queued or running jobs one API key may have at once; more -> RESOURCE_EXHAUSTED",
+    )
+    allowed_factories: list[str] = Field(
+        default_factory=list,
+        description="module prefixes a job's factory model may come from (empty: zoo architectures only)",
+    )
+    start_timeout_s: float = Field(
+        300.0, gt=0, description="a job that has not started training by then (data, model built) FAILS"
+    )
     resume_interrupted: bool = Field(
         True, description="on start, resume jobs a stopped trainer left running (else mark them FAILED)"
     )

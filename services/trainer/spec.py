@@ -1,16 +1,24 @@
 """Job spec validation: a bad job is refused at submit, before any process starts.
 
 ``normalize_spec`` takes the spec as the servicer decoded it (a plain dict, zero
-values meaning "default"), fills the defaults, derives the model's sizes from the
-dataset (``in_features``, ``in_channels``, ``vocab_size``, ``num_classes``), then
-builds the model and runs two samples through it, so a model that does not fit
-its data is rejected with both shapes in the message rather than failing later
-in a child process. The result is what the job record and ``spec.json`` keep.
+values meaning "default"), fills the defaults, checks them against the
+operator's ``Limits``, derives the model's sizes from the dataset
+(``in_features``, ``in_channels``, ``vocab_size``, ``num_classes``), then builds a
+zoo model and runs two samples through it (``check_fit``), so a model that does
+not fit its data is rejected with both shapes in the message rather than failing
+later in a child process. The result is what the job record and ``spec.json`` keep.
+
+A factory model is different: it is someone's code. It must lie under a module
+prefix the operator allowed, and even then it is never imported here, in the
+server: the job's own process builds it and runs the same ``check_fit``, so a
+factory that raises, hangs or exits at import fails its job, not the trainer.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +53,21 @@ def _fraction(value: float, what: str, low_open: bool) -> None:
         raise InvalidArgument(f"{what} must lie in {'(0' if low_open else '[0'}, 1), got {value}")
 
 
-def normalize_spec(raw: dict[str, Any], store_root: str | Path, max_nprocs: int = 8) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Limits:
+    """What the operator lets one job ask for (the trainer's settings of the same names)."""
+
+    max_nprocs: int = 8
+    max_epochs: int = 100_000
+    max_batch_size: int = 65536
+    allowed_factories: Sequence[str] = ()
+
+
+def normalize_spec(
+    raw: dict[str, Any], store_root: str | Path, limits: Limits | None = None
+) -> dict[str, Any]:
     """Validate ``raw`` and return the complete spec (see the module docstring)."""
+    limits = limits or Limits()
     optimizer = _choice(raw.get("optimizer", ""), OPTIMIZERS, "optimizer", "adam")
     spec: dict[str, Any] = {
         "optimizer": optimizer,
@@ -73,13 +94,16 @@ def normalize_spec(raw: dict[str, Any], store_root: str | Path, max_nprocs: int 
         if not (math.isfinite(spec[key]) and spec[key] >= 0):
             raise InvalidArgument(f"{key} must be zero or positive, got {spec[key]}")
     _positive(spec["gamma"], "gamma")
-    for key, high in (("epochs", 100_000), ("batch_size", 1_000_000), ("step_size", 100_000)):
+    bounds = (("epochs", limits.max_epochs), ("batch_size", limits.max_batch_size), ("step_size", 100_000))
+    for key, high in bounds:
         if not 1 <= spec[key] <= high:
-            raise InvalidArgument(f"{key} must be an integer in [1, {high}], got {spec[key]}")
+            raise InvalidArgument(f"{key} must be an integer in [1, {high}] on this trainer, got {spec[key]}")
     if spec["warmup_epochs"] < 0 or spec["early_stopping_patience"] < 0:
         raise InvalidArgument("warmup_epochs and early_stopping_patience must be zero or positive")
-    if not 1 <= spec["nprocs"] <= max_nprocs:
-        raise InvalidArgument(f"nprocs must be in [1, {max_nprocs}] on this trainer, got {spec['nprocs']}")
+    if not 1 <= spec["nprocs"] <= limits.max_nprocs:
+        raise InvalidArgument(
+            f"nprocs must be in [1, {limits.max_nprocs}] on this trainer, got {spec['nprocs']}"
+        )
     _fraction(spec["val_fraction"], "val_fraction", low_open=False)
     if spec["device"] == "cuda":
         import torch
@@ -120,7 +144,7 @@ def normalize_spec(raw: dict[str, Any], store_root: str | Path, max_nprocs: int 
     if n_train < spec["nprocs"]:
         raise InvalidArgument(f"dataset {data.name!r} has {n_train} training samples, fewer than nprocs")
 
-    spec["model"] = _check_model(raw.get("model") or {}, data)
+    spec["model"] = _check_model(raw.get("model") or {}, data, limits.allowed_factories)
     spec["input"] = {"name": "input", "datatype": data.datatype, "shape": data.input_shape}
     spec["output"] = {"name": "logits", "shape": [data.outputs]}
     spec["classes"] = data.classes
@@ -167,10 +191,8 @@ def _derived(arch: str, params: dict[str, Any], data: Dataset) -> dict[str, Any]
     return out
 
 
-def _check_model(raw: dict[str, Any], data: Dataset) -> dict[str, Any]:
-    import torch
-
-    from ferry.zoo import ARCHITECTURES, build_model, load_factory
+def _check_model(raw: dict[str, Any], data: Dataset, allowed_factories: Sequence[str]) -> dict[str, Any]:
+    from ferry.zoo import ARCHITECTURES, build_model, check_factory
 
     arch, factory = raw.get("arch", ""), raw.get("factory", "")
     params = raw.get("params") or {}
@@ -179,21 +201,29 @@ def _check_model(raw: dict[str, Any], data: Dataset) -> dict[str, Any]:
     if factory and arch:
         raise InvalidArgument("give the model as an arch or a factory, not both")
     if factory:
-        load_factory(factory)
-        entry: dict[str, Any] = {"factory": factory, "params": params}
-        label = factory
-    elif arch in ARCHITECTURES:
-        entry = {"arch": arch, "params": _derived(arch, params, data)}
-        label = arch
-    else:
+        check_factory(factory, allowed_factories)
+        return {"factory": factory, "params": params}  # built and checked in the job's process
+    if arch not in ARCHITECTURES:
         raise InvalidArgument(f"unknown model {arch!r}; the zoo has {', '.join(sorted(ARCHITECTURES))}")
+    import torch
+
+    entry: dict[str, Any] = {"arch": arch, "params": _derived(arch, params, data)}
     torch.manual_seed(0)
     try:
-        model = build_model(entry).eval()
+        model = build_model(entry)
     except InvalidArgument:
         raise
     except Exception as err:
-        raise InvalidArgument(f"model {label!r} cannot be built from params {params}: {err}") from err
+        raise InvalidArgument(f"model {arch!r} cannot be built from params {params}: {err}") from err
+    check_fit(model, data, arch)
+    return entry
+
+
+def check_fit(model: Any, data: Dataset, label: str) -> None:
+    """Run two samples through ``model``; a model that does not fit ``data`` is refused by shape."""
+    import torch
+
+    model.eval()
     sample = torch.from_numpy(np.ascontiguousarray(data.x_train[:2]))
     try:
         with torch.no_grad():
@@ -209,4 +239,3 @@ def _check_model(raw: dict[str, Any], data: Dataset) -> dict[str, Any]:
             f"model {label!r} outputs shape {got} but dataset {data.name!r} needs [{data.outputs}] "
             f"({data.task}, feature shape {data.feature_shape})"
         )
-    return entry

@@ -38,7 +38,9 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 @pytest.fixture(scope="module")
 def exporter(store: Store) -> Iterator[ServiceProcess]:
-    proc = ServiceProcess.serve("exporter", "--store", str(store.root), "--port", "0").start()
+    proc = ServiceProcess.serve(
+        "exporter", "--store", str(store.root), "--port", "0", "--allowed-factories", "tests"
+    ).start()
     yield proc
     proc.stop()
 
@@ -55,7 +57,7 @@ def _published(store: Store, model: str, version: int) -> ort.InferenceSession:
 
 
 def _torch(store: Store, job: str, x: np.ndarray) -> np.ndarray:
-    module = load_checkpoint(store, job).module
+    module = load_checkpoint(store, job, allowed_factories=["tests"]).module
     with torch.no_grad():
         return module(torch.from_numpy(x)).numpy()
 

@@ -1,13 +1,13 @@
 """TLS on the gateway's port, mTLS to a worker that demands client certificates, API keys.
 
-The certificates are made here with ``cryptography``: a CA, a server certificate
-for 127.0.0.1 and a client certificate, all signed by the CA.
+The certificates are the ones ``ferry up --secure`` uses, from ``ferry.pki.make_secrets``
+with its default services and hosts, so these tests prove that set works with gRPC, the
+Triton client and Redis: the worker serves its own certificate and demands one from the CA,
+and the gateway presents its certificate to the worker as the client side of mTLS.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,71 +16,38 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import yaml
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from gateway.auth import hash_key
+from ferry.core.auth import hash_key
+from ferry.pki import make_secrets
 from tests.integration.test_gateway import mlp_request, start_gateway, start_workers, wait_until
 from tests.support.deps import require_binary, require_module
 from tests.support.models import export_mlp, publish
 from tests.support.procs import RedisServer, ServiceProcess, free_port
 
-x509 = require_module("cryptography.x509")
 tc = require_module("tritonclient.grpc")
 
 
 def make_pki(folder: Path) -> dict[str, Path]:
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
+    """The CA and two certificates by role: "server" is the worker's (the gateways serve it too),
+    "client" the gateway's (its mTLS hop to the worker, and the test's own client certificate)."""
+    s = make_secrets(folder)
+    return {
+        "ca_crt": s.ca,
+        "server_crt": s.cert("worker"),
+        "server_key": s.key("worker"),
+        "client_crt": s.cert("gateway"),
+        "client_key": s.key("gateway"),
+    }
 
-    now = datetime.datetime.now(datetime.UTC)
 
-    def name(cn: str) -> Any:
-        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
-
-    def write(stem: str, key: Any, cert: Any) -> None:
-        (folder / f"{stem}.key").write_bytes(
-            key.private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-            )
-        )
-        (folder / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(name("ferry test CA"))
-        .issuer_name(name("ferry test CA"))
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
-    )
-    write("ca", ca_key, ca)
-    for stem, cn, server in (("server", "localhost", True), ("client", "ferry-client", False)):
-        key = ec.generate_private_key(ec.SECP256R1())
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(name(cn))
-            .issuer_name(ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(minutes=5))
-            .not_valid_after(now + datetime.timedelta(days=1))
-        )
-        if server:
-            builder = builder.add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-                ),
-                critical=False,
-            )
-        write(stem, key, builder.sign(ca_key, hashes.SHA256()))
-    return {p.stem + "_" + p.suffix[1:]: p for p in folder.iterdir()}
+def test_the_key_file_digests_are_the_auth_layers(tmp_path: Path) -> None:
+    s = make_secrets(tmp_path / "secrets")
+    digests = {k["name"]: k["sha256"] for k in yaml.safe_load(s.keys_file.read_text())["keys"]}
+    assert digests == {"admin": hash_key(s.admin_key), "infer": hash_key(s.infer_key)}
 
 
 # "limited" is spent only by the rate-limit test, so every other test passes in any order around it
@@ -249,9 +216,7 @@ def test_over_the_rate_limit_is_resource_exhausted(setup: dict[str, Any]) -> Non
         ]
     refused = [a for a in answers if a[0] != "OK"]
     assert refused, answers  # a burst of 3 at 0.5/s cannot admit 6 calls in a row
-    assert set(refused) == {
-        ("RESOURCE_EXHAUSTED", "API key 'limited' is over its rate limit of 0.5 requests/s")
-    }
+    assert set(refused) == {("RESOURCE_EXHAUSTED", "API key 'limited' is over its rate limit of 0.5 calls/s")}
 
 
 def test_rediss_cache_over_tls(setup: dict[str, Any]) -> None:

@@ -54,6 +54,8 @@ def trainer(store: Path) -> Iterator[ServiceProcess]:
         "1",
         "--max-upload-bytes",
         str(UPLOAD_LIMIT),
+        "--allowed-factories",
+        "tests.integration.test_trainer_errors,tests.integration.nowhere",
     ).start()
     yield proc
     proc.stop()
@@ -108,14 +110,23 @@ def test_model_that_does_not_fit_the_data_is_rejected_with_both_shapes(client: S
         message
         == "model 'lstm_text' takes token ids [sequence] but dataset 'iris' has float features of shape [4]"
     )
+
+
+def test_factory_that_does_not_fit_fails_its_job(client: SyncTrainerClient) -> None:
+    """A factory is checked in the job's own process, never in the server: the job fails, with shapes."""
     factory = "tests.integration.test_trainer_errors:tiny_factory"
-    message = submit_error(client, {**IRIS, "model": {"factory": factory, "params": {"in_features": 7}}})
-    assert message.startswith(f"model '{factory}' does not fit dataset 'iris': input shape [4]")
+    job = client.submit({**IRIS, "model": {"factory": factory, "params": {"in_features": 7}}})
+    job = client.wait(job.id, timeout=120)
+    assert state_name(job) == "FAILED"
+    assert f"model '{factory}' does not fit dataset 'iris': input shape [4]" in job.error
 
 
 def test_factory_that_does_not_import(client: SyncTrainerClient) -> None:
-    message = submit_error(client, {**IRIS, "model": {"factory": "no_such_pkg.models:build"}})
-    assert message == "factory 'no_such_pkg.models:build' does not import: No module named 'no_such_pkg'"
+    job = client.wait(
+        client.submit({**IRIS, "model": {"factory": "tests.integration.nowhere:build"}}).id, 120
+    )
+    assert state_name(job) == "FAILED"
+    assert "factory 'tests.integration.nowhere:build' does not import: No module named" in job.error
     message = submit_error(client, {**IRIS, "model": {"factory": "not-a-path"}})
     assert message == "factory 'not-a-path' must look like 'package.module:function'"
 

@@ -19,7 +19,7 @@ def pipeline(tmp_path: Path) -> ExportPipeline:
     store = Store(tmp_path)
     train_job(store, "job-f", "factory", steps=20)
     train_job(store, "job-eigen", "eigen", steps=1)
-    settings = ExporterSettings(parity_samples=32, latency_runs=1)
+    settings = ExporterSettings(parity_samples=32, latency_runs=1, allowed_factories=["tests"])
     return ExportPipeline(store, settings)
 
 

@@ -18,13 +18,14 @@ import pytest
 import torch
 from torch import nn
 
-from ferry.core.errors import FailedPrecondition, NotFound
+from ferry.core.errors import FailedPrecondition, NotFound, PermissionDenied
 from ferry.core.store import Store, atomic_write_json
 from ferry.zoo import build_model
 from services.exporter.source import load_checkpoint
 from services.trainer.checkpoints import FINAL, save_checkpoint
 
 HERE = "tests.unit.test_exporter_source"
+ALLOWED = ("tests",)  # the factories these tests train live here
 
 
 class TinyRegressor(nn.Module):
@@ -142,7 +143,7 @@ def train_job(
     entry = KINDS[kind]
     task = entry.get("task", "classification")
     torch.manual_seed(0)
-    model = build_model(entry["model"])
+    model = build_model(entry["model"], ALLOWED)
     x, y = _data(kind)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     loss_fn = nn.MSELoss() if task == "regression" else nn.CrossEntropyLoss()
@@ -224,3 +225,23 @@ def test_weights_that_do_not_fit_the_spec(tmp_path: Path) -> None:
     (folder / "spec.json").write_text(json.dumps(spec))
     with pytest.raises(FailedPrecondition, match="do not fit the model spec"):
         load_checkpoint(store, "j4")
+
+
+def test_a_factory_outside_the_allowed_prefixes_is_refused_before_import(tmp_path: Path) -> None:
+    """A checkpoint's spec.json is data; naming a factory in it must not run that code."""
+    store = Store(tmp_path)
+    train_job(store, "job-f", "factory", steps=1)
+    spec_path = store.checkpoint_dir("job-f", FINAL) / "spec.json"
+    spec = json.loads(spec_path.read_text())
+    spec["model"] = {"factory": "os:system", "params": {"command": "touch pwned"}}
+    spec_path.write_text(json.dumps(spec))
+    with pytest.raises(PermissionDenied, match=r"factory 'os:system' is not allowed here \(allowed module"):
+        load_checkpoint(store, "job-f", allowed_factories=["tests"])
+    assert not (Path.cwd() / "pwned").exists()
+    with pytest.raises(PermissionDenied, match="is not allowed here"):
+        load_checkpoint(store, "job-f")  # nothing allowed by default
+    ckpt_spec = {**spec, "model": KINDS["factory"]["model"]}
+    spec_path.write_text(json.dumps(ckpt_spec))
+    with pytest.raises(PermissionDenied, match="allowed module prefixes: none"):
+        load_checkpoint(store, "job-f")
+    assert load_checkpoint(store, "job-f", allowed_factories=[HERE]).module is not None

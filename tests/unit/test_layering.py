@@ -288,7 +288,7 @@ def test_parser_resolves_relative_and_lazy_imports(tmp_path: Path) -> None:
         ("ferry.core.codec", "ferry._proto.inference.grpc_service_pb2", True),
         ("services.trainer.jobs", "services.inference.runner", False),
         ("services.trainer.jobs", "services.trainer.records", True),
-        ("services.exporter.server", "gateway.auth", False),
+        ("services.exporter.server", "gateway.ratelimit", False),
         ("gateway.server", "services.inference.server", False),
         ("gateway.server", "benchmarks.loadgen", False),
         ("benchmarks.run", "ferry.client.inference", True),
