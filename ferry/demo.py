@@ -43,15 +43,21 @@ def demo_spec(epochs: int) -> dict[str, Any]:
 
 
 async def ensure_demo_model(
-    store: Store, trainer: str, exporter: str, epochs: int = 20, say: Callable[[str], None] = print
+    store: Store,
+    trainer: str,
+    exporter: str,
+    epochs: int = 20,
+    say: Callable[[str], None] = print,
+    options: dict[str, Any] | None = None,
 ) -> int:
-    """The demo model's latest version, training and exporting it first if the store has none."""
+    """The demo model's latest version, training and exporting it first if the store has none.
+    ``options`` are the clients' credentials (``ferry up --secure``)."""
     versions = store.list_versions(DEMO_MODEL)
     if versions:
         say(f"demo model '{DEMO_MODEL}' version {versions[-1]} found in the store; reusing it")
         return versions[-1]
     say(f"building the demo model: a CNN trained on scikit-learn digits for {epochs} epochs")
-    async with TrainerClient(trainer) as client:
+    async with TrainerClient(trainer, **(options or {})) as client:
         job = await client.submit(demo_spec(epochs), name="demo-digits-cnn")
         async for event in client.watch(job.id):
             job = event.job
@@ -63,7 +69,7 @@ async def ensure_demo_model(
         if state_name(job) != "SUCCEEDED":
             raise FailedPrecondition(f"demo training job {job.id} ended {state_name(job)}: {job.error}")
     say(f"  trained: job {job.id}; exporting to ONNX with the parity gate")
-    async with ExporterClient(exporter) as client:
+    async with ExporterClient(exporter, **(options or {})) as client:
         report = await client.export(
             job.id,
             DEMO_MODEL,
@@ -88,11 +94,15 @@ class Classification:
 
 
 async def classify_digits(
-    gateway: str, version: int, concurrency: int = 8, timeout_s: float = 120
+    gateway: str,
+    version: int,
+    concurrency: int = 8,
+    timeout_s: float = 120,
+    options: dict[str, Any] | None = None,
 ) -> Classification:
     """Classify the held-out digits through the gateway, one image per request."""
     data = load_dataset(DATASET, seed=SEED)
-    async with InferenceClient(gateway) as client:
+    async with InferenceClient(gateway, **(options or {})) as client:
         deadline = time.monotonic() + timeout_s
         while not await client.model_ready(DEMO_MODEL, version):
             if time.monotonic() > deadline:

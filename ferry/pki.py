@@ -370,3 +370,25 @@ def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
 
 def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m ferry.pki FOLDER [HOST...]``: the same set for a deployment (compose, a cluster),
+    with the hosts the services are reached by in every certificate."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m ferry.pki", description=main.__doc__)
+    parser.add_argument("folder", help="where the CA, certificates and keys go (made 0700)")
+    parser.add_argument("hosts", nargs="*", help="names and IPs the services are reached by")
+    args = parser.parse_args(argv)
+    made = make_secrets(args.folder, hosts=(*DEFAULT_HOSTS, *args.hosts))
+    print(f"{'made' if made.created else 'kept'} {made.folder}: ca.crt, <service>.crt/.key, {KEYS_FILE}")
+    if made.created:
+        print(
+            f"admin key     {made.admin_key}\ninference key {made.infer_key}\n(shown once; also in *.key.txt)"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

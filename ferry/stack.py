@@ -33,6 +33,7 @@ from pydantic_settings import SettingsConfigDict
 
 from ferry.core.errors import FailedPrecondition, Unavailable
 from ferry.core.settings import ServiceSettings
+from ferry.pki import ADMIN_KEY_FILE, INFER_KEY_FILE, Secrets, make_secrets
 
 log = logging.getLogger("ferry.stack")
 READY_RE = re.compile(r"FERRY_READY service=(\S+) port=(\d+)")
@@ -60,6 +61,10 @@ class UpSettings(ServiceSettings):
     restart_limit: int = Field(5, description="restarts allowed per child before the stack gives up")
     start_timeout_s: float = Field(90.0, description="how long a child may take to print its ready line")
     grace_s: float = Field(10.0, description="drain time given to each child on stop")
+    secure: bool = Field(
+        False, description="TLS and API keys on every service, from a local CA made under secrets_dir"
+    )
+    secrets_dir: str = Field(".ferry/secrets", description="with --secure: the CA, certificates and keys")
     log_level: str = "WARNING"
 
 
@@ -100,6 +105,7 @@ class Stack:
         self.redis_note = ""
         self._redis: asyncio.subprocess.Process | None = None
         self._watchers: list[asyncio.Task[None]] = []
+        self.secrets: Secrets | None = make_secrets(settings.secrets_dir) if settings.secure else None
         Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
 
     # --- planning -----------------------------------------------------------------------------
@@ -138,8 +144,34 @@ class Stack:
             service,
             "--log-level",
             self.s.log_level,
+            *self._secure_args(service),
             *args,
         ]
+
+    def _secure_args(self, service: str) -> list[str]:
+        """With --secure: the service's certificate, the key file, and for the gateway the way to
+        its workers (TLS against the local CA; its key goes in the environment, never on argv)."""
+        s = self.secrets
+        if s is None:
+            return []
+        kind = "worker" if service.startswith("worker") else service
+        args = [
+            "--api-keys-file",
+            str(s.keys_file),
+            "--tls-cert",
+            str(s.cert(kind)),
+            "--tls-key",
+            str(s.key(kind)),
+        ]
+        if kind == "gateway":
+            args += ["--worker-tls", "--worker-ca", str(s.ca)]
+        return args
+
+    def _child_env(self, name: str) -> dict[str, str]:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if self.secrets is not None and name == "gateway":
+            env["FERRY_GATEWAY_WORKER_API_KEY"] = self.secrets.admin_key
+        return env
 
     # --- starting -----------------------------------------------------------------------------
 
@@ -210,7 +242,7 @@ class Stack:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env=self._child_env(name),
         )
         reader = asyncio.create_task(self._pump(child, child.proc))
         ready = asyncio.create_task(child.ready.wait())
@@ -302,6 +334,13 @@ class Stack:
 
     # --- reporting ----------------------------------------------------------------------------
 
+    def client_options(self, kind: str = "admin") -> dict[str, Any]:
+        """What a Ferry client needs to reach this stack: nothing, or the CA and a key."""
+        if self.secrets is None:
+            return {}
+        key = self.secrets.admin_key if kind == "admin" else self.secrets.infer_key
+        return {"api_key": key, "root_certificates": self.secrets.ca.read_bytes(), "tls": True}
+
     def addresses(self) -> dict[str, str]:
         out = {name: child.address for name, child in self.children.items()}
         if self.redis_url:
@@ -314,6 +353,12 @@ class Stack:
             "store": str(Path(self.s.store).resolve()),
             "services": self.addresses(),
         }
+        if self.secrets is not None:
+            state["secure"] = {
+                "ca": str(self.secrets.ca.resolve()),
+                "admin_key_file": str((self.secrets.folder / ADMIN_KEY_FILE).resolve()),
+                "infer_key_file": str((self.secrets.folder / INFER_KEY_FILE).resolve()),
+            }
         path = Path(self.s.state_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(state, indent=2))

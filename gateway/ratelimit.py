@@ -22,8 +22,9 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
+
+from ferry.core.auth import TokenBucket
 
 log = logging.getLogger("ferry.gateway.ratelimit")
 
@@ -72,11 +73,6 @@ def check_limits(rate: float, burst: float) -> None:
         raise ValueError(f"burst must be a positive number of tokens, got {burst!r}")
 
 
-def refill(tokens: float, elapsed_s: float, rate: float, burst: float) -> float:
-    """Tokens after ``elapsed_s``; a clock stepping back never removes tokens."""
-    return min(burst, tokens + max(0.0, elapsed_s) * rate)
-
-
 def idle_ttl_ms(rate: float, burst: float) -> int:
     """How long Redis keeps an idle bucket: twice the time to refill it, at least 1 s.
 
@@ -84,12 +80,6 @@ def idle_ttl_ms(rate: float, burst: float) -> int:
     one, so deleting it later loses nothing; the factor 2 and the floor absorb clock jitter.
     """
     return max(1000, math.ceil(burst / rate * 2 * 1000))
-
-
-@dataclass(slots=True)
-class _Bucket:
-    tokens: float
-    ts: float
 
 
 class LocalBuckets:
@@ -101,20 +91,14 @@ class LocalBuckets:
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._buckets: dict[str, _Bucket] = {}
+        self._buckets: dict[str, TokenBucket] = {}
 
     def take(self, name: str, rate: float, burst: float, n: float = 1.0) -> bool:
         check_limits(rate, burst)
-        now = self._clock()
         bucket = self._buckets.get(name)
         if bucket is None:
-            bucket = self._buckets[name] = _Bucket(tokens=burst, ts=now)
-        bucket.tokens = refill(bucket.tokens, now - bucket.ts, rate, burst)
-        bucket.ts = now
-        if bucket.tokens >= n:
-            bucket.tokens -= n
-            return True
-        return False
+            bucket = self._buckets[name] = TokenBucket(rate, burst, self._clock)
+        return bucket.take(n)
 
 
 class Fallback:

@@ -1,7 +1,7 @@
 """``ferry export`` (a finished job -> the next model version, stage by stage) and ``ferry models``.
 
-Both talk to an exporter (``--exporter``, default ``$FERRY_EXPORTER_ADDRESS`` or
-127.0.0.1:8003). ``ferry export`` exits 1 when the parity gate fails, after
+Both talk to an exporter (``--address``/``--exporter``, ``--api-key``: see
+``ferry.cli.connect``). ``ferry export`` exits 1 when the parity gate fails, after
 printing which output diverged and by how much.
 """
 
@@ -9,16 +9,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Any
 
-DEFAULT_ADDRESS = "127.0.0.1:8003"
-
-
-def _address(args: argparse.Namespace) -> str:
-    return args.exporter or os.environ.get("FERRY_EXPORTER_ADDRESS") or DEFAULT_ADDRESS
+from ferry.cli.connect import add_connection_flags, resolve
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     exp.add_argument("--max-metric-drop", type=float, default=None, help="fp16/int8 gate: points")
     exp.add_argument("--max-batch-size", type=int, default=None, help="config.json max_batch_size")
     exp.add_argument("--checkpoint", default=None, help="checkpoint tag (default: final)")
-    exp.add_argument("--exporter", default=None, help=f"exporter address (default {DEFAULT_ADDRESS})")
+    add_connection_flags(exp, "exporter", "--exporter")
     exp.add_argument("--json", action="store_true", help="print the full report as JSON")
     exp.set_defaults(handler=_export)
 
@@ -44,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     models.add_argument("--delete", type=int, default=None, metavar="VERSION", help="delete this version")
     models.add_argument("--import", dest="import_file", default=None, metavar="FILE.onnx", help="upload")
     models.add_argument("--max-batch-size", type=int, default=0, help="with --import")
-    models.add_argument("--exporter", default=None, help=f"exporter address (default {DEFAULT_ADDRESS})")
+    add_connection_flags(models, "exporter", "--exporter")
     models.set_defaults(handler=_models)
 
 
@@ -70,7 +65,8 @@ def _export(args: argparse.Namespace) -> int:
             print(f"  {event.stage:<10} done in {event.elapsed_s:.2f}s{detail}", flush=True)
 
     print(f"exporting job {args.job} as model {args.name} ({args.precision})", flush=True)
-    with SyncExporterClient(_address(args)) as client:
+    target = resolve(args, "exporter")
+    with SyncExporterClient(target.address, **target.options) as client:
         report = client.export(args.job, args.name, on_progress=show, **options)
     if args.json:
         print(json.dumps({**report.__dict__}, indent=2, sort_keys=True))
@@ -89,7 +85,8 @@ def _export(args: argparse.Namespace) -> int:
 def _models(args: argparse.Namespace) -> int:
     from ferry.client.exporter import SyncExporterClient
 
-    with SyncExporterClient(_address(args)) as client:
+    target = resolve(args, "exporter")
+    with SyncExporterClient(target.address, **target.options) as client:
         if args.model is None:
             for name, versions in client.list_models().items():
                 print(f"{name}\tversions {', '.join(map(str, versions))}")

@@ -15,9 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ferry.cli.connect import add_connection_flags, resolve
 from ferry.core.errors import InvalidArgument
-
-DEFAULT_ADDRESS = "127.0.0.1:8000"
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,27 +24,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("model", help="model name")
     p.add_argument("inputs", type=Path, help="a .npy, .npz or .json file")
     p.add_argument("--version", default="", help="model version (default: the latest ready)")
-    p.add_argument(
-        "--address",
-        default=None,
-        help=f"gateway or worker (default: `ferry up`'s gateway, else {DEFAULT_ADDRESS})",
-    )
-    p.add_argument("--state-file", default=".ferry/stack.json", help=argparse.SUPPRESS)
+    add_connection_flags(p, "gateway")
     p.add_argument(
         "--top-k", type=int, default=0, help="print the k most likely classes per row instead of raw outputs"
     )
-    p.add_argument("--api-key", default=None, help="API key, when the gateway requires one")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds before giving up")
     p.set_defaults(handler=_infer)
-
-
-def resolve_address(explicit: str | None, state_file: str) -> str:
-    if explicit:
-        return explicit
-    path = Path(state_file)
-    if path.is_file():
-        return json.loads(path.read_text())["services"].get("gateway", DEFAULT_ADDRESS)
-    return DEFAULT_ADDRESS
 
 
 def read_inputs(path: Path, input_names: list[str], datatypes: dict[str, str]) -> dict[str, np.ndarray]:
@@ -86,8 +70,8 @@ def top_k(scores: np.ndarray, k: int) -> list[list[tuple[int, float]]]:
 def _infer(args: argparse.Namespace) -> int:
     from ferry.client.inference import SyncInferenceClient
 
-    address = resolve_address(args.address, args.state_file)
-    with SyncInferenceClient(address, api_key=args.api_key) as client:
+    target = resolve(args, "gateway", key_kind="infer")
+    with SyncInferenceClient(target.address, **target.options) as client:
         meta = client.model_metadata(args.model, args.version)
         names = [t.name for t in meta.inputs]
         inputs = read_inputs(args.inputs, names, {t.name: t.datatype for t in meta.inputs})

@@ -1,7 +1,7 @@
 """``ferry train`` (submit and follow a job), ``ferry jobs`` (list, show, watch, cancel), ``ferry upload``.
 
-All talk to a trainer (``--trainer``, default ``$FERRY_TRAINER_ADDRESS`` or
-127.0.0.1:8002). ``ferry train`` and ``ferry jobs watch`` draw a live progress bar
+All talk to a trainer (``--address``/``--trainer``, ``--api-key``: see
+``ferry.cli.connect``). ``ferry train`` and ``ferry jobs watch`` draw a live progress bar
 from the WatchJob stream and exit 0 when the job SUCCEEDED, 1 otherwise; Ctrl-C
 stops following, the job goes on.
 """
@@ -10,18 +10,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-DEFAULT_ADDRESS = "127.0.0.1:8002"
+from ferry.cli.connect import Target, add_connection_flags, resolve
+
 BAR = 24
 
 
-def _address(args: argparse.Namespace) -> str:
-    return args.trainer or os.environ.get("FERRY_TRAINER_ADDRESS") or DEFAULT_ADDRESS
+def _target(args: argparse.Namespace) -> Target:
+    return resolve(args, "trainer")
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -73,7 +73,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--name", default="", help="job label (prefix of its id)")
     train.add_argument("--detach", action="store_true", help="print the job id and return at once")
     train.add_argument("--json", action="store_true", help="print the final job as JSON")
-    train.add_argument("--trainer", default=None, help=f"trainer address (default {DEFAULT_ADDRESS})")
+    add_connection_flags(train, "trainer", "--trainer")
     train.set_defaults(handler=_train)
 
     jobs = sub.add_parser("jobs", help="list jobs; show, watch or cancel one")
@@ -81,7 +81,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     jobs.add_argument("job", nargs="?", help="job id (show, watch, cancel)")
     jobs.add_argument("--state", action="append", default=[], help="list: only jobs in this state (repeat)")
     jobs.add_argument("--json", action="store_true", help="print JSON")
-    jobs.add_argument("--trainer", default=None, help=f"trainer address (default {DEFAULT_ADDRESS})")
+    add_connection_flags(jobs, "trainer", "--trainer")
     jobs.set_defaults(handler=_jobs)
 
     upload = sub.add_parser(
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     upload.add_argument("--name", default=None, help="dataset name (default: the file's stem)")
     upload.add_argument("--format", default="", choices=["", "npz", "csv"], help="default: from the suffix")
     upload.add_argument("--overwrite", action="store_true", help="replace a dataset of that name")
-    upload.add_argument("--trainer", default=None, help=f"trainer address (default {DEFAULT_ADDRESS})")
+    add_connection_flags(upload, "trainer", "--trainer")
     upload.set_defaults(handler=_upload)
 
 
@@ -116,7 +116,7 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
         dataset["test_fraction"] = args.test_fraction
     spec.update(model=model, dataset=dataset)
     skip = {"model", "factory", "params", "dataset", "upload", "dataset_params", "test_fraction", "spec"}
-    skip |= {"name", "detach", "json", "trainer", "handler", "command"}
+    skip |= {"name", "detach", "json", "handler", "command", "address", "api_key", "ca_file", "state_file"}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
             spec[key] = value
@@ -188,7 +188,8 @@ def _train(args: argparse.Namespace) -> int:
     from ferry.client.trainer import SyncTrainerClient
 
     spec = build_spec_dict(args)
-    with SyncTrainerClient(_address(args)) as client:
+    target = _target(args)
+    with SyncTrainerClient(target.address, **target.options) as client:
         job = client.submit(spec, name=args.name)
         print(f"submitted job {job.id}", flush=True)
         if args.detach:
@@ -206,7 +207,8 @@ def _jobs(args: argparse.Namespace) -> int:
 
     from ferry.client.trainer import SyncTrainerClient, state_name
 
-    with SyncTrainerClient(_address(args)) as client:
+    target = _target(args)
+    with SyncTrainerClient(target.address, **target.options) as client:
         if args.action == "list":
             jobs, token = [], ""
             while True:
@@ -249,7 +251,8 @@ def _upload(args: argparse.Namespace) -> int:
 
     path = Path(args.file)
     name = args.name or path.stem
-    with SyncTrainerClient(_address(args)) as client:
+    target = _target(args)
+    with SyncTrainerClient(target.address, **target.options) as client:
         answer = client.upload_dataset(name, path, args.format, overwrite=args.overwrite)
     print(
         f"uploaded dataset {answer.name}: {answer.size_bytes} bytes, x {list(answer.x_shape)}, "

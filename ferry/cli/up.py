@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ferry.core.settings import add_settings_flags, settings_from_args
+from ferry.pki import Secrets
 from ferry.stack import Stack, UpSettings
 
 
@@ -72,16 +73,20 @@ async def _stack_main(
     work.result()
     try:
         _say(stack.redis_note)
+        if stack.secrets is not None:
+            _say_secrets(stack.secrets)
         for name, address in stack.addresses().items():
             _say(f"  {name:<10} {address}")
         if build_demo:
             store = Store(settings.store)
             addresses = stack.addresses()
             version = await ensure_demo_model(
-                store, addresses["trainer"], addresses["exporter"], epochs, _say
+                store, addresses["trainer"], addresses["exporter"], epochs, _say, stack.client_options()
             )
             if classify:
-                result = await classify_digits(addresses["gateway"], version)
+                result = await classify_digits(
+                    addresses["gateway"], version, options=stack.client_options("infer")
+                )
                 _say(
                     f"classified {result.samples} held-out digits through the gateway: "
                     f"accuracy {result.accuracy:.4f}, latency p50 {result.p50_ms:.2f} ms, "
@@ -98,6 +103,15 @@ async def _stack_main(
     return 0
 
 
+def _say_secrets(secrets: Secrets) -> None:
+    """The keys are shown once, when they are made; after that only where they are kept."""
+    _say(f"  TLS and API keys on every service; CA and keys in {secrets.folder}")
+    if secrets.created:
+        _say(f"  admin key     {secrets.admin_key}")
+        _say(f"  inference key {secrets.infer_key}")
+        _say("  (shown once; ferry commands find them; other clients send 'authorization: Bearer KEY')")
+
+
 def _status(args: argparse.Namespace) -> int:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -107,6 +121,8 @@ def _status(args: argparse.Namespace) -> int:
         print(f"no running stack: {path} does not exist (start one with `ferry up`)", file=sys.stderr)
         return 1
     state = json.loads(path.read_text())
+    ca = (state.get("secure") or {}).get("ca")
+    creds = grpc.ssl_channel_credentials(Path(ca).read_bytes()) if ca else None
     healthy = True
     print(f"{'service':<10} {'address':<28} health")
     for name, address in state["services"].items():
@@ -120,7 +136,8 @@ def _status(args: argparse.Namespace) -> int:
                 health = "DOWN"
         else:
             try:
-                with grpc.insecure_channel(address) as channel:
+                channel = grpc.secure_channel(address, creds) if creds else grpc.insecure_channel(address)
+                with channel:
                     reply = health_pb2_grpc.HealthStub(channel).Check(
                         health_pb2.HealthCheckRequest(), timeout=2
                     )

@@ -253,7 +253,8 @@ def bearer(metadata: Iterable[tuple[str, Any]] | None) -> str | None:
 
 @dataclass
 class TokenBucket:
-    """``rate`` tokens per second up to ``burst``; the clock is injectable for tests."""
+    """``rate`` tokens per second up to ``burst``; the clock is injectable for tests, and one
+    that steps back never takes tokens away."""
 
     rate: float
     burst: float
@@ -265,7 +266,7 @@ class TokenBucket:
         now = self.clock()
         if self.tokens < 0:
             self.tokens, self.stamp = self.burst, now
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.tokens = min(self.burst, self.tokens + max(0.0, now - self.stamp) * self.rate)
         self.stamp = now
         if self.tokens >= n:
             self.tokens -= n

@@ -74,10 +74,10 @@ def _without_redis_url(env: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in ("REDIS_URL", "FERRY_UP_REDIS_URL")}
 
 
-def start_up(root: Path) -> RunningStack:
+def start_up(root: Path, *extra: str) -> RunningStack:
     """`ferry up --no-demo` in the background, returned once it says it is serving."""
     proc = subprocess.Popen(
-        [*FERRY, "up", "--no-demo", *stack_flags(root)],
+        [*FERRY, "up", "--no-demo", *stack_flags(root), *extra],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -93,12 +93,12 @@ def start_up(root: Path) -> RunningStack:
 
 
 @contextlib.contextmanager
-def running_stack(root: Path) -> Iterator[RunningStack]:
+def running_stack(root: Path, *extra: str) -> Iterator[RunningStack]:
     """`ferry up --no-demo` with a small CNN in the store, stopped on the way out."""
     require_binary("redis-server")
     onnx = export_cnn(root / "cnn.onnx", channels=1, size=8, classes=10)
     publish(root / "store", "cnn", 1, onnx)
-    running = start_up(root)
+    running = start_up(root, *extra)
     try:
         yield running
     finally:
