@@ -14,9 +14,8 @@ import shutil
 import tempfile
 import threading
 import time
-import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,16 +26,14 @@ from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
 from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
 from services.exporter import parity, precision
-from services.exporter.runtime import measure_latency, ort_outputs, ort_session, torch_outputs
+from services.exporter.isolated import IsolatedModel
+from services.exporter.runtime import measure_latency, ort_outputs, ort_session, torch_outputs, torch_to_onnx
 from services.exporter.samples import Samples, held_out
 from services.exporter.settings import ExporterSettings
 from services.exporter.source import Checkpoint, load_checkpoint, vocab_size
 
 STAGES = ("load", "export", "check", "optimize", "precision", "parity", "package", "publish")
 Progress = Callable[[str, str, str, float], None]
-
-# torch.onnx.export keeps module-level state (opset, "in export" flag); one export at a time.
-_TORCH_EXPORT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -113,31 +110,16 @@ class ExportResult:
 
 
 def export_onnx(ckpt: Checkpoint, example: np.ndarray, path: Path, opset: int) -> Path:
-    """``torch.onnx.export`` with a dynamic batch axis and a dynamic axis per variable input dim."""
-    import torch
-
-    inp, out = ckpt.input["name"], ckpt.output["name"]
+    """The checkpoint's module as ONNX, with a dynamic batch axis and one per variable input dim."""
     axes = {0: "batch"}
     for i, dim in enumerate(ckpt.input["shape"]):
         if dim == -1:
             axes[i + 1] = "sequence" if i == 0 else f"dim{i + 1}"
-    try:
-        with _TORCH_EXPORT_LOCK, torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                ckpt.module,
-                (torch.from_numpy(example),),
-                str(path),
-                input_names=[inp],
-                output_names=[out],
-                dynamic_axes={inp: axes, out: {0: "batch"}},
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-    except Exception as err:  # the converter's own error types; its reason goes back to the caller
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:600]
-        raise FailedPrecondition(f"cannot convert the model to ONNX: {reason}") from err
+    names = (ckpt.input["name"], ckpt.output["name"])
+    if isinstance(ckpt.module, IsolatedModel):
+        ckpt.module.to_onnx(example, path, opset, names, axes)
+    else:
+        torch_to_onnx(ckpt.module, example, path, opset, names, axes)
     return path
 
 
@@ -161,6 +143,13 @@ class _Layout:
     reference: np.ndarray
 
 
+def _reference(ckpt: Checkpoint, x: np.ndarray, batch: int) -> np.ndarray:
+    """torch's answers: here for a zoo model, in the model's own process for a factory."""
+    if isinstance(ckpt.module, IsolatedModel):
+        return ckpt.module.forward(x, batch)
+    return torch_outputs(ckpt.module, x, batch)
+
+
 def _layouts(ckpt: Checkpoint, samples: Samples, batch: int) -> list[_Layout]:
     sets = [("", samples.inputs, samples.labels)]
     if samples.alt_inputs is not None:
@@ -169,10 +158,8 @@ def _layouts(ckpt: Checkpoint, samples: Samples, batch: int) -> list[_Layout]:
     for suffix, x, labels in sets:
         few = x[: min(8, len(x))]
         few_labels = None if labels is None else labels[: len(few)]
-        layouts.append(_Layout(f"batch1{suffix}", few, 1, few_labels, torch_outputs(ckpt.module, few, 1)))
-        layouts.append(
-            _Layout(f"batch{batch}{suffix}", x, batch, labels, torch_outputs(ckpt.module, x, batch))
-        )
+        layouts.append(_Layout(f"batch1{suffix}", few, 1, few_labels, _reference(ckpt, few, 1)))
+        layouts.append(_Layout(f"batch{batch}{suffix}", x, batch, labels, _reference(ckpt, x, batch)))
     return layouts
 
 
@@ -226,10 +213,11 @@ class ExportPipeline:
             stages[name] = round(time.perf_counter() - t0, 4)
             notify(name, "done", done["detail"], stages[name])
 
-        with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp, ExitStack() as cleanup:
             work = Path(tmp)
             with stage("load", f"job {job_id}, checkpoint {opts.checkpoint}") as s:
-                ckpt = load_checkpoint(self.store, job_id, opts.checkpoint, self.settings.allowed_factories)
+                ckpt = self._load(job_id, opts.checkpoint)
+                cleanup.callback(getattr(ckpt.module, "close", lambda: None))
                 samples = held_out(
                     ckpt.spec,
                     opts.parity_samples,
@@ -237,7 +225,8 @@ class ExportPipeline:
                     vocab_size(ckpt.spec),
                     self.store.root,
                 )
-                s["detail"] = f"{type(ckpt.module).__name__}, {len(samples)} {samples.source} samples"
+                kind = getattr(ckpt.module, "kind", type(ckpt.module).__name__)
+                s["detail"] = f"{kind}, {len(samples)} {samples.source} samples"
             with stage("export", f"opset {opts.opset}") as s:
                 raw = export_onnx(ckpt, samples.inputs[:2], work / "exported.onnx", opts.opset)
                 s["detail"] = f"{raw.stat().st_size} bytes"
@@ -278,6 +267,16 @@ class ExportPipeline:
                 s["detail"] = f"{model_name} version {version}"
         meta["version"] = version
         return ExportResult(model_name, version, True, True, "", meta)
+
+    def _load(self, job_id: str, tag: str) -> Checkpoint:
+        """The checkpoint, with its module rebuilt here for a zoo model and in a child process for a
+        factory (isolated.py): the exporter never imports a factory itself."""
+        allowed = self.settings.allowed_factories
+        ckpt = load_checkpoint(self.store, job_id, tag, allowed, build=False)
+        if "factory" not in ckpt.spec["model"]:
+            return load_checkpoint(self.store, job_id, tag, allowed)
+        ckpt.module = IsolatedModel(self.store.root, job_id, tag, allowed, self.settings.factory_timeout_s)
+        return ckpt
 
     def _gate(
         self, ckpt: Checkpoint, opts: ExportOptions, samples: Samples, fp32: Path, served: Path

@@ -38,6 +38,9 @@ class ExporterSettings(SecuritySettings):
         default_factory=list,
         description="module prefixes a checkpoint's factory model may come from (empty: zoo only)",
     )
+    factory_timeout_s: float = Field(
+        300.0, gt=0, description="how long a factory model's own process may take to answer one step"
+    )
     parity_batch: int = Field(32, ge=2, description="the larger batch of the gate (the other is 1)")
     atol: float = Field(1e-4, gt=0, description="fp32 gate absolute tolerance")
     rtol: float = Field(1e-4, ge=0, description="fp32 gate relative tolerance")

@@ -35,7 +35,7 @@ class Checkpoint:
     tag: str
     path: Path
     spec: dict[str, Any]
-    module: nn.Module
+    module: Any  # the nn.Module, or a stand-in for one kept in another process (isolated.py)
     weights_sha256: str
     metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -93,13 +93,14 @@ def _check_spec(spec: Any, path: Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    store: Store, job_id: str, tag: str = "final", allowed_factories: Sequence[str] = ()
+    store: Store, job_id: str, tag: str = "final", allowed_factories: Sequence[str] = (), build: bool = True
 ) -> Checkpoint:
     """Rebuild a finished job's module from its checkpoint, in eval mode.
 
     NOT_FOUND for an unknown job, FAILED_PRECONDITION for an unfinished one or a
     checkpoint that is missing or corrupt (the message names the path), PERMISSION_DENIED
-    for a factory model outside ``allowed_factories`` (nothing is imported then).
+    for a factory model outside ``allowed_factories`` (nothing is imported then). With
+    ``build=False`` the module is not rebuilt (``module`` is None): everything else is checked.
     """
     state = job_state(store, job_id)
     if state != FINISHED:
@@ -118,11 +119,26 @@ def load_checkpoint(
     metrics = _read_json(metrics_path, "metrics") if metrics_path.is_file() else {}
     if "factory" in spec["model"]:
         check_factory(str(spec["model"]["factory"]), allowed_factories)
+    raw = weights.read_bytes()
+    module = _rebuild(spec, spec_path, weights, raw, allowed_factories) if build else None
+    return Checkpoint(
+        job_id=job_id,
+        tag=tag,
+        path=folder,
+        spec=spec,
+        module=module,
+        weights_sha256=hashlib.sha256(raw).hexdigest(),
+        metrics=metrics if isinstance(metrics, dict) else {},
+    )
+
+
+def _rebuild(
+    spec: dict[str, Any], spec_path: Path, weights: Path, raw: bytes, allowed_factories: Sequence[str]
+) -> nn.Module:
     try:
         module = build_model(spec["model"], allowed_factories)
     except FerryError as err:
         raise FailedPrecondition(f"checkpoint spec {spec_path}: {err.message}") from err
-    raw = weights.read_bytes()
     try:
         from safetensors.torch import load as load_safetensors
 
@@ -135,15 +151,7 @@ def load_checkpoint(
         first = str(err).strip().splitlines()[0]
         raise FailedPrecondition(f"checkpoint weights {weights} do not fit the model spec: {first}") from err
     module.eval()
-    return Checkpoint(
-        job_id=job_id,
-        tag=tag,
-        path=folder,
-        spec=spec,
-        module=module,
-        weights_sha256=hashlib.sha256(raw).hexdigest(),
-        metrics=metrics if isinstance(metrics, dict) else {},
-    )
+    return module
 
 
 def vocab_size(spec: dict[str, Any]) -> int | None:

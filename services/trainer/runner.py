@@ -22,12 +22,9 @@ repeats the epochs it lost exactly.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import ctypes
 import json
 import math
 import os
-import signal
 import socket
 import sys
 import time
@@ -36,6 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ferry.core.lifetime import die_with_parent
 from services.trainer.records import EVENT_PREFIX, FAILED, RUNNING, SUCCEEDED, new_record, now_ms
 
 
@@ -49,14 +47,6 @@ LAST_EVENTS: dict[str, dict[str, Any]] = {}  # this process's last event of each
 def emit(kind: str, **fields: Any) -> None:
     LAST_EVENTS[kind] = fields
     print(EVENT_PREFIX + json.dumps({"type": kind, **fields}), flush=True)
-
-
-def _die_with_parent(parent: int) -> None:
-    if sys.platform.startswith("linux"):
-        with contextlib.suppress(OSError):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    if parent and os.getppid() != parent:
-        os._exit(1)  # the parent died before the death signal was armed
 
 
 def lr_at(spec: dict[str, Any], epoch: int) -> float:
@@ -262,7 +252,7 @@ def train(rank: int, world: int, ctx: dict[str, Any]) -> None:
 
 
 def _rank_main(rank: int, world: int, ctx: dict[str, Any]) -> None:
-    _die_with_parent(ctx["runner_pid"])
+    die_with_parent(ctx["runner_pid"])
     _guarded(rank, world, ctx)
 
 
@@ -296,7 +286,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--allowed-factories", default="", help="module prefixes a factory model may come from (A,B)"
     )
     args = parser.parse_args(argv)
-    _die_with_parent(args.parent)
+    die_with_parent(args.parent)
     from ferry.core.store import Store
 
     store = Store(args.store)

@@ -30,6 +30,7 @@ from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
 from ferry.client.trainer import SyncTrainerClient, build_spec, state_name
 from ferry.core.auth import hash_key, is_open
+from ferry.core.store import Store
 from tests.support.deps import require_module
 from tests.support.models import export_mlp, publish
 from tests.support.procs import REPO, ServiceProcess
@@ -50,6 +51,20 @@ IRIS = {"model": {"arch": "mlp"}, "dataset": {"name": "iris"}, "epochs": 1}
 HOSTILE = "tests.support.hostile"
 ATTACKS = ["os:system", "subprocess:getoutput", "builtins:eval", "ferry.zoo:load_factory"]
 HOSTILE_MODULES = [f"{HOSTILE}.raises:make", f"{HOSTILE}.hangs:make", f"{HOSTILE}.exits:make"]
+
+
+def hostile_checkpoints(store: Store) -> None:
+    """Finished jobs whose spec.json names each hostile factory (weights of a real one)."""
+    from tests.unit.test_exporter_source import train_job
+
+    for module in ("raises", "hangs", "exits"):
+        job = f"job-hostile-{module}"
+        folder = train_job(store, job, "factory", steps=1)
+        spec = json.loads((folder / "spec.json").read_text())
+        spec["model"] = {"factory": f"{HOSTILE}.{module}:make", "params": {}}
+        (folder / "spec.json").write_text(json.dumps(spec))
+        record = json.loads(store.job_file(job).read_text())
+        store.job_file(job).write_text(json.dumps({**record, "spec": spec}))
 
 
 def secret(name: str) -> str:
@@ -76,6 +91,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     onnx = export_mlp(tmp_path_factory.mktemp("onnx") / "mlp.onnx")
     publish(root, "mlp", 1, onnx, {"max_batch_size": 8})
     publish(root, "secret-model", 1, onnx, {"max_batch_size": 8})
+    hostile_checkpoints(Store(root))
     keys = tmp_path_factory.mktemp("keys") / "keys.yaml"
     entries = [
         {"name": n, "sha256": hash_key(k), "roles": roles, "models": models}
@@ -84,6 +100,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     keys.write_text(json.dumps({"keys": entries}))
     env = {"FERRY_HOSTILE_MARKER": str(markers)}
     plain_markers = tmp_path_factory.mktemp("plain-markers")
+    export_markers = tmp_path_factory.mktemp("export-markers")
     common = ["--port", "0", "--api-keys-file", str(keys)]
     procs: dict[str, ServiceProcess] = {}
     try:
@@ -99,13 +116,21 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "--max-epochs", "50", "--max-upload-bytes", "4096", env=env,
         ).start()  # fmt: skip
         procs["exporter"] = ServiceProcess.serve(
-            "exporter", "--store", str(root), *common, "--max-parity-samples", "1000"
-        ).start()
+            "exporter", "--store", str(root), *common, "--max-parity-samples", "1000",
+            "--allowed-factories", HOSTILE, "--factory-timeout-s", "8",
+            env={"FERRY_HOSTILE_MARKER": str(export_markers)},
+        ).start()  # fmt: skip
         procs["plain"] = ServiceProcess.serve(
             "trainer", "--store", str(tmp_path_factory.mktemp("plain-store")), "--port", "0",
             env={"FERRY_HOSTILE_MARKER": str(plain_markers)},
         ).start()  # fmt: skip
-        yield {"procs": procs, "root": root, "markers": markers, "plain_markers": plain_markers}
+        yield {
+            "procs": procs,
+            "root": root,
+            "markers": markers,
+            "plain_markers": plain_markers,
+            "export_markers": export_markers,
+        }
     finally:
         for proc in reversed(procs.values()):
             proc.stop()
@@ -369,3 +394,28 @@ def test_a_non_loopback_bind_without_auth_refuses_to_start(service: str, tmp_pat
     assert done.returncode == 2, done.stderr
     assert "refusing to listen on 0.0.0.0 with no API keys and no client certificates" in done.stderr
     assert "--insecure" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "reason"),
+    [
+        ("raises", "hostile module refuses to import"),
+        ("hangs", "did not answer within 8 s (loading the factory model); it was killed"),
+        ("exits", "ended with exit code 7 (loading the factory model)"),
+    ],
+)
+def test_the_exporter_keeps_an_allowed_hostile_factory_out_of_its_process(
+    stack: dict[str, Any], module: str, reason: str
+) -> None:
+    exporter = stack["procs"]["exporter"]
+    before = snapshot(stack["root"] / "models")
+    with channel(stack, "exporter") as ch:
+        request = exporter_pb2.ExportRequest(job_id=f"job-hostile-{module}", model_name=f"h-{module}")
+        code, message = _status(
+            lambda: ex_grpc.ExporterStub(ch).Export(request, timeout=120, metadata=auth("admin"))
+        )
+    assert code == "FAILED_PRECONDITION" and reason in message, (code, message)
+    assert exporter.proc is not None and exporter.proc.poll() is None  # the exporter lives on
+    assert snapshot(stack["root"] / "models") == before  # nothing published
+    marker = stack["export_markers"] / module
+    assert marker.is_file() and int(marker.read_text()) != exporter.pid
