@@ -38,6 +38,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from ferry.core.store import atomic_write_bytes
+
 DEFAULT_SERVICES = ("gateway", "worker", "trainer", "exporter")
 DEFAULT_HOSTS = ("127.0.0.1", "localhost")
 
@@ -130,17 +132,7 @@ def _generate(root: Path, services: tuple[str, ...], hosts: tuple[str, ...]) -> 
         _builder(ca_name, ca_name, ca_key.public_key(), now, CA_VALIDITY)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
-            x509.KeyUsage(
-                digital_signature=False,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
+            _key_usage(key_cert_sign=True, crl_sign=True),
             critical=True,
         )
         .add_extension(ca_ski, critical=False)
@@ -155,17 +147,7 @@ def _generate(root: Path, services: tuple[str, ...], hosts: tuple[str, ...]) -> 
             _builder(_name(f"ferry {service}"), ca_name, key.public_key(), now, CERT_VALIDITY)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
-                x509.KeyUsage(
-                    digital_signature=True,
-                    content_commitment=False,
-                    key_encipherment=False,
-                    data_encipherment=False,
-                    key_agreement=False,
-                    key_cert_sign=False,
-                    crl_sign=False,
-                    encipher_only=False,
-                    decipher_only=False,
-                ),
+                _key_usage(digital_signature=True),
                 critical=True,
             )
             .add_extension(
@@ -223,24 +205,9 @@ def _builder(
 
 
 def _write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` as a new 0600 file, atomically.
-
-    A fresh file is needed because opening an existing one keeps its old mode; the rename means a
-    crash leaves either the old file or the new one, never half of one.
-    """
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)  # exact whatever the umask; the file is still empty
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    """A new 0600 file, atomically: opening an existing one would keep its old mode, and the
+    rename means a crash leaves either the old file or the new one, never half of one."""
+    atomic_write_bytes(path, data, mode=0o600)
 
 
 @contextlib.contextmanager
@@ -356,6 +323,13 @@ def _general_name(host: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(host))
     except ValueError:
         return x509.DNSName(host.lower())
+
+
+def _key_usage(**allowed: bool) -> x509.KeyUsage:
+    """A KeyUsage with only the named uses on."""
+    uses = ("digital_signature", "content_commitment", "key_encipherment", "data_encipherment")
+    uses += ("key_agreement", "key_cert_sign", "crl_sign", "encipher_only", "decipher_only")
+    return x509.KeyUsage(**{use: allowed.get(use, False) for use in uses})
 
 
 def _name(common_name: str) -> x509.Name:

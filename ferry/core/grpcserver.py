@@ -27,17 +27,12 @@ from grpc_reflection.v1alpha import reflection
 from ferry._proto._pool import POOL
 from ferry.core.errors import FerryError
 from ferry.core.guard import Guard, GuardInterceptor
-
-log = logging.getLogger("ferry.grpc")
+from ferry.core.interceptors import ServerInterceptor, WrappingInterceptor
 
 if TYPE_CHECKING:
-    # grpc-stubs makes these generic; the runtime classes are not subscriptable. The servers
-    # carry messages of many types (and raw bytes), so handlers are typed per call, not here.
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    Context = grpc.aio.ServicerContext[Any, Any]
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
+    from ferry.core.interceptors import Context, Handler
+
+log = logging.getLogger("ferry.grpc")
 
 
 class AsyncHealth(Protocol):
@@ -58,28 +53,11 @@ def _abort_code(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)"
 
 
-class ErrorInterceptor(_ServerInterceptor):
+class ErrorInterceptor(WrappingInterceptor):
     """Maps ``FerryError`` to its status and anything unexpected to a generic INTERNAL."""
 
-    def __init__(self) -> None:
-        self._wrapped: dict[str, Handler] = {}
-
-    # grpc answers None for a method no service registered; grpc-stubs says it never does.
-    async def intercept_service(  # type: ignore[override]
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method = handler_call_details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            return handler
-        wrapped = _wrap_handler(handler)
-        self._wrapped[method] = wrapped
-        return wrapped
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        return _wrap_handler(handler)
 
 
 def _wrap_handler(handler: Handler) -> Handler:
@@ -207,7 +185,7 @@ def build_server(
     register: Callable[[grpc.aio.Server], Iterable[str]],
     *,
     max_message_bytes: int = 64 * 1024 * 1024,
-    interceptors: Iterable[_ServerInterceptor] = (),
+    interceptors: Iterable[ServerInterceptor] = (),
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
     guard: Guard | None = None,
@@ -224,7 +202,7 @@ def build_server(
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
     ]
-    chain: list[_ServerInterceptor] = [ErrorInterceptor()]
+    chain: list[ServerInterceptor] = [ErrorInterceptor()]
     if guard is not None:
         chain.append(GuardInterceptor(guard))
     server = grpc.aio.server(interceptors=[*chain, *interceptors], options=options)

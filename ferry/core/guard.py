@@ -26,13 +26,10 @@ import grpc
 
 from ferry.core.auth import RULES, ApiKey, KeyRing, TokenBucket, bearer, decide, is_open, target_of
 from ferry.core.errors import FerryError, ResourceExhausted
+from ferry.core.interceptors import WrappingInterceptor
 
 if TYPE_CHECKING:
-    Handler = grpc.RpcMethodHandler[Any, Any]
-    Context = grpc.aio.ServicerContext[Any, Any]
-    _ServerInterceptor = grpc.aio.ServerInterceptor[Any, Any]
-else:
-    _ServerInterceptor = grpc.aio.ServerInterceptor
+    from ferry.core.interceptors import Context, Handler
 
 audit_log = logging.getLogger("ferry.audit")
 # Audit lines are not chatter: they are written at INFO whatever level the service logs at.
@@ -134,28 +131,15 @@ def _outcome(err: BaseException | None) -> str:
     return "INTERNAL"
 
 
-class GuardInterceptor(_ServerInterceptor):
+class GuardInterceptor(WrappingInterceptor):
     """Wraps each method's handler once; the key is read per call from the call's own metadata."""
 
     def __init__(self, guard: Guard) -> None:
+        super().__init__()
         self.guard = guard
-        self._wrapped: dict[str, Handler] = {}
 
-    async def intercept_service(  # type: ignore[override]
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Handler | None]],
-        details: grpc.HandlerCallDetails,
-    ) -> Handler | None:
-        method = details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        if handler is None or is_open(method):
-            return handler
-        wrapped = _wrap(handler, method, self.guard)
-        self._wrapped[method] = wrapped
-        return wrapped
+    def wrap(self, handler: Handler, method: str) -> Handler:
+        return handler if is_open(method) else _wrap(handler, method, self.guard)
 
 
 def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
@@ -192,19 +176,24 @@ def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
 
         return gen()
 
+    async def admitted(call: Call, request: Any, streaming_in: bool) -> Any:
+        """The request the handler gets, once the call is admitted: a request stream is checked
+        message by message as the handler reads it."""
+        if streaming_in:
+            await guard.admit(call.key, method, "")
+            request = checked(call, request)
+        else:
+            call.target = target_of(request, path)
+            await guard.admit(call.key, method, call.target)
+        call.enter()
+        return request
+
     def unary_in(fn: Callable[..., Awaitable[Any]], streaming_in: bool) -> Callable[..., Awaitable[Any]]:
         async def run(request: Any, context: Context) -> Any:
             call = Call(context)
             err: BaseException | None = None
             try:
-                if streaming_in:
-                    await guard.admit(call.key, method, "")
-                    request = checked(call, request)
-                else:
-                    call.target = target_of(request, path)
-                    await guard.admit(call.key, method, call.target)
-                call.enter()
-                return await fn(request, context)
+                return await fn(await admitted(call, request, streaming_in), context)
             except BaseException as exc:
                 err = exc
                 raise
@@ -218,14 +207,7 @@ def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
             call = Call(context)
             err: BaseException | None = None
             try:
-                if streaming_in:
-                    await guard.admit(call.key, method, "")
-                    request = checked(call, request)
-                else:
-                    call.target = target_of(request, path)
-                    await guard.admit(call.key, method, call.target)
-                call.enter()
-                async for item in fn(request, context):
+                async for item in fn(await admitted(call, request, streaming_in), context):
                     yield item
             except BaseException as exc:
                 err = exc

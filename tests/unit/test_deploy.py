@@ -45,6 +45,7 @@ DEPLOY = ROOT / "deploy"
 DOCKER = DEPLOY / "docker"
 COMPOSE = DEPLOY / "compose.yaml"
 COMPOSE_GPU = DEPLOY / "compose.gpu.yaml"
+COMPOSE_TLS = DEPLOY / "compose.tls.yaml"
 KUSTOMIZE_DIRS = {
     "base": DEPLOY / "k8s" / "base",
     "cpu": DEPLOY / "k8s" / "overlays" / "cpu",
@@ -231,6 +232,30 @@ def test_compose_gpu_override_gives_each_worker_its_own_gpu() -> None:
         assert reservation["driver"] == "nvidia" and reservation["capabilities"] == ["gpu"], name
         devices += reservation["device_ids"]
     assert len(devices) == len(set(devices)) == len(workers), devices
+
+
+def test_compose_tls_override_points_every_tls_setting_at_a_mounted_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TLS on every port, from the files `python -m ferry.pki` writes; each path a mounted secret."""
+    from ferry.pki import CA_CERT, DEFAULT_SERVICES
+
+    override = yaml.safe_load(COMPOSE_TLS.read_text())
+    assert _compose_errors(override) == []
+    made = {CA_CERT} | {f"{s}.{ext}" for s in DEFAULT_SERVICES for ext in ("crt", "key")}
+    assert {Path(v["file"]).name for v in override["secrets"].values()} <= made
+    base = _ferry_services(_compose())
+    assert sorted(override["services"]) == sorted(base), "every Ferry service gets TLS"
+    for name, svc in override["services"].items():
+        kind, definition = base[name]
+        mounted = {f"/run/secrets/{secret}" for secret in svc["secrets"]}
+        paths = {k: v for k, v in svc["environment"].items() if str(v).startswith("/run/secrets/")}
+        assert set(paths.values()) <= mounted, name
+        assert svc["environment"]["FERRY_HEALTHCHECK_TLS_CA"] in mounted, name
+        settings = _check_settings_env(kind, {**_compose_env(definition), **svc["environment"]}, monkeypatch)
+        assert settings.tls_cert and settings.tls_key, name
+        if kind == "gateway":
+            assert settings.worker_tls and settings.worker_ca == "/run/secrets/ferry_ca"
 
 
 @pytest.mark.parametrize("service", sorted(SERVICES))
