@@ -118,6 +118,24 @@ def deserialize_bytes(name: str, raw: bytes, count: int) -> np.ndarray:
     return out
 
 
+def utf8_strings(name: str, array: np.ndarray) -> np.ndarray:
+    """A BYTES tensor as the ``str`` elements an ONNX STRING input takes: v2 carries bytes,
+    ONNX Runtime wants text. Invalid UTF-8 is the caller's INVALID_ARGUMENT, by element."""
+    flat = array.reshape(-1)
+    out = np.empty(flat.shape, dtype=np.object_)
+    for i, item in enumerate(flat):
+        if isinstance(item, str):
+            out[i] = item
+            continue
+        try:
+            out[i] = bytes(item).decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidArgument(
+                f"input {name!r}: element {i} is not valid UTF-8 ({err.reason} at byte {err.start})"
+            ) from err
+    return out.reshape(array.shape)
+
+
 def array_from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> np.ndarray:
     """Decode one raw tensor, checking its byte size against shape x datatype."""
     dtype = numpy_dtype(datatype)

@@ -19,7 +19,7 @@ import numpy as np
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import model_config_pb2 as mc
-from ferry.core.codec import DATATYPES, FIXED_DTYPES, check_content_form, decode_inputs
+from ferry.core.codec import DATATYPES, FIXED_DTYPES, check_content_form, decode_inputs, utf8_strings
 from ferry.core.errors import InvalidArgument
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -318,7 +318,11 @@ def accept_request(spec: ModelSpec, request: pb.ModelInferRequest) -> tuple[int,
     if fast is not None:
         return fast
     rows = validate_request(spec, request)
-    return rows, decode_inputs(request)
+    arrays = decode_inputs(request)
+    for t in spec.inputs:
+        if t.datatype == "BYTES" and t.name in arrays:
+            arrays[t.name] = utf8_strings(t.name, arrays[t.name])
+    return rows, arrays
 
 
 def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> int:

@@ -178,7 +178,7 @@ class Repository:
         if missing:
             raise InvalidArgument(f"config.json names inputs the graph does not have: {missing}")
         if s.warmup:
-            runner.warmup(spec)
+            _warm(runner, spec, number)
         return runner, spec
 
     async def _unload_version(self, state: ModelState, number: int) -> None:
@@ -292,3 +292,24 @@ def parse_version(text: str) -> int:
         if number > 0:
             return number
     raise InvalidArgument(f"invalid model version {text!r}: versions are positive integers")
+
+
+MUST_PASS = ("1", "true", "yes")
+
+
+def _warm(runner: OrtRunner, spec: ModelSpec, number: int) -> None:
+    """Warm the sessions up on synthetic data. Zeros or empty strings do not suit every graph (a
+    Cast of "" to a number fails), so a failure is logged and the model serves anyway, unless its
+    config says ``"parameters": {"warmup_must_pass": "true"}``."""
+    try:
+        runner.warmup(spec)
+    except Exception as err:  # ONNX Runtime raises its own error types
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+        if spec.parameters.get("warmup_must_pass", "").lower() in MUST_PASS:
+            raise InvalidArgument(f"warm-up failed and warmup_must_pass is set: {reason}") from err
+        log.warning(
+            "model %s version %s: warm-up failed on synthetic data (%s); it serves anyway",
+            spec.name,
+            number,
+            reason,
+        )

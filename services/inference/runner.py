@@ -136,7 +136,7 @@ class OrtRunner:
         for t in spec.inputs:
             shape = [1 if d < 0 else d for d in spec.full_shape(t)]
             if t.datatype == "BYTES":
-                feeds[t.name] = np.full(shape, b"", dtype=object)
+                feeds[t.name] = np.full(shape, "", dtype=object)  # ONNX STRING takes str
             else:
                 feeds[t.name] = np.zeros(shape, dtype=numpy_dtype(t.datatype))
         for session in self.sessions:

@@ -82,3 +82,39 @@ def export_slow(path: Path, width: int = 256, rows: int = 512, depth: int = 24) 
             return h.mean(1)
 
     return _export(Slow().eval(), torch.randn(2, width), path)
+
+
+def export_string_models(folder: Path) -> dict[str, Path]:
+    """Two ONNX graphs with STRING tensors, built with onnx.helper (torch has no strings):
+    ``parse``: text [batch, 1] STRING -> Cast to INT64 -> + 1 -> number [batch, 1] INT64, the
+    Triton example's shape (a warm-up on empty strings fails its Cast);
+    ``echo``: text [batch, 2] STRING -> Identity -> same STRING [batch, 2]."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    folder.mkdir(parents=True, exist_ok=True)
+    one = helper.make_tensor("one", TensorProto.INT64, [1], [1])
+    parse = helper.make_graph(
+        [
+            helper.make_node("Cast", ["text"], ["n"], to=TensorProto.INT64),
+            helper.make_node("Add", ["n", "one"], ["number"]),
+        ],
+        "parse",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 1])],
+        [helper.make_tensor_value_info("number", TensorProto.INT64, ["batch", 1])],
+        initializer=[one],
+    )
+    echo = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["same"])],
+        "echo",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, ["batch", 2])],
+        [helper.make_tensor_value_info("same", TensorProto.STRING, ["batch", 2])],
+    )
+    out = {}
+    for graph in (parse, echo):
+        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+        model.ir_version = 8
+        onnx.checker.check_model(model)
+        out[graph.name] = folder / f"{graph.name}.onnx"
+        onnx.save(model, str(out[graph.name]))
+    return out

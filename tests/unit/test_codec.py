@@ -110,3 +110,13 @@ def test_unknown_datatype() -> None:
 def test_big_endian_arrays_are_sent_little_endian() -> None:
     array = np.arange(3, dtype=">i4")
     assert codec.raw_bytes(array) == np.arange(3, dtype="<i4").tobytes()
+
+
+def test_bytes_become_utf8_strings_by_element() -> None:
+    array = np.array([["héllo".encode(), b""], ["日本".encode(), "already text"]], dtype=object)
+    out = codec.utf8_strings("text", array)
+    assert out.shape == (2, 2) and out.tolist() == [["héllo", ""], ["日本", "already text"]]
+    with pytest.raises(
+        InvalidArgument, match=r"input 'text': element 2 is not valid UTF-8 \(invalid start byte at byte 0\)"
+    ):
+        codec.utf8_strings("text", np.array([b"a", b"b", b"\xff"], dtype=object))
