@@ -230,6 +230,8 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def _load_unload(self, request: Any, method: str) -> None:
         ok, errors = await self._fanout(lambda w: getattr(w.stub, method)(request, timeout=60.0))
+        # a load with a config override keeps the version READY with a new signature
+        self.discovery.forget_specs(request.model_name)
         for w in self.discovery.healthy():
             await self.discovery.refresh(w)
         if not ok:

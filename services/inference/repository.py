@@ -54,6 +54,7 @@ class ModelState:
     status: dict[int, tuple[str, str]] = field(default_factory=dict)
     failed_mtime: dict[int, float] = field(default_factory=dict)
     stats: dict[int, ModelStats] = field(default_factory=dict)
+    override: dict[str, Any] | None = None  # a RepositoryModelLoad config, in force over config.json
 
 
 class Repository:
@@ -115,7 +116,7 @@ class Repository:
         target: set[int] = set()
         if state.wanted and available:
             try:
-                config = self.store.read_config(name)
+                config = state.override if state.override is not None else self.store.read_config(name)
             except (OSError, ValueError) as err:
                 for v in available:
                     state.status[v] = (UNAVAILABLE, f"config.json unreadable: {err}")
@@ -147,6 +148,10 @@ class Repository:
             state.failed_mtime[number] = mtime
             log.warning("model %s version %s failed to load: %s", state.name, number, reason)
             return
+        self._install(state, number, runner, spec)
+
+    def _install(self, state: ModelState, number: int, runner: OrtRunner, spec: ModelSpec) -> Version | None:
+        """Serve ``runner`` as this version; returns the version it replaced, for its caller to close."""
         stats = state.stats.setdefault(number, ModelStats())
         batcher = Batcher(
             f"{state.name}:{number}",
@@ -156,10 +161,12 @@ class Repository:
             slots=len(runner.sessions),
             stats=stats,
         )
+        old = state.ready.get(number)
         state.ready[number] = Version(state.name, number, spec, runner, batcher, stats)
         state.status[number] = (READY, "")
         state.failed_mtime.pop(number, None)
         log.info("model %s version %s ready on %s", state.name, number, runner.providers)
+        return old
 
     def _build(self, name: str, number: int, config: dict[str, Any] | None) -> tuple[OrtRunner, ModelSpec]:
         s = self.settings
@@ -177,6 +184,12 @@ class Repository:
         missing = [t.name for t in spec.inputs if t.name not in runner.input_names]
         if missing:
             raise InvalidArgument(f"config.json names inputs the graph does not have: {missing}")
+        graph = {t.name: t.datatype for t in (*derived.inputs, *derived.outputs)}
+        for t in (*spec.inputs, *spec.outputs):
+            if t.name in graph and graph[t.name] != t.datatype:
+                raise InvalidArgument(
+                    f"the config gives {t.name!r} datatype {t.datatype} but the graph's is {graph[t.name]}"
+                )
         if s.warmup:
             _warm(runner, spec, number)
         return runner, spec
@@ -239,10 +252,22 @@ class Repository:
 
     # --- repository API -----------------------------------------------------------------------
 
-    async def load(self, name: str, version: int | None = None) -> None:
+    async def load(self, name: str, version: int | None = None, config: dict[str, Any] | None = None) -> None:
+        """Load a model (or one version). With ``config``, that config replaces config.json for
+        this model until a plain load: it is built first and only then swapped in, so an override
+        that does not load fails with the reason and the old config keeps serving."""
         if not self.store.list_versions(name):
             raise NotFound(f"model {name!r} is not in the store")
+        if config is not None:
+            await self._swap_config(name, config, override=True)
+            return
         state = self._state(name)
+        if state.override is not None:  # back to config.json, swapped in the same way
+            try:
+                file_config = self.store.read_config(name)
+            except (OSError, ValueError) as err:
+                raise InvalidArgument(f"failed to load {name!r}: config.json unreadable: {err}") from err
+            await self._swap_config(name, file_config, override=False)
         state.wanted = True
         if version is not None:
             if version not in self.store.list_versions(name):
@@ -258,6 +283,46 @@ class Repository:
         if failed:
             raise FailedPrecondition(
                 f"model {name!r}: " + "; ".join(f"version {v} {r}" for v, r in failed.items())
+            )
+
+    async def _swap_config(self, name: str, config: dict[str, Any] | None, override: bool) -> None:
+        """Build every version ``config`` selects, then swap them in for the ones serving."""
+        async with self._lock:
+            state = self._state(name)
+            available = self.store.list_versions(name)
+            try:
+                policy = version_policy_of(config)
+            except (TypeError, ValueError, AttributeError) as err:
+                raise InvalidArgument(
+                    f"failed to load {name!r}: bad version_policy in the config: {err}"
+                ) from err
+            targets = sorted(
+                (set(policy.select(available)) | (state.pinned & set(available))) - state.excluded
+            )
+            built = {}
+            for number in targets:
+                try:
+                    built[number] = await asyncio.get_running_loop().run_in_executor(
+                        None, self._build, name, number, config
+                    )
+                except Exception as err:
+                    reason = err.message if isinstance(err, FerryError) else f"{type(err).__name__}: {err}"
+                    raise InvalidArgument(
+                        f"failed to load {name!r} version {number} with the given config: {reason}; "
+                        "the model keeps its previous config"
+                    ) from err
+            state.wanted, state.override = True, (dict(config or {}) if override else None)
+            for number, (runner, spec) in built.items():
+                old = self._install(state, number, runner, spec)
+                if old is not None:
+                    await old.batcher.close()
+            for number in sorted(set(state.ready) - set(built)):
+                await self._unload_version(state, number)
+            log.warning(
+                "model %s: config %s (versions %s)",
+                name,
+                "overridden" if override else "from config.json",
+                targets,
             )
 
     async def unload(self, name: str, version: int | None = None) -> None:

@@ -7,8 +7,10 @@ the status the caller sees. In a stream, an error becomes that response's
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import grpc
 
@@ -145,7 +147,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: pb.RepositoryModelLoadRequest, context: grpc.aio.ServicerContext
     ) -> pb.RepositoryModelLoadResponse:
-        await self.repo.load(request.model_name, _version_param(request.parameters))
+        params = request.parameters
+        await self.repo.load(
+            request.model_name, _version_param(params), _config_param(request.model_name, params)
+        )
         return pb.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
@@ -153,6 +158,32 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         await self.repo.unload(request.model_name, _version_param(request.parameters))
         return pb.RepositoryModelUnloadResponse()
+
+
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _config_param(model: str, params: object) -> dict[str, Any] | None:
+    """Triton's ``config`` load parameter: a JSON model config that replaces config.json."""
+    if "config" not in params:  # type: ignore[operator]
+        return None
+    p = params["config"]  # type: ignore[index]
+    text = p.string_param if p.WhichOneof("parameter_choice") == "string_param" else None
+    if text is None:
+        raise InvalidArgument(f"failed to load {model!r}: the 'config' parameter must be a JSON string")
+    if len(text) > MAX_CONFIG_BYTES:
+        raise InvalidArgument(
+            f"failed to load {model!r}: the 'config' parameter is over {MAX_CONFIG_BYTES} bytes"
+        )
+    try:
+        config = json.loads(text)
+    except ValueError as err:
+        raise InvalidArgument(
+            f"failed to load {model!r}: the 'config' parameter is not valid JSON: {err}"
+        ) from err
+    if not isinstance(config, dict):
+        raise InvalidArgument(f"failed to load {model!r}: the 'config' parameter must be a JSON object")
+    return config
 
 
 def _version_param(params: object) -> int | None:
