@@ -19,6 +19,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ferry.core.classify import read_labels
 from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, Unavailable
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
@@ -42,6 +43,7 @@ class Version:
     runner: OrtRunner
     batcher: Batcher
     stats: ModelStats
+    labels: tuple[str, ...] = ()  # labels.txt beside the versions, for class_count outputs
 
 
 @dataclass
@@ -162,7 +164,8 @@ class Repository:
             stats=stats,
         )
         old = state.ready.get(number)
-        state.ready[number] = Version(state.name, number, spec, runner, batcher, stats)
+        labels = read_labels(self.store.model_dir(state.name))
+        state.ready[number] = Version(state.name, number, spec, runner, batcher, stats, labels)
         state.status[number] = (READY, "")
         state.failed_mtime.pop(number, None)
         log.info("model %s version %s ready on %s", state.name, number, runner.providers)

@@ -17,6 +17,7 @@ import grpc
 import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.errors import FerryError, InvalidArgument
 from ferry.core.modelconfig import accept_request, config_proto, metadata_proto
@@ -101,6 +102,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         try:
             version = self.repo.resolve(request.model_name, request.model_version)
             rows, inputs = accept_request(version.spec, request)
+            classify = class_counts(request)
+            for name, k in classify.items():
+                dims = next(t.dims for t in version.spec.outputs if t.name == name)
+                check_count(name, k, dims[-1] if dims else -1)
             params = request.parameters
             priority = _param_int(params, "priority") or 0
             timeout_us = _param_int(params, "timeout")
@@ -113,7 +118,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             )
             names = [o.name for o in request.outputs] or version.spec.output_names()
             for name in names:
-                add_output(response, name, outputs[name])
+                value = outputs[name]
+                if name in classify:
+                    value = top_k(name, value, classify[name], version.labels)
+                add_output(response, name, value)
             total = time.perf_counter_ns() - start
             version.stats.record_request(
                 rows, queue_ns, timings["input"], timings["infer"], timings["output"], total
