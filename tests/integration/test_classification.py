@@ -11,7 +11,7 @@ import pytest
 
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
-from tests.integration.test_gateway import start_gateway, start_workers, wait_until
+from tests.integration.test_gateway import worker_and_gateway
 from tests.support.deps import require_module
 from tests.support.models import export_cnn, export_mlp, publish
 
@@ -26,18 +26,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     publish(root, "mlp", 1, export_mlp(onnx / "mlp.onnx", classes=3))
     (root / "models" / "mlp" / "labels.txt").write_text("\n".join(LABELS) + "\n")
     publish(root, "cnn", 1, export_cnn(onnx / "cnn.onnx", classes=4))
-    procs = start_workers(root, 1)
-    try:
-        procs.append(start_gateway(procs[:1]))
-        addresses = {"worker": procs[0].address, "gateway": procs[1].address}
-        for address in addresses.values():
-            client = tc.InferenceServerClient(address)
-            for model in ("mlp", "cnn"):
-                wait_until(lambda c=client, m=model: c.is_model_ready(m), 30, f"{model} at {address}")
+    with worker_and_gateway(root, ("mlp", "cnn")) as (addresses, _):
         yield addresses
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
 def _input(shape: list[int]) -> Any:

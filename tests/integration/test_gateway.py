@@ -8,6 +8,7 @@ workers' own statistics.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -77,6 +78,25 @@ def wait_until(check: Callable[[], bool], timeout: float = 30.0, what: str = "co
             pass
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def worker_and_gateway(
+    store: Path, models: Sequence[str]
+) -> Iterator[tuple[dict[str, str], list[ServiceProcess]]]:
+    """One worker and a gateway in front of it, returned once both serve ``models``."""
+    procs = start_workers(store, 1)
+    try:
+        procs.append(start_gateway(procs[:1]))
+        addresses = {"worker": procs[0].address, "gateway": procs[1].address}
+        for address in addresses.values():
+            client = tc.InferenceServerClient(address)
+            for model in models:
+                wait_until(lambda c=client, m=model: c.is_model_ready(m), 30, f"{model} ready at {address}")
+        yield addresses, procs
+    finally:
+        for p in reversed(procs):
+            p.stop()
 
 
 def mlp_request(rows: int = 1, seed: int = 0, model: str = "mlp", **params: Any) -> pb.ModelInferRequest:

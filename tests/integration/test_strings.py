@@ -17,7 +17,7 @@ import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from tests.integration.test_gateway import start_gateway, start_workers, wait_until
+from tests.integration.test_gateway import wait_until, worker_and_gateway
 from tests.support.deps import require_module
 from tests.support.models import export_mlp, export_string_models, publish
 
@@ -32,18 +32,8 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     publish(root, "echo", 1, models["echo"])
     publish(root, "strict-parse", 1, models["parse"], {"parameters": {"warmup_must_pass": "true"}})
     publish(root, "mlp", 1, export_mlp(tmp_path_factory.mktemp("mlp") / "mlp.onnx"))
-    procs = start_workers(root, 1)
-    try:
-        procs.append(start_gateway(procs[:1]))
-        addresses = {"worker": procs[0].address, "gateway": procs[1].address}
-        for address in addresses.values():
-            client = tc.InferenceServerClient(address)
-            for model in ("parse", "echo", "mlp"):
-                wait_until(lambda c=client, m=model: c.is_model_ready(m), 30, f"{model} ready at {address}")
+    with worker_and_gateway(root, ("parse", "echo", "mlp")) as (addresses, procs):
         yield {"addresses": addresses, "procs": procs}
-    finally:
-        for p in reversed(procs):
-            p.stop()
 
 
 HOPS = ["worker", "gateway"]
