@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,8 @@ class Dataset:
     classes: int  # distinct labels; 0 for regression
     outputs: int  # model outputs: classes, or regression targets
     vocab_size: int = 0  # token datasets: ids lie in [0, vocab_size)
+    # Class index -> name, when the source names its classes (a served model's labels.txt).
+    class_names: list[str] = field(default_factory=list)
 
     @property
     def feature_shape(self) -> list[int]:
@@ -81,7 +83,8 @@ def _int_param(params: dict[str, Any], key: str, default: int, low: int, high: i
     return value
 
 
-def _sklearn(name: str, params: dict[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+def _sklearn(name: str, params: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """A scikit-learn dataset, with its class names by target value."""
     from sklearn import datasets as skd
 
     if name == "digits":
@@ -89,14 +92,14 @@ def _sklearn(name: str, params: dict[str, Any], seed: int) -> tuple[np.ndarray, 
         x = (bunch.data / 16.0).astype(np.float32)
         if not params.get("flatten"):
             x = x.reshape(-1, 1, 8, 8)
-        return x, bunch.target.astype(np.int64), "classification"
+        return x, bunch.target.astype(np.int64), [str(n) for n in bunch.target_names]
     loaders: dict[str, Callable[..., Any]] = {
         "iris": skd.load_iris,
         "wine": skd.load_wine,
         "breast_cancer": skd.load_breast_cancer,
     }
     bunch = loaders[name]()
-    return bunch.data.astype(np.float32), bunch.target.astype(np.int64), "classification"
+    return bunch.data.astype(np.float32), bunch.target.astype(np.int64), [str(n) for n in bunch.target_names]
 
 
 def _synthetic(name: str, params: dict[str, Any], seed: int) -> tuple[np.ndarray, np.ndarray, str, int]:
@@ -208,6 +211,19 @@ def _uploaded(name: str, store_root: str | Path | None, task: str) -> tuple[np.n
     return x.astype(np.float32), y, task, 0
 
 
+def _class_names(labels: np.ndarray, names: list[str] | None) -> list[str]:
+    """Names of the classes a model predicts, by class index (the rank of the label value).
+
+    An uploaded dataset's labels are renumbered 0..k-1 in sorted order, so its names are the
+    values as written (``7``, not ``7.0``): that is how a client learns which value an index is.
+    """
+    if names is None:
+        return [str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in labels.tolist()]
+    if not names:
+        return []
+    return [names[int(v)] for v in labels.tolist()]
+
+
 def _standardise(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     mean = x_train.mean(axis=0, keepdims=True)
     std = x_train.std(axis=0, keepdims=True)
@@ -229,13 +245,16 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
     if not 0.0 < test_fraction < 1.0:
         raise InvalidArgument(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     vocab = 0
+    names: list[str] | None = None  # by label value; None = the values themselves, [] = unnamed
     if upload:
         x, y, task, vocab = _uploaded(upload, store, task or "classification")
         name = f"upload:{upload}"
     elif name in BUILTIN:
-        x, y, task = _sklearn(name, params, seed)
+        x, y, names = _sklearn(name, params)
+        task = "classification"
     elif name in SYNTHETIC:
         x, y, task, vocab = _synthetic(name, params, seed)
+        names = []
     else:
         raise InvalidArgument(
             f"unknown dataset {name!r}; built-in: {', '.join(dataset_names())}, or an uploaded one"
@@ -246,9 +265,10 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
         labels, y = np.unique(y.reshape(len(y), -1)[:, 0], return_inverse=True)
         y = y.astype(np.int64)
         classes = outputs = len(labels)
+        class_names = _class_names(labels, names)
     else:
         y = y.astype(np.float32).reshape(len(y), -1)
-        classes, outputs = 0, y.shape[1]
+        classes, outputs, class_names = 0, y.shape[1], []
     order = np.random.default_rng(seed).permutation(len(x))
     n_test = max(1, round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
@@ -265,4 +285,5 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
         classes=classes,
         outputs=outputs,
         vocab_size=vocab,
+        class_names=class_names,
     )

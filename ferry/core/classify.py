@@ -2,8 +2,9 @@
 the top k of its scores, as BYTES strings ``"score:index"`` or ``"score:index:label"``.
 
 A client asks with ``InferRequestedOutput(name, class_count=k)``, which is the output's
-``classification`` parameter. Labels come from ``labels.txt`` beside the model's versions, one
-per line, in class order. Pure: the worker calls it on the arrays it computed.
+``classification`` parameter. Labels come from ``labels.txt``, one per line, in class order: the
+version's own (the exporter writes it when the training data names its classes), else one
+beside the model's versions. Pure: the worker calls it on the arrays it computed.
 """
 
 from __future__ import annotations
@@ -61,9 +62,24 @@ def top_k(name: str, scores: np.ndarray, k: int, labels: Sequence[str] = ()) -> 
     return out.reshape((*scores.shape[:-1], k))
 
 
-def read_labels(model_dir: Path) -> tuple[str, ...]:
-    """The model's class labels, or none when it has no labels file."""
-    path = model_dir / LABELS_FILE
-    if not path.is_file():
-        return ()
-    return tuple(line.rstrip("\r") for line in path.read_text(encoding="utf-8").split("\n") if line.strip())
+def read_labels(*folders: Path) -> tuple[str, ...]:
+    """Class labels from the first of ``folders`` with a labels file (a version's own, then its
+    model's), or none."""
+    for folder in folders:
+        path = folder / LABELS_FILE
+        if path.is_file():
+            text = path.read_text(encoding="utf-8")
+            return tuple(line.rstrip("\r") for line in text.split("\n") if line.strip())
+    return ()
+
+
+def write_labels(folder: Path, names: Sequence[str]) -> Path:
+    """Write ``labels.txt`` (one name per line, in class order) into ``folder``.
+
+    A line break inside a name would shift every later class by one, so breaks become spaces;
+    an empty name becomes its index.
+    """
+    lines = [" ".join(str(n).split("\n")).replace("\r", " ").strip() or str(i) for i, n in enumerate(names)]
+    path = folder / LABELS_FILE
+    path.write_text("".join(f"{line}\n" for line in lines), encoding="utf-8")
+    return path

@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from ferry.core.classify import write_labels
 from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
 from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
@@ -254,6 +255,8 @@ class ExportPipeline:
                 try:
                     shutil.copyfile(served, staged / MODEL_FILE)
                     atomic_write_json(staged / "meta.json", meta)
+                    if ckpt.class_names:
+                        write_labels(staged, ckpt.class_names)
                 except BaseException:
                     shutil.rmtree(staged, ignore_errors=True)
                     raise

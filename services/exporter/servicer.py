@@ -22,6 +22,7 @@ from ferry._proto.ferry.v1 import exporter_pb2 as pb
 from ferry._proto.ferry.v1 import exporter_pb2_grpc as pb_grpc
 from ferry.core.errors import InvalidArgument, ResourceExhausted
 from ferry.core.store import Store, validate_name
+from ferry.core.uploads import drain
 from services.exporter import catalog
 from services.exporter.importer import import_onnx
 from services.exporter.pipeline import ExportPipeline, ExportResult, resolve_options
@@ -104,6 +105,7 @@ class ExporterServicer(pb_grpc.ExporterServicer):
             else:
                 data += chunk.data
                 if len(data) > self.settings.max_import_bytes:
+                    await drain(request_iterator, len(data), self.settings.max_import_bytes)
                     raise ResourceExhausted(
                         f"the uploaded model exceeds max_import_bytes={self.settings.max_import_bytes}"
                     )

@@ -51,6 +51,11 @@ class Checkpoint:
     def task(self) -> str:
         return str(self.spec.get("task", "classification"))
 
+    @property
+    def class_names(self) -> list[str]:
+        """Names by class index, from the training data; empty when it named none."""
+        return [str(n) for n in self.spec.get("class_names") or []]
+
 
 def _read_json(path: Path, what: str) -> Any:
     try:

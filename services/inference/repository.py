@@ -164,7 +164,7 @@ class Repository:
             stats=stats,
         )
         old = state.ready.get(number)
-        labels = read_labels(self.store.model_dir(state.name))
+        labels = read_labels(self.store.version_dir(state.name, number), self.store.model_dir(state.name))
         state.ready[number] = Version(state.name, number, spec, runner, batcher, stats, labels)
         state.status[number] = (READY, "")
         state.failed_mtime.pop(number, None)

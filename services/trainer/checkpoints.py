@@ -1,7 +1,8 @@
 """Checkpoints in the store, the contract the exporter builds against (docs/training.md, Store layout).
 
     checkpoints/<job>/<tag>/weights.safetensors   the model's state_dict
-    checkpoints/<job>/<tag>/spec.json             job, model entry, input, output, task, dataset, classes
+    checkpoints/<job>/<tag>/spec.json             job, model entry, input, output, task, dataset, classes,
+                                                  class_names (index -> name; empty when unnamed)
     checkpoints/<job>/<tag>/metrics.json          epoch metrics (final: plus the test evaluation)
     checkpoints/<job>/<tag>/optimizer.safetensors optimizer tensors, to resume (epoch tags only)
     checkpoints/<job>/<tag>/state.json            optimizer scalars and loop state, to resume
@@ -27,7 +28,7 @@ from safetensors.torch import load_file, save_file
 from ferry.core.store import atomic_write_json
 
 FINAL = "final"
-SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes")
+SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes", "class_names")
 
 
 def epoch_tag(epoch: int) -> str:

@@ -148,6 +148,7 @@ def normalize_spec(
     spec["input"] = {"name": "input", "datatype": data.datatype, "shape": data.input_shape}
     spec["output"] = {"name": "logits", "shape": [data.outputs]}
     spec["classes"] = data.classes
+    spec["class_names"] = data.class_names
     return spec
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from ferry.core.errors import AlreadyExists, InvalidArgument, ResourceExhausted
 from ferry.core.store import Store, validate_name
+from ferry.core.uploads import drain
 from ferry.datasets import UPLOAD_FORMATS, read_upload
 
 
@@ -55,7 +56,7 @@ async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: in
                     expected = chunk.sha256.lower()
                 size += len(chunk.data)
                 if size > max_bytes:
-                    await _drain(chunks, size, max_bytes)
+                    await drain(chunks, size, max_bytes)
                     raise ResourceExhausted(
                         f"dataset upload exceeds the size limit of {max_bytes} bytes; nothing was kept"
                     )
@@ -86,21 +87,3 @@ async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: in
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-
-
-DRAIN_CAP_BYTES = 64 * 1024 * 1024
-
-
-async def _drain(chunks: AsyncIterator[Any], size: int, max_bytes: int) -> None:
-    """Read (and drop) the rest of an oversized upload, up to a bound, before answering.
-
-    A server that ends a call while its client is still writing leaves the client's gRPC core a
-    failed send: the client then sees "Internal error from Core", not the RESOURCE_EXHAUSTED
-    it was sent. Reading on lets an ordinary oversized file get its real answer; past the bound
-    (a client that streams for ever) the call ends anyway.
-    """
-    budget = size + min(4 * max_bytes, DRAIN_CAP_BYTES)
-    async for chunk in chunks:
-        size += len(chunk.data)
-        if size > budget:
-            return

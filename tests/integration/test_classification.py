@@ -11,12 +11,14 @@ import pytest
 
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
+from ferry.core.classify import write_labels
 from tests.integration.test_gateway import worker_and_gateway
 from tests.support.deps import require_module
 from tests.support.models import export_cnn, export_mlp, publish
 
 tc = require_module("tritonclient.grpc")
 LABELS = ("cat", "dog", "bird")
+IRIS = ("setosa", "versicolor", "virginica")
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +28,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     publish(root, "mlp", 1, export_mlp(onnx / "mlp.onnx", classes=3))
     (root / "models" / "mlp" / "labels.txt").write_text("\n".join(LABELS) + "\n")
     publish(root, "cnn", 1, export_cnn(onnx / "cnn.onnx", classes=4))
-    with worker_and_gateway(root, ("mlp", "cnn")) as (addresses, _):
+    # the exporter writes a version's labels into the version; they win over the model's
+    named = publish(root, "named", 1, onnx / "mlp.onnx")
+    (root / "models" / "named" / "labels.txt").write_text("x\ny\nz\n")
+    write_labels(named, IRIS)
+    with worker_and_gateway(root, ("mlp", "cnn", "named")) as (addresses, _):
         yield addresses
 
 
@@ -73,3 +79,13 @@ def test_bad_class_counts_are_invalid_argument(
         pb_grpc.GRPCInferenceServiceStub(ch).ModelInfer(request, timeout=30)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert message in (err.value.details() or "")
+
+
+def test_a_versions_own_labels_are_used(servers: dict[str, str]) -> None:
+    client = tc.InferenceServerClient(servers["worker"])
+    x = _input([2, 8])
+    scores = client.infer("named", [x]).as_numpy("output")
+    top = client.infer("named", [x], outputs=[tc.InferRequestedOutput("output", class_count=3)])
+    for row, entries in zip(scores, top.as_numpy("output"), strict=True):
+        parts = [e.decode().split(":") for e in entries]
+        assert [p[2] for p in parts] == [IRIS[i] for i in np.argsort(-row, kind="stable")]

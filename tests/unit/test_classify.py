@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry.core.classify import class_counts, read_labels, top_k
+from ferry.core.classify import class_counts, read_labels, top_k, write_labels
 from ferry.core.errors import InvalidArgument
 
 
@@ -54,3 +54,13 @@ def test_labels_file(tmp_path: Path) -> None:
     assert read_labels(tmp_path) == ()
     (tmp_path / "labels.txt").write_text("zero\r\none\n\ntwo\n", encoding="utf-8")
     assert read_labels(tmp_path) == ("zero", "one", "two")
+
+
+def test_a_versions_labels_win_over_the_models(tmp_path: Path) -> None:
+    version = tmp_path / "3"
+    version.mkdir()
+    write_labels(tmp_path, ["cat", "dog"])
+    assert read_labels(version, tmp_path) == ("cat", "dog")  # the version has none: the model's
+    write_labels(version, ["setosa", "two\nlines", ""])
+    assert (version / "labels.txt").read_text(encoding="utf-8") == "setosa\ntwo lines\n2\n"
+    assert read_labels(version, tmp_path) == ("setosa", "two lines", "2")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from ferry.core.classify import LABELS_FILE, read_labels
 from ferry.core.errors import Cancelled, FailedPrecondition
 from ferry.core.store import Store
 from services.exporter.pipeline import ExportPipeline, resolve_options
@@ -19,6 +20,7 @@ def pipeline(tmp_path: Path) -> ExportPipeline:
     store = Store(tmp_path)
     train_job(store, "job-f", "factory", steps=20)
     train_job(store, "job-eigen", "eigen", steps=1)
+    train_job(store, "job-mlp", "mlp", steps=5)
     settings = ExporterSettings(parity_samples=32, latency_runs=1, allowed_factories=["tests"])
     return ExportPipeline(store, settings)
 
@@ -56,3 +58,12 @@ def test_export_in_process_publishes_with_meta(pipeline: ExportPipeline) -> None
         meta["parity"]["passed"]
         and meta["source"]["weights_sha256"] == result.meta["source"]["weights_sha256"]
     )
+    assert not (pipeline.store.version_dir("reg", 1) / LABELS_FILE).exists()  # regression: no classes
+
+
+def test_a_classifier_publishes_its_class_names_as_labels(pipeline: ExportPipeline) -> None:
+    result = pipeline.run("job-mlp", "digits", resolve_options({}, pipeline.settings))
+    assert result.published and result.version == 1
+    labels = pipeline.store.version_dir("digits", 1) / LABELS_FILE
+    assert labels.read_text(encoding="utf-8") == "".join(f"{d}\n" for d in range(10))
+    assert read_labels(labels.parent) == tuple(str(d) for d in range(10))

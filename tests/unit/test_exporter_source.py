@@ -20,6 +20,7 @@ from torch import nn
 
 from ferry.core.errors import FailedPrecondition, NotFound, PermissionDenied
 from ferry.core.store import Store, atomic_write_json
+from ferry.datasets import load_dataset
 from ferry.zoo import build_model
 from services.exporter.source import load_checkpoint
 from services.trainer.checkpoints import FINAL, save_checkpoint
@@ -163,6 +164,7 @@ def train_job(
         "task": task,
         "dataset": entry["dataset"],
         "classes": entry["classes"],
+        "class_names": load_dataset(entry["dataset"]).class_names if task == "classification" else [],
     }
     summary = {"test": {"loss": float(loss.item())}, "history": [], "best_epoch": 0, "stopped_early": False,
                "epochs_run": 1}  # fmt: skip

@@ -90,5 +90,13 @@ def test_uploaded_dataset_from_the_store(tmp_path: object) -> None:
     np.savez(root / "datasets" / "mine.npz", x=rng.normal(size=(30, 3)), y=np.arange(30) % 3 + 5)
     data = load_dataset({"upload": "mine", "seed": 1}, store=root)
     assert data.name == "upload:mine" and data.classes == 3 and set(data.y_train) <= {0, 1, 2}
+    assert data.class_names == ["5", "6", "7"]  # class index -> the label value as uploaded
     with pytest.raises(InvalidArgument, match=r"^unknown uploaded dataset 'other'"):
         load_dataset({"upload": "other"}, store=root)
+
+
+def test_class_names_come_from_the_source() -> None:
+    assert load_dataset({"name": "iris"}).class_names == ["setosa", "versicolor", "virginica"]
+    assert load_dataset({"name": "digits"}).class_names == [str(d) for d in range(10)]
+    assert load_dataset({"name": "synthetic_classification"}).class_names == []  # unnamed classes
+    assert load_dataset({"name": "synthetic_regression"}).class_names == []
