@@ -21,6 +21,7 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import model_config_pb2 as mc
 from ferry.core.codec import DATATYPES, FIXED_DTYPES, check_content_form, decode_inputs, utf8_strings
 from ferry.core.errors import InvalidArgument
+from ferry.core.warmup import WarmupSample, parse_samples
 
 DEFAULT_MAX_BATCH_SIZE = 64
 PLATFORM = "onnxruntime_onnx"
@@ -74,6 +75,7 @@ class ModelSpec:
     instances: int = 1
     response_cache: bool = True
     parameters: dict[str, str] = field(default_factory=dict)
+    warmup: tuple[WarmupSample, ...] = ()  # config.json's model_warmup (ferry.core.warmup)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -156,6 +158,7 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
         instances=max(1, int(config.get("instance_count", base.instances))),
         response_cache=bool(cache.get("enable", True)),
         parameters={str(k): str(v) for k, v in config.get("parameters", base.parameters).items()},
+        warmup=parse_samples(config["model_warmup"], where) if "model_warmup" in config else base.warmup,
     )
 
 

@@ -16,9 +16,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ferry.core import warmup
 from ferry.core.classify import read_labels
 from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, Unavailable
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
@@ -194,7 +197,7 @@ class Repository:
                     f"the config gives {t.name!r} datatype {t.datatype} but the graph's is {graph[t.name]}"
                 )
         if s.warmup:
-            _warm(runner, spec, number)
+            _warm(runner, spec, number, self.store.model_dir(name))
         return runner, spec
 
     async def _unload_version(self, state: ModelState, number: int) -> None:
@@ -365,19 +368,42 @@ def parse_version(text: str) -> int:
 MUST_PASS = ("1", "true", "yes")
 
 
-def _warm(runner: OrtRunner, spec: ModelSpec, number: int) -> None:
-    """Warm the sessions up on synthetic data. Zeros or empty strings do not suit every graph (a
-    Cast of "" to a number fails), so a failure is logged and the model serves anyway, unless its
-    config says ``"parameters": {"warmup_must_pass": "true"}``."""
+def _warm(runner: OrtRunner, spec: ModelSpec, number: int, model_dir: Path) -> None:
+    """Run the config's ``model_warmup`` samples (``ferry.core.warmup``), or zeros twice.
+
+    A sample that does not fit the model fails the load with the reason. Zeros or empty
+    strings do not suit every graph (a Cast of "" to a number fails), so a run that fails is
+    logged and the model serves anyway, unless its config says
+    ``"parameters": {"warmup_must_pass": "true"}``."""
+    where = f"config of model {spec.name!r}"
+    if spec.warmup:
+        inputs = {t.name: (t.datatype, tuple(t.dims)) for t in spec.inputs}
+        for sample in spec.warmup:
+            warmup.check(sample, inputs, spec.max_batch_size, where)
+        samples = spec.warmup
+    else:
+        tensors = [(t.name, t.datatype, tuple(t.dims)) for t in spec.inputs]
+        samples = (warmup.zeros_sample(tensors, spec.max_batch_size > 0),)
+    runs = [(warmup.feeds(x, model_dir, where, seed=i), x.count) for i, x in enumerate(samples)]
+    started = time.monotonic()
     try:
-        runner.warmup(spec)
+        made = runner.warmup(runs)
     except Exception as err:  # ONNX Runtime raises its own error types
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
         if spec.parameters.get("warmup_must_pass", "").lower() in MUST_PASS:
             raise InvalidArgument(f"warm-up failed and warmup_must_pass is set: {reason}") from err
         log.warning(
-            "model %s version %s: warm-up failed on synthetic data (%s); it serves anyway",
+            "model %s version %s: warm-up failed (%s); it serves anyway",
             spec.name,
             number,
             reason,
         )
+        return
+    log.info(
+        "model %s version %s warmed up: %s (%d runs, %.0f ms)",
+        spec.name,
+        number,
+        ", ".join(f"{x.name} batch {x.batch_size} x{x.count}" for x in samples),
+        made,
+        (time.monotonic() - started) * 1000,
+    )

@@ -10,13 +10,13 @@ which is what serves when ``config.json`` says nothing.
 from __future__ import annotations
 
 import queue
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
-from ferry.core.codec import numpy_dtype
 from ferry.core.modelconfig import DEFAULT_MAX_BATCH_SIZE, BatchingPolicy, ModelSpec, TensorSpec
 
 ORT_TYPES = {
@@ -130,15 +130,13 @@ class OrtRunner:
             batching=BatchingPolicy() if batchable else None,
         )
 
-    def warmup(self, spec: ModelSpec, rounds: int = 2) -> None:
-        """Run every session on zeros first, so the first real request pays no lazy initialisation."""
-        feeds = {}
-        for t in spec.inputs:
-            shape = [1 if d < 0 else d for d in spec.full_shape(t)]
-            if t.datatype == "BYTES":
-                feeds[t.name] = np.full(shape, "", dtype=object)  # ONNX STRING takes str
-            else:
-                feeds[t.name] = np.zeros(shape, dtype=numpy_dtype(t.datatype))
+    def warmup(self, runs: Sequence[tuple[dict[str, np.ndarray], int]]) -> int:
+        """Run every session on each warm-up feed ``count`` times before it serves, so the first
+        real request pays no lazy initialisation; returns the runs made."""
+        made = 0
         for session in self.sessions:
-            for _ in range(rounds):
-                session.run(self.output_names, feeds)
+            for feeds, count in runs:
+                for _ in range(count):
+                    session.run(self.output_names, feeds)
+                    made += 1
+        return made

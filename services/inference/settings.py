@@ -37,7 +37,9 @@ class WorkerSettings(SecuritySettings):
     poll_interval_s: float = Field(
         2.0, description="how often the store is scanned for new versions; 0 = never"
     )
-    warmup: bool = Field(True, description="run each new session once before it serves")
+    warmup: bool = Field(
+        True, description="warm each new version up before it serves (model_warmup, else zeros)"
+    )
     grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight requests get to finish")
     drain_delay_s: float = Field(
         1.0,

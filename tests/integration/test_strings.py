@@ -32,7 +32,16 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
     publish(root, "echo", 1, models["echo"])
     publish(root, "strict-parse", 1, models["parse"], {"parameters": {"warmup_must_pass": "true"}})
     publish(root, "mlp", 1, export_mlp(tmp_path_factory.mktemp("mlp") / "mlp.onnx"))
-    with worker_and_gateway(root, ("parse", "echo", "mlp")) as (addresses, procs):
+    # warm-up samples from config.json: given text the Cast can parse, so it must pass
+    text = {"data_type": "TYPE_STRING", "dims": [1], "input_data_file": "text.bin"}
+    sample = {"name": "given", "batch_size": 4, "count": 3, "inputs": {"text": text}}
+    strict = {"warmup_must_pass": "true"}
+    publish(root, "warm-parse", 1, models["parse"], {"model_warmup": [sample], "parameters": strict})
+    (root / "models" / "warm-parse" / "warmup").mkdir()
+    (root / "models" / "warm-parse" / "warmup" / "text.bin").write_bytes(struct.pack("<I", 2) + b"41")
+    wrong = {"name": "wrong", "batch_size": 1, "inputs": {"words": text}}
+    publish(root, "bad-warm", 1, models["parse"], {"model_warmup": [wrong]})
+    with worker_and_gateway(root, ("parse", "echo", "mlp", "warm-parse")) as (addresses, procs):
         yield {"addresses": addresses, "procs": procs}
 
 
@@ -130,3 +139,18 @@ def test_a_model_whose_warmup_must_pass_does_not_serve_when_it_fails(servers: di
     wait_until(lambda: entry() is not None and entry().state == "UNAVAILABLE", 30, "strict-parse settles")
     assert "warm-up failed and warmup_must_pass is set" in entry().reason
     assert not client.is_model_ready("strict-parse")
+
+
+def test_given_warmup_samples_run_and_a_misfit_fails_the_load(
+    servers: dict[str, Any],
+) -> None:
+    """warm-parse must pass its warm-up, which empty strings would fail: its given text ran."""
+    client = tc.InferenceServerClient(servers["addresses"]["worker"])
+    assert client.is_model_ready("warm-parse")
+    assert int(client.infer("warm-parse", [_text([[b"41"]])]).as_numpy("number")[0, 0]) == 42
+
+    def entry() -> Any:
+        return next((m for m in client.get_model_repository_index().models if m.name == "bad-warm"), None)
+
+    wait_until(lambda: entry() is not None and entry().state == "UNAVAILABLE", 30, "bad-warm settles")
+    assert "warm-up sample 'wrong' leaves out inputs ['text']" in entry().reason
