@@ -15,40 +15,14 @@ from collections.abc import Sequence
 import numpy as np
 
 from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core.datatypes import NUMPY, TABLE
 from ferry.core.errors import InvalidArgument
 
-DATATYPES: dict[str, np.dtype] = {
-    "BOOL": np.dtype(np.bool_),
-    "UINT8": np.dtype("<u1"),
-    "UINT16": np.dtype("<u2"),
-    "UINT32": np.dtype("<u4"),
-    "UINT64": np.dtype("<u8"),
-    "INT8": np.dtype("<i1"),
-    "INT16": np.dtype("<i2"),
-    "INT32": np.dtype("<i4"),
-    "INT64": np.dtype("<i8"),
-    "FP16": np.dtype("<f2"),
-    "FP32": np.dtype("<f4"),
-    "FP64": np.dtype("<f8"),
-    "BYTES": np.dtype(np.object_),
-}
+DATATYPES: dict[str, np.dtype] = NUMPY
 
 # Which typed ``InferTensorContents`` field carries each datatype. FP16 has none in
 # the protocol: it travels raw only.
-CONTENTS_FIELD: dict[str, str] = {
-    "BOOL": "bool_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
+CONTENTS_FIELD: dict[str, str] = {d.name: d.contents for d in TABLE if d.contents}
 
 _BY_KIND: dict[tuple[str, int], str] = {
     (dt.kind, dt.itemsize): name for name, dt in DATATYPES.items() if name not in ("BYTES", "BOOL")

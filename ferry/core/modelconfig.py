@@ -19,7 +19,8 @@ import numpy as np
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import model_config_pb2 as mc
-from ferry.core.codec import DATATYPES, FIXED_DTYPES, check_content_form, decode_inputs, utf8_strings
+from ferry.core.codec import FIXED_DTYPES, check_content_form, decode_inputs, utf8_strings
+from ferry.core.datatypes import config_name, from_config
 from ferry.core.errors import InvalidArgument
 from ferry.core.warmup import WarmupSample, parse_samples
 
@@ -87,21 +88,13 @@ class ModelSpec:
         return [-1, *tensor.dims] if self.max_batch_size > 0 else list(tensor.dims)
 
 
-def _datatype(value: str, where: str) -> str:
-    name = value.removeprefix("TYPE_")
-    name = "BYTES" if name == "STRING" else name
-    if name not in DATATYPES:
-        raise InvalidArgument(f"{where}: unknown datatype {value!r}")
-    return name
-
-
 def _tensors(items: Sequence[dict[str, Any]], where: str) -> tuple[TensorSpec, ...]:
     out = []
     for item in items:
         name = item.get("name")
         if not name:
             raise InvalidArgument(f"{where}: a tensor has no name")
-        dt = _datatype(str(item.get("data_type", item.get("datatype", ""))), f"{where} {name!r}")
+        dt = from_config(item.get("data_type", item.get("datatype", "")), f"{where} {name!r}")
         out.append(TensorSpec(name, dt, tuple(int(d) for d in item.get("dims", item.get("shape", [])))))
     return tuple(out)
 
@@ -405,7 +398,7 @@ def metadata_proto(spec: ModelSpec, versions: Sequence[int]) -> pb.ModelMetadata
 
 
 def _proto_datatype(datatype: str) -> int:
-    return mc.DataType.Value("TYPE_STRING" if datatype == "BYTES" else f"TYPE_{datatype}")
+    return mc.DataType.Value(config_name(datatype))
 
 
 def config_proto(spec: ModelSpec) -> mc.ModelConfig:

@@ -33,6 +33,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.codec import numpy_dtype
+from ferry.core.datatypes import from_config
 from ferry.core.errors import InvalidArgument
 
 SOURCES = ("zero_data", "random_data", "input_data_file")
@@ -58,16 +59,6 @@ class WarmupSample:
     batch_size: int
     count: int
     inputs: tuple[tuple[str, WarmupInput], ...]
-
-
-def _datatype(value: object, where: str) -> str:
-    name = str(value).removeprefix("TYPE_")
-    name = "BYTES" if name == "STRING" else name
-    try:
-        numpy_dtype(name)
-    except Exception as err:
-        raise InvalidArgument(f"{where}: unknown data_type {value!r}") from err
-    return name
 
 
 def _int(raw: Mapping[str, Any], key: str, where: str, low: int, high: int) -> int:
@@ -97,7 +88,7 @@ def _input(name: str, raw: object, where: str) -> WarmupInput:
                 f"{where}: input_data_file must be a plain file name in the model's {WARMUP_DIR}/ "
                 f"folder (letters, digits, '_', '-', '.'), got {file!r}"
             )
-    return WarmupInput(_datatype(raw.get("data_type", ""), where), tuple(dims), given[0], file)
+    return WarmupInput(from_config(raw.get("data_type", ""), where), tuple(dims), given[0], file)
 
 
 def parse_samples(raw: object, where: str) -> tuple[WarmupSample, ...]:

@@ -15,27 +15,10 @@ import shutil
 import time
 from typing import Any
 
+from ferry.core.datatypes import BY_ONNX
 from ferry.core.errors import InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_from_config, spec_to_config
 from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
-
-# onnx.TensorProto element types -> v2 datatype names.
-ONNX_DATATYPES = {
-    1: "FP32",
-    2: "UINT8",
-    3: "INT8",
-    4: "UINT16",
-    5: "INT16",
-    6: "INT32",
-    7: "INT64",
-    8: "BYTES",
-    9: "BOOL",
-    10: "FP16",
-    11: "FP64",
-    12: "UINT32",
-    13: "UINT64",
-    16: "BF16",
-}
 
 
 def _tensor(value_info: Any, where: str, batched: bool) -> TensorSpec:
@@ -43,7 +26,8 @@ def _tensor(value_info: Any, where: str, batched: bool) -> TensorSpec:
     if kind != "tensor_type":
         raise InvalidArgument(f"{where} {value_info.name!r} is a {kind}, not a tensor")
     tensor = value_info.type.tensor_type
-    datatype = ONNX_DATATYPES.get(tensor.elem_type)
+    known = BY_ONNX.get(tensor.elem_type)
+    datatype = known.name if known else None
     if datatype is None:
         raise InvalidArgument(
             f"{where} {value_info.name!r} has an unsupported element type {tensor.elem_type}"

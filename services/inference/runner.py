@@ -17,23 +17,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ferry.core.datatypes import BY_ORT
 from ferry.core.modelconfig import DEFAULT_MAX_BATCH_SIZE, BatchingPolicy, ModelSpec, TensorSpec
 
-ORT_TYPES = {
-    "tensor(bool)": "BOOL",
-    "tensor(uint8)": "UINT8",
-    "tensor(uint16)": "UINT16",
-    "tensor(uint32)": "UINT32",
-    "tensor(uint64)": "UINT64",
-    "tensor(int8)": "INT8",
-    "tensor(int16)": "INT16",
-    "tensor(int32)": "INT32",
-    "tensor(int64)": "INT64",
-    "tensor(float16)": "FP16",
-    "tensor(float)": "FP32",
-    "tensor(double)": "FP64",
-    "tensor(string)": "BYTES",
-}
+ORT_NAMES = {ort: d.name for ort, d in BY_ORT.items()}
 
 OPT_LEVELS = {
     "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -119,7 +106,7 @@ class OrtRunner:
         def tensor(node: Any) -> TensorSpec:
             dims = [d if isinstance(d, int) and d >= 0 else -1 for d in node.shape]
             return TensorSpec(
-                node.name, ORT_TYPES.get(node.type, node.type), tuple(dims[1:] if batchable else dims)
+                node.name, ORT_NAMES.get(node.type, node.type), tuple(dims[1:] if batchable else dims)
             )
 
         return ModelSpec(

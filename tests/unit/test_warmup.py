@@ -68,7 +68,7 @@ def test_data_files_hold_one_row(tmp_path: Path) -> None:
         ([{"inputs": {"input": {"data_type": "FP32", "dims": [4], "zero_data": True, "random_data": True}}}],
          "needs exactly one of zero_data, random_data, input_data_file, got ['zero_data', 'random_data']"),
         ([{"inputs": {"input": {"data_type": "TYPE_FP99", "dims": [4], "zero_data": True}}}],
-         "unknown data_type 'TYPE_FP99'"),
+         "unknown datatype 'TYPE_FP99'"),
         ([{"inputs": {"input": {"data_type": "TYPE_FP32", "dims": [-1], "zero_data": True}}}],
          "dims must be concrete (>= 1), got [-1]"),
         ([{"inputs": {"input": {"data_type": "TYPE_FP32", "dims": [4], "input_data_file": "../x.bin"}}}],
