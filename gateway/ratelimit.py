@@ -11,8 +11,9 @@ Redis is a dependency the gateway must survive losing. While it is down or slow,
 replica falls back to a bucket of its own (the fleet then admits up to N times the rate,
 which beats refusing everything or letting everything through), warns once, and asks
 Redis again only every ``retry_s`` seconds so a dead Redis does not add a timeout to
-every call. Redis keys carry the key's configured name, never the API key itself: a
-``SCAN`` or a Redis dump must not reveal credentials.
+every call. Redis keys carry the key's sha256 digest (what the key file holds), never the API
+key itself: a ``SCAN`` or a Redis dump must not reveal credentials, and two keys that share a
+configured name still get a bucket each.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ferry.core.auth import TokenBucket
+from ferry.core.auth import Buckets, check_limits
 
 log = logging.getLogger("ferry.gateway.ratelimit")
 
@@ -65,14 +66,6 @@ SHARED_DOWN = "rate limits: Redis unreachable, each replica now counts on its ow
 SHARED_UP = "rate limits: shared through Redis again"
 
 
-def check_limits(rate: float, burst: float) -> None:
-    """Refuse limits a bucket cannot honour: a zero rate never refills and a TTL needs burst/rate."""
-    if not (rate > 0 and math.isfinite(rate)):
-        raise ValueError(f"rate must be a positive number of tokens per second, got {rate!r}")
-    if not (burst > 0 and math.isfinite(burst)):
-        raise ValueError(f"burst must be a positive number of tokens, got {burst!r}")
-
-
 def idle_ttl_ms(rate: float, burst: float) -> int:
     """How long Redis keeps an idle bucket: twice the time to refill it, at least 1 s.
 
@@ -80,25 +73,6 @@ def idle_ttl_ms(rate: float, burst: float) -> int:
     one, so deleting it later loses nothing; the factor 2 and the floor absorb clock jitter.
     """
     return max(1000, math.ceil(burst / rate * 2 * 1000))
-
-
-class LocalBuckets:
-    """In-process token buckets, one per key name.
-
-    The fallback when Redis is out of reach, and enough on its own for a single replica.
-    Names are the configured key names, a bounded set, so buckets are never evicted.
-    """
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._buckets: dict[str, TokenBucket] = {}
-
-    def take(self, name: str, rate: float, burst: float, n: float = 1.0) -> bool:
-        check_limits(rate, burst)
-        bucket = self._buckets.get(name)
-        if bucket is None:
-            bucket = self._buckets[name] = TokenBucket(rate, burst, self._clock)
-        return bucket.take(n)
 
 
 class Fallback:
@@ -159,7 +133,7 @@ class SharedLimiter:
         self.timeout_s = timeout_s
         self.prefix = prefix
         self._on_fallback = on_fallback
-        self._local = LocalBuckets(clock)
+        self._local = Buckets(clock)
         self._fallback = Fallback(retry_s, clock)
         # One immediate retry gets past a pooled connection that a restarted Redis closed;
         # anything slower than that is the fallback's job, not the client's.

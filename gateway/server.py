@@ -152,7 +152,7 @@ async def serve(settings: GatewaySettings) -> None:
         settings,
         settings.host,
         "gateway",
-        limiter=(lambda key: shared.take(key.name, key.rate_per_s, key.burst)) if shared else None,
+        limiter=(lambda key: shared.take(key.digest, key.rate_per_s, key.burst)) if shared else None,
         on_deny=lambda code: metrics.AUTH_DENIED.labels(code).inc(),
     )
     handle = build_server(

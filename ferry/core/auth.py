@@ -27,6 +27,7 @@ import fnmatch
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -272,3 +273,31 @@ class TokenBucket:
             self.tokens -= n
             return True
         return False
+
+
+def check_limits(rate: float, burst: float) -> None:
+    """Refuse limits a bucket cannot honour: a zero rate never refills and a TTL needs burst/rate."""
+    if not (rate > 0 and math.isfinite(rate)):
+        raise ValueError(f"rate must be a positive number of tokens per second, got {rate!r}")
+    if not (burst > 0 and math.isfinite(burst)):
+        raise ValueError(f"burst must be a positive number of tokens, got {burst!r}")
+
+
+class Buckets:
+    """In-process token buckets, one per key digest (names need not be unique; digests are).
+
+    What every service enforces when nothing shares the count, and the gateway's fallback
+    when Redis is out of reach. Digests come from the key file, a bounded set, so buckets are
+    never evicted.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._buckets: dict[str, TokenBucket] = {}
+
+    def take(self, digest: str, rate: float, burst: float, n: float = 1.0) -> bool:
+        check_limits(rate, burst)
+        bucket = self._buckets.get(digest)
+        if bucket is None:
+            bucket = self._buckets[digest] = TokenBucket(rate, burst, self._clock)
+        return bucket.take(n)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from ferry.core.auth import RULES, ApiKey, KeyRing, TokenBucket, bearer, decide, is_open, target_of
+from ferry.core.auth import RULES, ApiKey, Buckets, KeyRing, bearer, decide, is_open, target_of
 from ferry.core.errors import FerryError, ResourceExhausted
 from ferry.core.interceptors import WrappingInterceptor
 
@@ -51,13 +51,10 @@ class LocalLimiter:
     """One token bucket per key in this process: the limiter when nothing shares the count."""
 
     def __init__(self) -> None:
-        self._buckets: dict[str, TokenBucket] = {}
+        self._buckets = Buckets()
 
     async def __call__(self, key: ApiKey) -> bool:
-        bucket = self._buckets.get(key.digest)
-        if bucket is None:
-            bucket = self._buckets[key.digest] = TokenBucket(key.rate_per_s, key.burst)
-        return bucket.take()
+        return self._buckets.take(key.digest, key.rate_per_s, key.burst)
 
 
 def request_id_of(metadata: Any) -> str:

@@ -9,7 +9,8 @@ from collections.abc import Sequence
 import pytest
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from gateway.ratelimit import SHARED_DOWN, SHARED_UP, Fallback, LocalBuckets, SharedLimiter, idle_ttl_ms
+from ferry.core.auth import Buckets
+from gateway.ratelimit import SHARED_DOWN, SHARED_UP, Fallback, SharedLimiter, idle_ttl_ms
 
 
 class FakeClock:
@@ -22,13 +23,13 @@ class FakeClock:
 
 def test_burst_is_admitted_at_once_then_refused() -> None:
     clock = FakeClock()
-    buckets = LocalBuckets(clock)
+    buckets = Buckets(clock)
     assert [buckets.take("a", rate=2.0, burst=5.0) for _ in range(7)] == [True] * 5 + [False] * 2
 
 
 def test_refills_at_rate_up_to_burst() -> None:
     clock = FakeClock()
-    buckets = LocalBuckets(clock)
+    buckets = Buckets(clock)
     for _ in range(5):
         assert buckets.take("a", rate=2.0, burst=5.0)
     assert not buckets.take("a", rate=2.0, burst=5.0)
@@ -45,7 +46,7 @@ def test_refills_at_rate_up_to_burst() -> None:
 
 def test_take_n_tokens_at_once() -> None:
     clock = FakeClock()
-    buckets = LocalBuckets(clock)
+    buckets = Buckets(clock)
     assert buckets.take("a", rate=1.0, burst=5.0, n=3)
     assert not buckets.take("a", rate=1.0, burst=5.0, n=3)
     assert buckets.take("a", rate=1.0, burst=5.0, n=2)
@@ -53,7 +54,7 @@ def test_take_n_tokens_at_once() -> None:
 
 def test_names_have_separate_buckets() -> None:
     clock = FakeClock()
-    buckets = LocalBuckets(clock)
+    buckets = Buckets(clock)
     assert sum(buckets.take("a", rate=1.0, burst=3.0) for _ in range(10)) == 3
     assert sum(buckets.take("b", rate=1.0, burst=3.0) for _ in range(10)) == 3
     clock.now += 1.0
@@ -63,7 +64,7 @@ def test_names_have_separate_buckets() -> None:
 
 def test_clock_stepping_back_removes_no_tokens() -> None:
     clock = FakeClock()
-    buckets = LocalBuckets(clock)
+    buckets = Buckets(clock)
     assert buckets.take("a", rate=1.0, burst=2.0)
     clock.now -= 100
     assert buckets.take("a", rate=1.0, burst=2.0)
@@ -73,7 +74,7 @@ def test_clock_stepping_back_removes_no_tokens() -> None:
 @pytest.mark.parametrize(("rate", "burst"), [(0.0, 5.0), (-1.0, 5.0), (1.0, 0.0), (float("nan"), 1.0)])
 def test_limits_a_bucket_cannot_honour_are_refused(rate: float, burst: float) -> None:
     with pytest.raises(ValueError):
-        LocalBuckets().take("a", rate=rate, burst=burst)
+        Buckets().take("a", rate=rate, burst=burst)
 
 
 def test_idle_ttl_is_twice_the_refill_time_and_at_least_a_second() -> None:
