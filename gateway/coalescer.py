@@ -31,7 +31,8 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core import codec
 from ferry.core.errors import Internal
 from ferry.core.forming import FormingBatch
-from ferry.core.modelconfig import ModelSpec, accept_request
+from ferry.core.modelconfig import ModelSpec
+from ferry.core.validation import accept_request
 from gateway.cache import NEUTRAL_PARAMETERS, _param_repr
 
 

@@ -16,16 +16,15 @@ import logging
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
-from ferry._proto.inference import model_config_pb2 as mc
+from ferry.core.configproto import spec_from_config_proto
 from ferry.core.errors import InvalidArgument, NotFound, Unavailable
-from ferry.core.modelconfig import ModelSpec, spec_from_config
+from ferry.core.modelconfig import ModelSpec
 
 log = logging.getLogger("ferry.gateway.discovery")
 
@@ -61,25 +60,6 @@ def index_from_response(resp: pb.RepositoryIndexResponse) -> dict[str, dict[str,
 def latest_ready(versions: dict[str, str]) -> str | None:
     ready = [v for v, state in versions.items() if state == READY and v.isdigit()]
     return max(ready, key=int) if ready else None
-
-
-def spec_from_config_proto(config: mc.ModelConfig) -> ModelSpec:
-    """The serving signature a worker reported, in the form ``validate_request`` checks."""
-
-    def tensors(items: Any) -> list[dict[str, Any]]:
-        return [
-            {"name": t.name, "data_type": mc.DataType.Name(t.data_type), "dims": list(t.dims)} for t in items
-        ]
-
-    doc = {
-        "input": tensors(config.input),
-        "output": tensors(config.output),
-        "max_batch_size": config.max_batch_size,
-        "response_cache": {"enable": config.response_cache.enable},
-    }
-    if config.platform:
-        doc["platform"] = config.platform
-    return spec_from_config(config.name, doc)
 
 
 @dataclass

@@ -19,8 +19,9 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
+from ferry.core.configproto import config_proto, metadata_proto
 from ferry.core.errors import FerryError, InvalidArgument
-from ferry.core.modelconfig import accept_request, config_proto, metadata_proto
+from ferry.core.validation import accept_request
 from services.inference.metrics import WorkerMetrics
 from services.inference.repository import Repository, Version
 

@@ -6,6 +6,7 @@ import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import model_config_pb2 as mc
+from ferry.core.configproto import spec_from_config_proto
 from ferry.core.errors import InvalidArgument, NotFound, Unavailable
 from gateway.aggregate import merge_index, merge_statistics
 from gateway.discovery import (
@@ -14,7 +15,6 @@ from gateway.discovery import (
     index_from_response,
     latest_ready,
     parse_target,
-    spec_from_config_proto,
 )
 from gateway.settings import GatewaySettings
 

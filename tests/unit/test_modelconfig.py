@@ -4,20 +4,18 @@ import numpy as np
 import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core.configproto import config_proto, metadata_proto
 from ferry.core.errors import InvalidArgument
 from ferry.core.modelconfig import (
     BatchingPolicy,
     ModelSpec,
     TensorSpec,
     VersionPolicy,
-    accept_request,
-    config_proto,
-    metadata_proto,
     spec_from_config,
     spec_to_config,
-    validate_request,
     version_policy_of,
 )
+from ferry.core.validation import accept_request, validate_request
 
 SPEC = ModelSpec(
     name="m",

@@ -1,0 +1,77 @@
+"""A model's spec in the protocol's messages, both ways: what the worker answers to
+ModelMetadata and ModelConfig, and the spec the gateway rebuilds from a worker's ModelConfig."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry._proto.inference import model_config_pb2 as mc
+from ferry.core.datatypes import config_name
+from ferry.core.modelconfig import ModelSpec, spec_from_config
+
+
+def metadata_proto(spec: ModelSpec, versions: Sequence[int]) -> pb.ModelMetadataResponse:
+    resp = pb.ModelMetadataResponse(
+        name=spec.name, platform=spec.platform, versions=[str(v) for v in versions]
+    )
+    for src, dst in ((spec.inputs, resp.inputs), (spec.outputs, resp.outputs)):
+        for t in src:
+            dst.add(name=t.name, datatype=t.datatype, shape=spec.full_shape(t))
+    return resp
+
+
+def _proto_datatype(datatype: str) -> int:
+    return mc.DataType.Value(config_name(datatype))
+
+
+def config_proto(spec: ModelSpec) -> mc.ModelConfig:
+    cfg = mc.ModelConfig(
+        name=spec.name, platform=spec.platform, backend="onnxruntime", max_batch_size=spec.max_batch_size
+    )
+    for t in spec.inputs:
+        cfg.input.add(name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims))
+    for t in spec.outputs:
+        cfg.output.add(name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims))
+    if spec.batching is not None:
+        b = spec.batching
+        db = cfg.dynamic_batching
+        db.preferred_batch_size.extend(b.preferred_batch_sizes)
+        db.max_queue_delay_microseconds = b.max_queue_delay_us
+        db.priority_levels = b.priority_levels if b.priority_levels > 1 else 0
+        db.default_priority_level = b.default_priority_level if b.priority_levels > 1 else 0
+        db.default_queue_policy.max_queue_size = b.max_queue_size
+        db.default_queue_policy.default_timeout_microseconds = b.default_timeout_us
+    vp = spec.version_policy
+    if vp.kind == "all":
+        cfg.version_policy.all.SetInParent()
+    elif vp.kind == "specific":
+        cfg.version_policy.specific.versions.extend(vp.versions)
+    else:
+        cfg.version_policy.latest.num_versions = vp.num_versions
+    cfg.instance_group.add(name=spec.name, kind=mc.ModelInstanceGroup.KIND_AUTO, count=spec.instances)
+    cfg.response_cache.enable = spec.response_cache
+    cfg.model_transaction_policy.decoupled = False
+    for k, v in spec.parameters.items():
+        cfg.parameters[k].string_value = v
+    return cfg
+
+
+def spec_from_config_proto(config: mc.ModelConfig) -> ModelSpec:
+    """The serving signature a worker reported, in the form ``validate_request`` checks."""
+
+    def tensors(items: Any) -> list[dict[str, Any]]:
+        return [
+            {"name": t.name, "data_type": mc.DataType.Name(t.data_type), "dims": list(t.dims)} for t in items
+        ]
+
+    doc = {
+        "input": tensors(config.input),
+        "output": tensors(config.output),
+        "max_batch_size": config.max_batch_size,
+        "response_cache": {"enable": config.response_cache.enable},
+    }
+    if config.platform:
+        doc["platform"] = config.platform
+    return spec_from_config(config.name, doc)
