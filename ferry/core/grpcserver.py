@@ -5,6 +5,14 @@ service, server reflection, message-size limits and ``ErrorInterceptor``, the
 one place where exceptions become statuses. ``serve_until_signal`` runs it until
 SIGTERM/SIGINT, then drains: health turns NOT_SERVING (so load balancers route
 away), in-flight calls get ``grace`` seconds to finish, then the process exits.
+
+Health means ready: from the moment the port is bound until the service's start-up
+work is done (models loaded and warmed, the first worker seen), the overall ("")
+and every per-service status say NOT_SERVING, so a readiness probe never sends
+traffic to a process that would only answer UNAVAILABLE. With
+``max_connection_age_s`` the server closes each client connection (GOAWAY) after
+that age, so long-lived clients behind an L4 load balancer reconnect and spread
+over new replicas; the calls still running on it get the age grace to finish.
 """
 
 from __future__ import annotations
@@ -149,6 +157,7 @@ class ServerHandle:
     health: AsyncHealth
     services: list[str] = field(default_factory=list)
     on_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
+    after_stop: list[Callable[[], Awaitable[None]]] = field(default_factory=list)
 
     async def set_serving(self, serving: bool) -> None:
         status = (
@@ -158,25 +167,25 @@ class ServerHandle:
             await self.health.set(name, status)
 
     async def stop(self, grace: float) -> None:
+        """Health first, then ``on_stop`` (still serving), then the server with its grace, and
+        only then ``after_stop``: what in-flight calls use (upstream channels, a cache) closes last."""
         await self.set_serving(False)
         for hook in self.on_stop:
             await hook()
         await self.server.stop(grace)
+        for hook in self.after_stop:
+            await hook()
 
 
-def server_credentials(
-    cert_file: str | None, key_file: str | None, client_ca_file: str | None = None
-) -> grpc.ServerCredentials | None:
-    """TLS credentials from PEM files; with ``client_ca_file``, clients must present a certificate."""
-    if not cert_file or not key_file:
-        return None
-    with open(cert_file, "rb") as c, open(key_file, "rb") as k:
-        pair = (k.read(), c.read())
-    root = None
-    if client_ca_file:
-        with open(client_ca_file, "rb") as f:
-            root = f.read()
-    return grpc.ssl_server_credentials([pair], root_certificates=root, require_client_auth=root is not None)
+def connection_age_options(age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """gRPC core options that close a connection after ``age_s`` (0 = never); its calls still
+    running then get ``grace_s`` before they are cut."""
+    if age_s <= 0:
+        return []
+    return [
+        ("grpc.max_connection_age_ms", max(1, int(age_s * 1000))),
+        ("grpc.max_connection_age_grace_ms", max(0, int(grace_s * 1000))),
+    ]
 
 
 def build_server(
@@ -189,6 +198,8 @@ def build_server(
     credentials: grpc.ServerCredentials | None = None,
     reuse_port: bool = False,
     guard: Guard | None = None,
+    max_connection_age_s: float = 0,
+    max_connection_age_grace_s: float = 10.0,
 ) -> ServerHandle:
     """Create the server, register services via ``register`` (returns their full names), bind.
 
@@ -201,6 +212,7 @@ def build_server(
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        *connection_age_options(max_connection_age_s, max_connection_age_grace_s),
     ]
     chain: list[ServerInterceptor] = [ErrorInterceptor()]
     if guard is not None:
@@ -232,6 +244,8 @@ async def serve_until_signal(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # grpc_health starts the overall status at SERVING; nothing is ready before on_start is done.
+    await handle.set_serving(False)
     await handle.server.start()
     if on_start is not None:
         await on_start()

@@ -74,16 +74,22 @@ def read_json(path: Path) -> Any:
 
 
 class Store:
-    """A local model store rooted at ``root`` (created on first use)."""
+    """A local model store rooted at ``root`` (created on first use).
 
-    def __init__(self, root: str | Path) -> None:
+    ``create=False`` is for readers on a read-only mount (workers on a cluster): nothing is
+    created, and a store whose folders do not exist yet reads as empty instead of failing with
+    EROFS, so its models can appear later.
+    """
+
+    def __init__(self, root: str | Path, *, create: bool = True) -> None:
         self.root = Path(root).expanduser().resolve()
         self.models_dir = self.root / "models"
         self.checkpoints_dir = self.root / "checkpoints"
         self.jobs_dir = self.root / "jobs"
         self.datasets_dir = self.root / "datasets"
-        for folder in (self.models_dir, self.checkpoints_dir, self.jobs_dir, self.datasets_dir):
-            folder.mkdir(parents=True, exist_ok=True)
+        if create:
+            for folder in (self.models_dir, self.checkpoints_dir, self.jobs_dir, self.datasets_dir):
+                folder.mkdir(parents=True, exist_ok=True)
 
     # --- models -------------------------------------------------------------------------------
 
@@ -96,6 +102,8 @@ class Store:
         return self.model_dir(model) / str(version)
 
     def list_models(self) -> list[str]:
+        if not self.models_dir.is_dir():
+            return []
         return sorted(p.name for p in self.models_dir.iterdir() if p.is_dir() and NAME_RE.match(p.name))
 
     def list_versions(self, model: str) -> list[int]:

@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Sequence
 
 from ferry._proto.ferry.v1 import exporter_pb2 as pb
+from ferry.core.cpus import cgroup_quota, cpu_limit
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
 from ferry.core.security import secure_port
 from ferry.core.settings import settings_from_argv
@@ -32,6 +33,8 @@ async def serve(settings: ExporterSettings) -> None:
         max_message_bytes=settings.max_message_bytes,
         guard=port.guard,
         credentials=port.credentials,
+        max_connection_age_s=settings.max_connection_age_s,
+        max_connection_age_grace_s=settings.grace_s,
     )
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
     try:
@@ -49,9 +52,12 @@ async def serve(settings: ExporterSettings) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_argv(ExporterSettings, argv, "ferry serve exporter")
     setup_logging(settings.log_level, "exporter")
-    if settings.torch_threads:
+    # torch sizes its pool by the node's cores; in a pod with a CPU quota that oversubscribes it.
+    limited = settings.cpu_limit > 0 or cgroup_quota() is not None
+    threads = settings.torch_threads or (cpu_limit(settings.cpu_limit) if limited else 0)
+    if threads:
         import torch
 
-        torch.set_num_threads(settings.torch_threads)
+        torch.set_num_threads(threads)
     asyncio.run(serve(settings))
     return 0

@@ -49,7 +49,16 @@ class ExporterSettings(SecuritySettings):
     calibration_samples: int = Field(128, ge=1, description="samples for static int8 calibration")
     latency_runs: int = Field(20, ge=1, description="ORT runs per batch size when measuring latency")
     seed: int = Field(0, description="seed for held-out sampling")
-    torch_threads: int = Field(0, ge=0, description="torch intra-op threads (0: torch decides)")
+    torch_threads: int = Field(
+        0,
+        ge=0,
+        description="torch intra-op threads (0: one per CPU of cpu_limit if limited, else torch decides)",
+    )
+    cpu_limit: float = Field(
+        0,
+        ge=0,
+        description="CPUs the exporter may use (the downward API's limits.cpu); 0 = the cgroup quota",
+    )
     max_import_bytes: int = Field(512 * 1024 * 1024, description="largest ONNX file ImportOnnx accepts")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
     grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight calls get to finish")

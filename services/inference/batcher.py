@@ -124,6 +124,7 @@ class Batcher:
         self._queues: list[deque[Pending]] = [deque() for _ in range(self._policy.priority_levels)]
         self._count = 0
         self._inflight = 0
+        self._running_requests = 0
         self._closed = False
         self._slots = slots
         self._free = slots
@@ -244,6 +245,7 @@ class Batcher:
             return
         self._free -= 1
         self._inflight += 1
+        self._running_requests += len(chosen)
         start = time.perf_counter_ns()
         inputs, rows = [p.inputs for p in chosen], [p.rows for p in chosen]
         avg = self._run_ns_avg
@@ -307,6 +309,7 @@ class Batcher:
         """Resolve the futures of one run; ``outcome`` is ``_execute``'s result or its exception."""
         self._free += 1
         self._inflight -= 1
+        self._running_requests -= len(chosen)
         self._wakeup.set()
         try:
             if isinstance(outcome, BaseException):
@@ -337,6 +340,28 @@ class Batcher:
                 pending.future.set_result((result, start_ns - pending.enqueued_ns, timings))
 
     # --- lifecycle ----------------------------------------------------------------------------
+
+    @property
+    def depth(self) -> int:
+        """Requests waiting for a run (read by the metrics scrape, from another thread)."""
+        return self._count
+
+    @property
+    def running(self) -> int:
+        """Requests whose run is in progress now."""
+        return self._running_requests
+
+    def oldest_wait_s(self) -> float:
+        """How long the oldest waiting request has waited; 0 when none waits. Safe off the loop:
+        a queue emptied meanwhile reads as no wait."""
+        oldest = 0
+        for q in self._queues:
+            try:
+                head = q[0].enqueued_ns
+            except IndexError:
+                continue
+            oldest = head if not oldest else min(oldest, head)
+        return max(0.0, (time.perf_counter_ns() - oldest) / 1e9) if oldest else 0.0
 
     @property
     def idle(self) -> bool:

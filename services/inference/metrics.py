@@ -1,6 +1,16 @@
-"""The worker's Prometheus metrics: requests by model and status, and their latency."""
+"""The worker's Prometheus metrics: requests by model and status, their latency, and the load
+gauges an autoscaler reads (queue depth, requests in flight, queue time).
+
+The gauges cost the request path nothing: the batchers keep plain int counters, and
+``LoadGauges`` reads them when Prometheus scrapes.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily
 
 from ferry.core.telemetry import RequestMetrics
 
@@ -14,3 +24,42 @@ REQUESTS = RequestMetrics(
 class WorkerMetrics:
     def observe(self, model: str, status: str, ns: int) -> None:
         REQUESTS.observe(model, status, ns / 1e9)
+
+
+class LoadGauges:
+    """``ferry_worker_queue_depth{model}``, ``ferry_worker_in_flight`` and
+    ``ferry_worker_queue_time_seconds{model}``, computed at scrape time.
+
+    Queue time is a gauge of how long the oldest waiting request of a model has waited (0 when
+    its queue is empty): unlike a histogram it answers "is it backing up now", which is what a
+    scaler needs; the per-request queue times are in ModelStatistics.
+    """
+
+    def __init__(self, batchers: Callable[[], Iterable[tuple[str, Any]]]) -> None:
+        self._batchers = batchers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        depth = GaugeMetricFamily(
+            "ferry_worker_queue_depth", "Requests waiting for a run, per model", labels=["model"]
+        )
+        wait = GaugeMetricFamily(
+            "ferry_worker_queue_time_seconds",
+            "How long the oldest waiting request of a model has waited (0: none waits)",
+            labels=["model"],
+        )
+        in_flight = GaugeMetricFamily("ferry_worker_in_flight", "Requests in the worker's queues or running")
+        depths: dict[str, int] = {}
+        waits: dict[str, float] = {}
+        total = 0
+        for model, batcher in list(self._batchers()):
+            queued = batcher.depth
+            depths[model] = depths.get(model, 0) + queued
+            waits[model] = max(waits.get(model, 0.0), batcher.oldest_wait_s())
+            total += queued + batcher.running
+        for model in sorted(depths):
+            depth.add_metric([model], depths[model])
+            wait.add_metric([model], waits[model])
+        in_flight.add_metric([], total)
+        yield depth
+        yield wait
+        yield in_flight

@@ -23,6 +23,7 @@ from typing import Any
 
 from ferry.core import warmup
 from ferry.core.classify import read_labels
+from ferry.core.cpus import cpu_limit
 from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, Unavailable
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
@@ -75,6 +76,9 @@ class Repository:
             settings.cuda_mem_limit_bytes,
             settings.cudnn_conv_algo_search,
         )
+        # Sized by the pod's CPU quota, not the node's cores that ORT would count.
+        self._intra_threads = settings.intra_op_threads or cpu_limit(settings.cpu_limit)
+        self._require = None if settings.allow_cpu_fallback else list(settings.providers)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
@@ -182,8 +186,9 @@ class Repository:
             providers=self._providers,
             instances=max(1, instances),
             optimization=s.graph_optimization,
-            intra_op_threads=s.intra_op_threads,
+            intra_op_threads=self._intra_threads,
             inter_op_threads=s.inter_op_threads,
+            require=self._require,
         )
         derived = runner.derive_spec(name, s.max_batch_size)
         spec = spec_from_config(name, config, derived) if config else derived

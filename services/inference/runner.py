@@ -18,6 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ferry.core.datatypes import BY_ORT
+from ferry.core.errors import FailedPrecondition
 from ferry.core.modelconfig import DEFAULT_MAX_BATCH_SIZE, BatchingPolicy, ModelSpec, TensorSpec
 
 ORT_NAMES = {ort: d.name for ort, d in BY_ORT.items()}
@@ -28,6 +29,28 @@ OPT_LEVELS = {
     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
 }
+
+
+CUDA = "CUDAExecutionProvider"
+
+
+def fallback_problem(asked: list[str], got: list[str], allow_cpu_fallback: bool) -> str | None:
+    """Why serving on ``got`` when ``asked`` is wrong, or None. ONNX Runtime falls back to CPU
+    silently (an INFO line) when CUDA does not load; a GPU worker serving on CPU is a slow
+    outage, so an explicit ask for CUDA must be met unless CPU fallback is allowed. An empty
+    ``asked`` (the default: CUDA when offered, then CPU) is best effort, so CPU-only hosts start."""
+    if allow_cpu_fallback or CUDA not in asked or CUDA in got:
+        return None
+    return (
+        f"{CUDA} was asked for (providers={asked}) but ONNX Runtime offers only {got}: "
+        "is onnxruntime-gpu installed, with the CUDA and cuDNN libraries and a visible GPU? "
+        "Set allow_cpu_fallback to serve on CPU instead"
+    )
+
+
+def provider_names(providers: list[Any]) -> list[str]:
+    """Names of a ``provider_list`` result (entries are names or (name, options))."""
+    return [p if isinstance(p, str) else p[0] for p in providers]
 
 
 def default_providers() -> list[str]:
@@ -63,6 +86,7 @@ class OrtRunner:
         optimization: str = "all",
         intra_op_threads: int = 0,
         inter_op_threads: int = 0,
+        require: list[str] | None = None,
     ) -> None:
         options = ort.SessionOptions()
         options.graph_optimization_level = OPT_LEVELS[optimization]
@@ -76,6 +100,10 @@ class OrtRunner:
         self.sessions = [
             ort.InferenceSession(model_bytes, options, providers=providers) for _ in range(instances)
         ]
+        if require is not None:
+            problem = fallback_problem(require, self.sessions[0].get_providers(), False)
+            if problem:
+                raise FailedPrecondition(problem)
         self._idle: queue.SimpleQueue[ort.InferenceSession] = queue.SimpleQueue()
         for s in self.sessions:
             self._idle.put(s)

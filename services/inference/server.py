@@ -3,24 +3,42 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import onnxruntime as ort
+from prometheus_client import REGISTRY
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.security import secure_port
+from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
-from services.inference.metrics import WorkerMetrics
+from services.inference.metrics import LoadGauges, WorkerMetrics
 from services.inference.repository import Repository
+from services.inference.runner import fallback_problem
 from services.inference.servicer import InferenceServicer
 from services.inference.settings import WorkerSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+log = logging.getLogger("ferry.worker")
+
+
+def _batchers(repo: Repository) -> Iterator[tuple[str, Any]]:
+    """Every serving batcher, read from the metrics thread: copies, so a reload meanwhile is harmless."""
+    for name, state in list(repo.models.items()):
+        for version in list(state.ready.values()):
+            yield name, version.batcher
 
 
 async def serve(settings: WorkerSettings) -> None:
-    store = Store(settings.store)
+    problem = fallback_problem(settings.providers, ort.get_available_providers(), settings.allow_cpu_fallback)
+    if problem:
+        refuse_to_start(problem)
+    # A worker only reads the store; on a cluster it is a read-only mount that may still be empty.
+    store = Store(settings.store, create=False)
     repo = Repository(store, settings)
     servicer = InferenceServicer(repo, WorkerMetrics())
 
@@ -36,10 +54,18 @@ async def serve(settings: WorkerSettings) -> None:
         guard=port.guard,
         credentials=port.credentials,
         reuse_port=settings.reuse_port,
+        max_connection_age_s=settings.max_connection_age_s,
+        max_connection_age_grace_s=settings.grace_s,
     )
 
     async def on_start() -> None:
         await repo.start()
+        if not repo.models:
+            log.warning(
+                "the store %s holds no models (yet): serving none, looking again every %ss",
+                store.root,
+                settings.poll_interval_s,
+            )
         servicer.ready = True
 
     async def on_stop() -> None:
@@ -50,6 +76,7 @@ async def serve(settings: WorkerSettings) -> None:
         await asyncio.sleep(settings.drain_delay_s)
 
     handle.on_stop.append(on_stop)
+    REGISTRY.register(LoadGauges(lambda: _batchers(repo)))
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
     try:
         await serve_until_signal(

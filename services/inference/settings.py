@@ -27,13 +27,35 @@ class WorkerSettings(SecuritySettings):
     cuda_mem_limit_bytes: int = Field(0, description="CUDA arena limit, 0 = no limit")
     cudnn_conv_algo_search: Literal["EXHAUSTIVE", "HEURISTIC", "DEFAULT"] = "HEURISTIC"
     graph_optimization: Literal["disable", "basic", "extended", "all"] = "all"
-    intra_op_threads: int = Field(0, description="ORT threads inside one operator (0: ORT decides)")
+    allow_cpu_fallback: bool = Field(
+        False,
+        description="serve on CPU when CUDAExecutionProvider was asked for in providers but does not "
+        "load (else the worker refuses to start, or the version fails to load)",
+    )
+    cpu_limit: float = Field(
+        0,
+        ge=0,
+        description="CPUs this worker may use (the downward API's limits.cpu); 0 = the cgroup quota, "
+        "else every CPU it may run on; sizes intra_op_threads when that is 0",
+    )
+    intra_op_threads: int = Field(
+        0, description="ORT threads inside one operator (0: one per CPU of cpu_limit)"
+    )
     inter_op_threads: int = Field(0, description="ORT threads across operators (0: ORT decides)")
     instances: int = Field(
         0, description="sessions per model version; 0 keeps each model's config (default 1)"
     )
     max_batch_size: int = Field(64, description="max_batch_size for models whose config does not say")
     max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
+    shm_max_regions: int = Field(
+        64, ge=0, description="system shared-memory regions callers may register at once (0 = none)"
+    )
+    shm_max_region_bytes: int = Field(
+        1 << 30, ge=1, description="largest system shared-memory region a caller may register"
+    )
+    stream_max_inflight: int = Field(
+        256, ge=1, description="requests of one ModelStreamInfer stream in flight at once"
+    )
     poll_interval_s: float = Field(
         2.0, description="how often the store is scanned for new versions; 0 = never"
     )

@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from ferry.core.cpus import cpu_limit
 from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ferry.core.store import Store, atomic_write_json, validate_name
 from services.trainer import checkpoints as ckpt
@@ -80,7 +81,7 @@ class JobManager:
         self._watchers: dict[str, set[asyncio.Queue[tuple[str, dict[str, Any]]]]] = {}
         self._persisted: dict[str, float] = {}
         self._stopping = False
-        cpus = os.cpu_count() or 1
+        cpus = cpu_limit(settings.cpu_limit)  # the pod's quota, not the node's cores
         self.threads = settings.threads_per_job or max(1, cpus // settings.max_concurrent_jobs)
 
     # --- lifecycle ----------------------------------------------------------------------------

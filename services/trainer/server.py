@@ -40,7 +40,13 @@ async def serve(settings: TrainerSettings) -> None:
         return [add_servicer(server, TrainerServicer(manager), SERVICE)]
 
     handle = build_server(
-        settings.host, settings.port, register, guard=port.guard, credentials=port.credentials
+        settings.host,
+        settings.port,
+        register,
+        guard=port.guard,
+        credentials=port.credentials,
+        max_connection_age_s=settings.max_connection_age_s,
+        max_connection_age_grace_s=settings.grace_s,
     )
     handle.on_stop.append(manager.stop)
 

@@ -18,6 +18,12 @@ class TrainerSettings(SecuritySettings):
     port: int = Field(8002, ge=0, le=65535, description="gRPC port; 0 picks a free one")
     max_concurrent_jobs: int = Field(2, ge=1, description="jobs running at once; the rest queue")
     threads_per_job: int = Field(0, ge=0, description="torch threads per job; 0 = CPUs / concurrent jobs")
+    cpu_limit: float = Field(
+        0,
+        ge=0,
+        description="CPUs the trainer may use (the downward API's limits.cpu); 0 = the cgroup quota, "
+        "else every CPU it may run on",
+    )
     max_nprocs: int = Field(8, ge=1, description="largest nprocs (DDP processes) a job may ask for")
     max_epochs: int = Field(100_000, ge=1, description="largest epochs a job may ask for")
     max_batch_size: int = Field(65536, ge=1, description="largest batch_size a job may ask for")
