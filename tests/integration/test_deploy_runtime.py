@@ -1,6 +1,6 @@
 """The health probe baked into the images, and the images' entrypoints, against real servers.
 
-The offline checks of deploy/ are in tests/unit/test_deploy.py; these open loopback
+The offline checks of deploy/ are in tests/unit/test_deploy_*.py; these open loopback
 connections, so they live with the integration tests.
 """
 
@@ -22,7 +22,9 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from tests.unit.test_deploy import DOCKER, HEALTHCHECK_SCRIPT, SERVICES, _chain, _env_of
+from tests.unit.deploy_support import DOCKER, HEALTHCHECK_SCRIPT, SERVICES
+from tests.unit.deploy_support import dockerfile_env as _env_of
+from tests.unit.deploy_support import target_chain as _chain
 
 # --------------------------------------------------------------------------- the health probe
 
