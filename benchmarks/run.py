@@ -7,7 +7,10 @@ seconds of each other on a machine whose speed drifts during the day.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import socket
+import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -25,7 +28,10 @@ from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client._channel import open_channel
 from ferry.client.inference import build_request
 
-GATEWAY_SCENARIOS = ("gateway-nocache", "gateway-hits")
+GATEWAY_SCENARIOS = ("gateway-nocache", "gateway-hits", "gateway-hits-redis")
+HIT_SCENARIOS = ("gateway-hits", "gateway-hits-redis")
+REDIS_SCENARIO = "gateway-hits-redis"
+NEAR_CACHE_BYTES = 64 << 20  # the Redis gateway's near cache: what makes its hits in-process
 SERVER_SCENARIOS = ("floor", "worker", *GATEWAY_SCENARIOS)
 
 
@@ -59,6 +65,8 @@ class Servers:
         self.floor: list[ServerProcess] = []
         self.workers: list[ServerProcess] = []
         self.gateways: list[ServerProcess] = []
+        self.redis_gateways: list[ServerProcess] = []  # gateway-hits-redis: Redis plus its near cache
+        self.redis: subprocess.Popen[bytes] | None = None
 
     def _group(self, make: Callable[[str, bool], ServerProcess], count: int) -> list[ServerProcess]:
         """``count`` processes on one port: the first picks it, the others join with SO_REUSEPORT."""
@@ -107,26 +115,62 @@ class Servers:
                 ),
                 procs,
             )
-        if scenarios & set(GATEWAY_SCENARIOS):
+        if scenarios & set(GATEWAY_SCENARIOS) - {REDIS_SCENARIO}:
             self.cfg.log("starting the gateway")
             redis = ["--redis-url", self.cfg.redis_url] if self.cfg.redis_url else []
-            self.gateways = [
-                ServerProcess.ferry(
-                    "gateway",
-                    "gateway",
-                    "--workers",
-                    self.workers[0].address,
-                    "--port",
-                    "0",
-                    "--host",
-                    "127.0.0.1",
-                    *redis,
-                ).start()
+            self.gateways = [self._gateway(*redis)]
+        if REDIS_SCENARIO in scenarios:
+            url = self.cfg.redis_url or self._private_redis()
+            self.cfg.log(f"starting the gateway with Redis and a {NEAR_CACHE_BYTES >> 20} MiB near cache")
+            self.redis_gateways = [
+                self._gateway("--redis-url", url, "--cache-near-bytes", str(NEAR_CACHE_BYTES))
             ]
 
+    def _gateway(self, *extra: str) -> ServerProcess:
+        return ServerProcess.ferry(
+            "gateway",
+            "gateway",
+            "--workers",
+            self.workers[0].address,
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            *extra,
+        ).start()
+
+    def _private_redis(self, timeout: float = 10.0) -> str:
+        """A redis-server of the run's own on a free loopback port, no persistence."""
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        argv = [
+            "redis-server",
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ]
+        self.redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as c:
+                c.sendall(b"PING\r\n")
+                if c.recv(16).startswith(b"+PONG"):
+                    return f"redis://127.0.0.1:{port}/0"
+            time.sleep(0.05)
+        raise RuntimeError(f"redis-server did not start on port {port}")
+
     def stop(self) -> None:
-        for p in [*self.gateways, *self.workers, *self.floor]:
+        for p in [*self.gateways, *self.redis_gateways, *self.workers, *self.floor]:
             p.stop()
+        if self.redis is not None and self.redis.poll() is None:
+            self.redis.kill()
+            self.redis.wait(5)
 
     def pids(self, scenario: str) -> dict[str, int]:
         def named(group: list[ServerProcess], name: str) -> dict[str, int]:
@@ -136,11 +180,12 @@ class Servers:
             return named(self.floor, "floor")
         if scenario == "worker":
             return named(self.workers, "worker")
-        return {**named(self.gateways, "gateway"), **named(self.workers, "worker")}
+        gateways = self.redis_gateways if scenario == REDIS_SCENARIO else self.gateways
+        return {**named(gateways, "gateway"), **named(self.workers, "worker")}
 
     def address(self, scenario: str) -> str:
-        group = {"floor": self.floor, "worker": self.workers}.get(scenario, self.gateways)
-        return group[0].address
+        groups = {"floor": self.floor, "worker": self.workers, REDIS_SCENARIO: self.redis_gateways}
+        return groups.get(scenario, self.gateways)[0].address
 
     def rss(self) -> dict[str, int]:
         out = {}
@@ -219,7 +264,7 @@ class Bench:
         else:
             requests = requests_for(model, scenario)
             stubs = self._stubs(scenario)
-            if scenario == "gateway-hits":
+            if scenario in HIT_SCENARIOS:
                 # Fill the cache first, so every recorded answer is a hit however short the warm-up.
                 for request in requests:
                     await stubs[0].ModelInfer(request, timeout=30)
@@ -239,7 +284,7 @@ class Bench:
                 **kw,
             )
         result = {"model": model.name, "scenario": scenario, "concurrency": concurrency, **window.as_dict()}
-        if scenario == "gateway-hits" and result["hits"] != result["requests"]:
+        if scenario in HIT_SCENARIOS and result["hits"] != result["requests"]:
             result["wrong"] += result["requests"] - result["hits"]
             result["first_wrong"] = result["first_wrong"] or f"{result['requests'] - result['hits']} misses"
         return result

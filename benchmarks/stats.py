@@ -14,13 +14,14 @@ import numpy as np
 
 FLOOR = "floor"
 # Scenario names in report order.
-SCENARIOS = ("ort", "floor", "worker", "gateway-nocache", "gateway-hits")
+SCENARIOS = ("ort", "floor", "worker", "gateway-nocache", "gateway-hits", "gateway-hits-redis")
 SCENARIO_TITLES = {
     "ort": "in-process ORT (limit)",
     "floor": "transport floor",
     "worker": "worker direct",
     "gateway-nocache": "gateway, cache off",
     "gateway-hits": "gateway, all hits",
+    "gateway-hits-redis": "gateway, all hits, Redis",
 }
 
 

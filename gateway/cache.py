@@ -18,6 +18,11 @@ Values are serialized answers without their ``id``: a hit goes back to the
 caller as those bytes plus the caller's ``id`` and the hit mark appended
 (``cached_answer``). Protobuf merges concatenated messages, so nothing is
 parsed or serialized again on a hit.
+
+With Redis, an optional near cache (``gateway.near_cache``) sits in front: a hit there
+makes no Redis call. Fills write both levels; a Redis hit is copied into the near cache
+for no longer than the entry has left in Redis (one pipeline of GET and PTTL), so the
+first level never outlives the second. ``stats.near_hits`` counts the first level's share.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import Any, Protocol
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from gateway.breaker import CircuitBreaker
+from gateway.near_cache import NearCache
+from gateway.redis_url import make_client
 
 log = logging.getLogger("ferry.gateway.cache")
 
@@ -153,39 +160,53 @@ class LruBackend:
 class RedisBackend:
     """Redis through redis.asyncio: one MGET per lookup batch, one pipeline per fill batch.
 
-    The URL carries everything: ``redis://user:password@host:port/db`` or
-    ``rediss://`` for TLS (``?ssl_cert_reqs=required&ssl_ca_certs=...``).
+    The URL carries everything: ``redis://user:password@host:port/db``, ``rediss://`` for
+    TLS (``?ssl_cert_reqs=required&ssl_ca_certs=...``), ``redis+sentinel://`` or
+    ``redis+cluster://`` (``gateway.redis_url``).
     """
 
     name = "redis"
 
     def __init__(self, url: str, timeout_s: float) -> None:
-        import redis.asyncio as redis
-
-        self._client: Any = redis.from_url(
-            url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=0,
-            max_connections=256,
-        )
+        self._redis = make_client(url, timeout_s=timeout_s, max_connections=256)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        return list(await self._client.mget(list(keys)))
+        return await self._redis.mget(keys)
+
+    async def get_many_ttl(self, keys: Sequence[str]) -> list[tuple[bytes | None, float]]:
+        """Values with the seconds each has left (0 for none, or no expiry known)."""
+        async with self._redis.client.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+                pipe.pttl(key)
+            replies = await pipe.execute()
+        return [
+            (value, ttl_ms / 1000 if isinstance(ttl_ms, int) and ttl_ms > 0 else 0.0)
+            for value, ttl_ms in zip(replies[0::2], replies[1::2], strict=True)
+        ]
 
     async def set_many(self, items: Sequence[tuple[str, bytes]], ttl_s: int) -> None:
-        async with self._client.pipeline(transaction=False) as pipe:
+        async with self._redis.client.pipeline(transaction=False) as pipe:
             for key, value in items:
                 pipe.set(key, value, ex=max(1, ttl_s))
             await pipe.execute()
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._redis.aclose()
+
+
+def _parses(value: bytes) -> bool:
+    try:
+        pb.ModelInferResponse.FromString(value)
+    except Exception:
+        return False
+    return True
 
 
 @dataclass
 class CacheStats:
-    hits: int = 0
+    hits: int = 0  # every level
+    near_hits: int = 0  # of which the near cache answered
     misses: int = 0
     errors: int = 0
     skipped: int = 0  # lookups not attempted because the breaker was open
@@ -204,6 +225,9 @@ class ResultCache:
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     stats: CacheStats = field(default_factory=CacheStats)
     on_error: Callable[[str], None] | None = None
+    near: NearCache | None = None  # the first level in front of a shared backend
+    near_ttl_s: float = 60.0  # cap on a near entry's life, under its Redis TTL
+    on_hits: Callable[[str, int], None] | None = None  # (level, count): per-level metrics
 
     async def _guarded(self, op: str, call: Callable[[], Awaitable[Any]]) -> tuple[bool, Any]:
         if not self.breaker.allow():
@@ -226,35 +250,83 @@ class ResultCache:
         """The backend answers in-process (``get_local``), with no I/O that could fail or stall."""
         return hasattr(self.backend, "get_now")
 
+    @property
+    def first_level(self) -> bool:
+        """Something in-process can answer before any I/O: the LRU backend or the near cache."""
+        return self.local or self.near is not None
+
+    def _hit(self, level: str, count: int) -> None:
+        self.stats.hits += count
+        if self.on_hits is not None and count:
+            self.on_hits(level, count)
+
     def get_local(self, key: str) -> bytes | None:
-        """One lookup in an in-process backend; only call when ``local``."""
-        value: bytes | None = self.backend.get_now(key)  # type: ignore[attr-defined]
-        if value is None:
-            self.stats.misses += 1
-        else:
-            self.stats.hits += 1
+        """One in-process lookup; only call when ``first_level``.
+
+        A near-cache miss is not a miss yet (Redis has not been asked), so only the LRU
+        backend's misses are counted here.
+        """
+        if self.local:
+            value: bytes | None = self.backend.get_now(key)  # type: ignore[attr-defined]
+            if value is None:
+                self.stats.misses += 1
+            else:
+                self._hit(self.backend.name, 1)
+            return value
+        assert self.near is not None
+        value = self.near.get(key)
+        if value is not None:
+            self.stats.near_hits += 1
+            self._hit("near", 1)
         return value
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         if not keys:
             return []
-        ok, values = await self._guarded("get", lambda: self.backend.get_many(keys))
-        if not ok:
-            values = [None] * len(keys)
+        with_ttl = self.near is not None and hasattr(self.backend, "get_many_ttl")
+        started = time.monotonic()
+        if with_ttl:
+            ok, pairs = await self._guarded("get", lambda: self.backend.get_many_ttl(keys))  # type: ignore[attr-defined]
+            values = [v for v, _ in pairs] if ok else [None] * len(keys)
+            if ok:
+                self._fill_near(keys, pairs, started)
+        else:
+            ok, values = await self._guarded("get", lambda: self.backend.get_many(keys))
+            if not ok:
+                values = [None] * len(keys)
         hits = sum(v is not None for v in values)
-        self.stats.hits += hits
+        self._hit(self.backend.name, hits)
         self.stats.misses += len(keys) - hits
         return values
+
+    def _fill_near(
+        self, keys: Sequence[str], pairs: Sequence[tuple[bytes | None, float]], started: float
+    ) -> None:
+        """Copy Redis hits to the near cache, for no longer than Redis keeps them. The life
+        counts from before the call, so the near entry cannot outlive the Redis one; values
+        are parsed first, since anyone with access to the Redis could have written them."""
+        assert self.near is not None
+        spent = time.monotonic() - started
+        for key, (value, left_s) in zip(keys, pairs, strict=True):
+            if value is not None and left_s > 0 and _parses(value):
+                self.near.put(key, value, min(self.near_ttl_s, left_s - spent))
 
     async def set_many(self, items: Sequence[tuple[str, bytes]]) -> None:
         keep = [(k, v) for k, v in items if len(v) <= self.max_value_bytes]
         self.stats.too_large += len(items) - len(keep)
         if keep:
+            if self.near is not None:
+                # before the Redis write, so the near entry expires no later than the Redis one
+                life = min(self.near_ttl_s, self.ttl_s)
+                for key, value in keep:
+                    self.near.put(key, value, life)
             ok, _ = await self._guarded("set", lambda: self.backend.set_many(keep, self.ttl_s))
             if ok:
                 self.stats.stores += len(keep)
 
     async def close(self) -> None:
+        if self.near is not None:
+            self.near.clear()
         try:
             await self.backend.close()
         except Exception:

@@ -4,7 +4,7 @@
             -> resolve the version (Discovery) and the model's signature
             -> prepare: validate like a worker, bring inputs to raw bytes
             -> cacheable? key = model + resolved version + canonical digest
-               -> in-process cache: a hit is answered here, as stored bytes
+               -> in-process cache or near cache: a hit is answered here, as stored bytes
                -> single-flight: identical concurrent misses share one execution
             -> Batcher: per model version and merge signature
                -> dispatch: one MGET for the batch's keys, hits answered,
@@ -163,13 +163,14 @@ class DataPlane:
         if self.cache is not None and spec.response_cache and not cache_opt_out(request):
             digest = request_digest(request, item.raw)
             ckey = cache_key(model, version, digest)
-            if self.cache.local:
+            if self.cache.first_level:  # the LRU backend, or the near cache in front of Redis
                 t0 = time.perf_counter_ns()
                 value = self.cache.get_local(ckey)
-                self._count_lookup(model, version, value is not None, time.perf_counter_ns() - t0)
+                if value is not None or self.cache.local:  # a near miss still asks Redis
+                    self._count_lookup(model, version, value is not None, time.perf_counter_ns() - t0)
                 if value is not None:
                     return cached_answer(value, request.id)
-                looked_up = True
+                looked_up = self.cache.local
         job = Job(model, digest, deadline, request_id, pinned, looked_up)
         concurrency = self.upstream_per_worker * max(1, len(candidates))
         key: Hashable = (model, version, pinned)

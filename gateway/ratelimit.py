@@ -126,9 +126,10 @@ class SharedLimiter:
         clock: Callable[[], float] = time.monotonic,
         on_fallback: Callable[[bool], None] | None = None,
     ) -> None:
-        import redis.asyncio as redis
         from redis.asyncio.retry import Retry
         from redis.backoff import NoBackoff
+
+        from gateway.redis_url import make_client
 
         self.timeout_s = timeout_s
         self.prefix = prefix
@@ -137,13 +138,9 @@ class SharedLimiter:
         self._fallback = Fallback(retry_s, clock)
         # One immediate retry gets past a pooled connection that a restarted Redis closed;
         # anything slower than that is the fallback's job, not the client's.
-        self._client: Any = redis.from_url(
-            redis_url,
-            socket_timeout=timeout_s,
-            socket_connect_timeout=timeout_s,
-            health_check_interval=0,
-            retry=Retry(NoBackoff(), 1),
-        )
+        # The same URL kinds as the result cache (single, Sentinel, Cluster), built by the same helper.
+        self._redis = make_client(redis_url, timeout_s=timeout_s, retry=Retry(NoBackoff(), 1))
+        self._client: Any = self._redis.client
         self._script: Any = self._client.register_script(_TAKE_LUA)
 
     @property
@@ -175,4 +172,4 @@ class SharedLimiter:
             self._on_fallback(local)
 
     async def close(self) -> None:
-        await self._client.aclose()
+        await self._redis.aclose()

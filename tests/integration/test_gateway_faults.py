@@ -58,6 +58,8 @@ def cluster(store: Path) -> Iterator[dict[str, Any]]:
             "0.3",
             "--eject-base-s",
             "0.5",
+            "--cache-near-bytes",
+            "0",  # these tests watch Redis calls fail: repeated requests must reach it
         )
         yield {"gateway": gateway, "workers": workers, "redis": redis}
     finally:

@@ -1,4 +1,4 @@
-"""Cache keys (typed == raw, what changes a key), LRU with TTL, fail-open with a breaker, single-flight."""
+"""Cache keys (typed == raw, what changes a key), LRU with TTL, fail-open, single-flight, near cache."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from gateway.cache import (
     cache_opt_out,
     request_digest,
 )
+from gateway.near_cache import NearCache
 
 
 def aio(fn: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
@@ -199,3 +200,109 @@ async def test_single_flight_survives_a_cancelled_leader_and_shares_errors() -> 
     gate.set()
     with pytest.raises(ValueError, match="upstream said no"):
         await follower
+
+
+class Shared:
+    """A Redis-like backend in memory that counts the calls reaching it; TTLs as Redis reports them."""
+
+    name = "redis"
+
+    def __init__(self) -> None:
+        self.data: dict[str, tuple[bytes, float]] = {}
+        self.calls = 0
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        return [v for v, _ in await self.get_many_ttl(keys)]
+
+    async def get_many_ttl(self, keys: list[str]) -> list[tuple[bytes | None, float]]:
+        self.calls += 1
+        return [self.data.get(k, (None, 0.0)) for k in keys]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_s: int) -> None:
+        self.calls += 1
+        for k, v in items:
+            self.data[k] = (v, float(ttl_s))
+
+    async def close(self) -> None:
+        pass
+
+
+ANSWER = pb.ModelInferResponse(model_name="m", model_version="1").SerializeToString()
+
+
+def two_level(clock: Clock, **kw: Any) -> tuple[ResultCache, Shared]:
+    backend = Shared()
+    levels: list[tuple[str, int]] = []
+    cache = ResultCache(
+        backend, near=NearCache(1 << 20, clock=clock), on_hits=lambda lv, n: levels.append((lv, n)), **kw
+    )
+    cache.levels = levels  # type: ignore[attr-defined]
+    return cache, backend
+
+
+@aio
+async def test_fills_write_both_levels_and_a_near_hit_makes_no_backend_call() -> None:
+    cache, backend = two_level(Clock(), ttl_s=30)
+    assert cache.first_level and not cache.local
+    await cache.set_many([("k", ANSWER)])
+    calls = backend.calls
+    assert backend.data["k"] == (ANSWER, 30.0)
+    assert cache.get_local("k") == ANSWER
+    assert backend.calls == calls
+    assert cache.stats.hits == cache.stats.near_hits == 1 and cache.stats.misses == 0
+    assert cache.levels == [("near", 1)]  # type: ignore[attr-defined]
+
+
+@aio
+async def test_a_near_miss_is_no_miss_until_the_backend_says_so() -> None:
+    cache, backend = two_level(Clock())
+    assert cache.get_local("k") is None
+    assert cache.stats.misses == 0
+    assert await cache.get_many(["k"]) == [None]
+    assert cache.stats.misses == 1 and backend.calls == 1
+
+
+@aio
+async def test_near_entries_expire_no_later_than_their_backend_ttl() -> None:
+    clock = Clock()
+    cache, backend = two_level(clock, ttl_s=10, near_ttl_s=60)
+    await cache.set_many([("filled", ANSWER)])
+    backend.data["other"] = (ANSWER, 3.0)  # another replica stored it; 3 s left in the backend
+    assert await cache.get_many(["other"]) == [ANSWER]  # a backend hit is copied to the near cache
+    assert cache.get_local("other") == ANSWER
+    assert cache.levels == [("redis", 1), ("near", 1)]  # type: ignore[attr-defined]
+    clock.now = 3.0
+    assert cache.get_local("other") is None and cache.get_local("filled") == ANSWER
+    clock.now = 10.0
+    assert cache.get_local("filled") is None
+
+
+@aio
+async def test_near_cap_shortens_life_and_unparsable_backend_values_stay_out() -> None:
+    clock = Clock()
+    cache, backend = two_level(clock, ttl_s=300, near_ttl_s=2)
+    await cache.set_many([("k", ANSWER)])
+    backend.data["junk"] = (b"\xff\xff not a response", 100.0)
+    backend.data["forever"] = (ANSWER, 0.0)  # no TTL known: not copied
+    assert await cache.get_many(["junk", "forever"]) == [b"\xff\xff not a response", ANSWER]
+    assert cache.get_local("junk") is None and cache.get_local("forever") is None
+    clock.now = 2.0
+    assert cache.get_local("k") is None
+
+
+@aio
+async def test_a_new_version_never_answers_from_an_old_versions_near_entry() -> None:
+    cache, _ = two_level(Clock())
+    d = digest(raw_request(X))
+    await cache.set_many([(cache_key("m", "1", d), ANSWER)])
+    assert cache.get_local(cache_key("m", "2", d)) is None
+    assert cache.get_local(cache_key("m", "1", d)) == ANSWER
+
+
+@aio
+async def test_near_cache_keeps_answering_while_the_backend_is_sick() -> None:
+    backend = Sick("refuse")
+    cache = ResultCache(backend, near=NearCache(1 << 20), breaker=CircuitBreaker(failures=1, reset_s=60))
+    await cache.set_many([("k", ANSWER)])  # the backend write fails: fail-open, the near level keeps it
+    assert cache.stats.errors == 1 and cache.breaker.state == OPEN
+    assert cache.get_local("k") == ANSWER and backend.calls == 1
