@@ -8,7 +8,11 @@ ready when it prints its ``FERRY_READY`` line; its output goes to
 ``<log_dir>/<name>.log``. A child that dies is reported and restarted (a bounded
 number of times). Stopping sends SIGTERM to every child (gateway first, so no
 new work arrives), waits for them to drain, then kills what is left: no orphan
-survives ``ferry up``. Addresses are written to a state file for ``ferry status``.
+survives ``ferry up``. That holds when the supervisor itself is killed (SIGKILL
+included): every child, redis-server too, is started with ``PR_SET_PDEATHSIG``
+armed, so the kernel kills it when the supervisor dies. Addresses are written to
+a state file for ``ferry status``; a state file left by a stack that died is
+reported (with its PID) and replaced, one whose stack still runs stops the start.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from ferry.core.errors import FailedPrecondition, Unavailable
+from ferry.core.lifetime import die_with_parent
 from ferry.core.settings import ServiceSettings
 from ferry.pki import ADMIN_KEY_FILE, INFER_KEY_FILE, Secrets, make_secrets
 
@@ -66,6 +71,43 @@ class UpSettings(ServiceSettings):
     )
     secrets_dir: str = Field(".ferry/secrets", description="with --secure: the CA, certificates and keys")
     log_level: str = "WARNING"
+
+
+def _dies_with_us() -> Any:
+    """A ``preexec_fn`` that arms PR_SET_PDEATHSIG in the child (before exec, so it holds for
+    programs that are not ours, like redis-server): the kernel kills it when we die."""
+    supervisor = os.getpid()
+    return lambda: die_with_parent(supervisor)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def port_holder(port: int) -> int | None:
+    """The PID listening on TCP ``port`` (Linux ``/proc``), None when unknown: it makes "port in
+    use" actionable."""
+    inodes: set[str] = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError), open(table) as f:
+            for line in list(f)[1:]:
+                cols = line.split()
+                if len(cols) > 9 and cols[3] == "0A" and int(cols[1].rsplit(":", 1)[1], 16) == port:
+                    inodes.add(f"socket:[{cols[9]}]")
+    if not inodes:
+        return None
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in inodes:
+                    return int(pid)
+    return None
 
 
 def port_is_free(host: str, port: int) -> bool:
@@ -103,6 +145,7 @@ class Stack:
         self.children: dict[str, Child] = {}
         self.redis_url: str | None = settings.redis_url
         self.redis_note = ""
+        self.stale_note = ""
         self._redis: asyncio.subprocess.Process | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self.secrets: Secrets | None = make_secrets(settings.secrets_dir) if settings.secure else None
@@ -123,12 +166,35 @@ class Stack:
     def _wants_private_redis(self) -> bool:
         return not self.s.redis_url and shutil.which("redis-server") is not None
 
+    def check_state_file(self) -> None:
+        """A state file names the PID of the stack that wrote it: refuse to start beside a live one;
+        one left by a stack that died (SIGKILL, a crash) is reported and replaced."""
+        path = Path(self.s.state_file)
+        try:
+            pid = int(json.loads(path.read_text()).get("pid", 0))
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, AttributeError):
+            pid = 0
+        if pid and pid != os.getpid() and pid_alive(pid):
+            raise FailedPrecondition(
+                f"a stack is already running from {path} (pid {pid}): stop it with `kill {pid}` "
+                "(or Ctrl-C where it runs), or pass another --state-file"
+            )
+        self.stale_note = (
+            f"ferry up: {path} was left by a stack that is gone (pid {pid}); replacing it"
+            if pid
+            else f"ferry up: {path} is unreadable; replacing it"
+        )
+        print(self.stale_note, file=sys.stderr, flush=True)
+        path.unlink(missing_ok=True)
+
     def check_ports(self) -> None:
-        taken = [
-            f"{name} port {port}"
-            for name, port in self.planned_ports().items()
-            if port and not port_is_free(self.s.host, port)
-        ]
+        taken = []
+        for name, port in self.planned_ports().items():
+            if port and not port_is_free(self.s.host, port):
+                holder = port_holder(port)
+                taken.append(f"{name} port {port}" + (f" (held by pid {holder})" if holder else ""))
         if taken:
             raise FailedPrecondition(
                 f"cannot start: {', '.join(taken)} on {self.s.host} already in use; stop what holds it or "
@@ -176,6 +242,7 @@ class Stack:
     # --- starting -----------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.check_state_file()
         self.check_ports()
         try:
             await self._start_redis()
@@ -221,6 +288,7 @@ class Stack:
             binary, "--port", str(port), "--bind", self.s.host, "--save", "", "--appendonly", "no",
             "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL, start_new_session=True,
+            preexec_fn=_dies_with_us(),
         )  # fmt: skip
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
@@ -242,6 +310,7 @@ class Stack:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_dies_with_us(),
             env=self._child_env(name),
         )
         reader = asyncio.create_task(self._pump(child, child.proc))

@@ -16,12 +16,28 @@ REQUESTS = RequestMetrics(
     (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 CACHE = Counter("ferry_gateway_cache_total", "Result cache lookups by outcome", ["model", "outcome"])
+CACHE_LEVEL_HITS = Counter(
+    "ferry_gateway_cache_level_hits_total", "Result cache hits by the level that answered", ["level"]
+)
 CACHE_ERRORS = Counter("ferry_gateway_cache_errors_total", "Cache backend errors and timeouts", ["op"])
 BREAKER = Gauge("ferry_gateway_cache_breaker_state", "Cache circuit breaker: 0 closed, 1 half-open, 2 open")
+BREAKER_CHANGES = Counter(
+    "ferry_gateway_cache_breaker_transitions_total", "Cache breaker state changes, by new state", ["state"]
+)
 SINGLE_FLIGHT = Counter(
     "ferry_gateway_single_flight_shared_total", "Requests that joined an identical in-flight request"
 )
 RETRIES = Counter("ferry_gateway_retries_total", "Upstream calls retried on another worker", ["reason"])
+TRIES = Counter(
+    "ferry_gateway_upstream_tries_total", "Upstream attempts by kind: first, retry, hedge", ["kind"]
+)
+WINS = Counter("ferry_gateway_upstream_wins_total", "Answers by the kind of attempt that gave them", ["kind"])
+TRY_TIMEOUTS = Counter(
+    "ferry_gateway_try_timeouts_total", "Upstream attempts silent past their per-try budget"
+)
+BUDGET_REFUSED = Counter(
+    "ferry_gateway_retry_budget_exhausted_total", "Retries and hedges refused by the retry budget", ["kind"]
+)
 EJECTIONS = Counter("ferry_gateway_ejections_total", "Workers ejected after consecutive failures", ["worker"])
 UPSTREAM_BATCH = Histogram(
     "ferry_gateway_upstream_batch_requests",

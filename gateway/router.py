@@ -6,7 +6,8 @@ workers that have the version ready and are not ejected, take the one with
 fewer calls in flight; that keeps the load even without global coordination
 between gateway replicas. A worker that fails ``eject_failures`` times in a row
 is ejected for a backoff that doubles on each repeat (capped), then gets
-traffic again; one success resets it.
+traffic again; one success resets it. An attempt that stays silent past its
+per-try budget (``timed_out``) counts as a failure: that is how a frozen worker fails.
 """
 
 from __future__ import annotations
@@ -96,14 +97,25 @@ class Router:
     def started(self, address: str) -> None:
         self.endpoint(address).in_flight += 1
 
-    def finished(self, address: str, ok: bool) -> None:
-        """Record an outcome; ``ok`` is False only for failures that are the worker's fault."""
+    def finished(self, address: str, ok: bool | None) -> None:
+        """Record an outcome; ``ok`` is False only for failures that are the worker's fault, None
+        for a call that was cancelled (it lost a race with another attempt): no verdict."""
         ep = self.endpoint(address)
         ep.in_flight = max(0, ep.in_flight - 1)
+        if ok is None:
+            return
         if ok:
             ep.consecutive_failures = 0
             ep.ejections = 0 if ep.available(self.clock()) else ep.ejections
             return
+        ep.consecutive_failures += 1
+        if ep.consecutive_failures >= self.eject_failures:
+            self.eject(address)
+
+    def timed_out(self, address: str) -> None:
+        """An attempt stayed silent past its per-try budget: a frozen worker fails this way, so
+        it counts like a failure (the call itself may still be running)."""
+        ep = self.endpoint(address)
         ep.consecutive_failures += 1
         if ep.consecutive_failures >= self.eject_failures:
             self.eject(address)

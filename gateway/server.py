@@ -18,7 +18,7 @@ from ferry._proto.ferry.v1 import admin_pb2
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import open_channel
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.security import secure_port
+from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.telemetry import setup_logging, start_metrics_server
 from gateway import metrics
@@ -27,7 +27,10 @@ from gateway.breaker import STATE_VALUE, CircuitBreaker
 from gateway.cache import LruBackend, RedisBackend, ResultCache
 from gateway.dataplane import DataPlane
 from gateway.discovery import Discovery
+from gateway.hedging import HedgePolicy, RetryBudget
+from gateway.near_cache import NearCache
 from gateway.ratelimit import SharedLimiter
+from gateway.redis_url import parse_redis_url
 from gateway.router import RetryPolicy, Router
 from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
@@ -38,8 +41,6 @@ log = logging.getLogger("ferry.gateway")
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["GatewayAdmin"]
 WORKER_CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 10_000),
-    ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 2_000),
@@ -54,7 +55,13 @@ def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     """How the gateway dials a worker: plain, TLS, or mTLS with a client certificate."""
     ca, cert, key = _read(settings.worker_ca), _read(settings.worker_cert), _read(settings.worker_key)
 
-    options = list(WORKER_CHANNEL_OPTIONS)
+    # keepalive: a frozen worker keeps its TCP connection; an unanswered ping closes it, which ends
+    # its health Watch (out of rotation) and fails its open calls over to another worker
+    options = [
+        *WORKER_CHANNEL_OPTIONS,
+        ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+    ]
     if settings.worker_server_name:
         options.append(("grpc.ssl_target_name_override", settings.worker_server_name))
 
@@ -72,6 +79,11 @@ def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
     return make
 
 
+def breaker_changed(state: str) -> None:
+    metrics.BREAKER.set(STATE_VALUE[state])
+    metrics.BREAKER_CHANGES.labels(state).inc()
+
+
 def build_cache(settings: GatewaySettings) -> ResultCache | None:
     if not settings.cache_enabled:
         return None
@@ -84,9 +96,11 @@ def build_cache(settings: GatewaySettings) -> ResultCache | None:
     breaker = CircuitBreaker(
         settings.breaker_failures,
         settings.breaker_reset_s,
-        on_change=lambda state: metrics.BREAKER.set(STATE_VALUE[state]),
+        on_change=breaker_changed,
     )
-    log.warning("result cache: %s", backend.name)
+    near = NearCache(settings.cache_near_bytes) if settings.redis_url and settings.cache_near_bytes else None
+    where = parse_redis_url(settings.redis_url).describe() if settings.redis_url else backend.name
+    log.warning("result cache: %s%s", where, f", near cache {settings.cache_near_bytes} B" if near else "")
     return ResultCache(
         backend,
         ttl_s=settings.cache_ttl_s,
@@ -94,6 +108,9 @@ def build_cache(settings: GatewaySettings) -> ResultCache | None:
         timeout_s=timeout,
         breaker=breaker,
         on_error=lambda op: metrics.CACHE_ERRORS.labels(op).inc(),
+        near=near,
+        near_ttl_s=settings.cache_near_ttl_s,
+        on_hits=lambda level, n: metrics.CACHE_LEVEL_HITS.labels(level).inc(n),
     )
 
 
@@ -130,7 +147,18 @@ async def serve(settings: GatewaySettings) -> None:
         eject_max_s=settings.eject_max_s,
         on_eject=lambda address, period: metrics.EJECTIONS.labels(address).inc(),
     )
-    upstream = Upstream(discovery, router, RetryPolicy(attempts=settings.retry_attempts))
+    upstream = Upstream(
+        discovery,
+        router,
+        RetryPolicy(attempts=settings.retry_attempts),
+        HedgePolicy(
+            try_timeout_s=settings.try_timeout_ms / 1000,
+            floor_s=settings.try_timeout_floor_ms / 1000,
+            p99_factor=settings.try_timeout_p99_factor,
+            hedge_delay_s=settings.hedge_delay_ms / 1000,
+        ),
+        RetryBudget(ratio=settings.retry_budget_ratio, min_per_s=settings.retry_budget_min_per_s),
+    )
     cache = build_cache(settings)
     dataplane = DataPlane(
         discovery,
@@ -163,6 +191,8 @@ async def serve(settings: GatewaySettings) -> None:
         credentials=port.credentials,
         reuse_port=settings.reuse_port,
         max_message_bytes=settings.max_message_bytes,
+        max_connection_age_s=settings.max_connection_age_s,
+        max_connection_age_grace_s=settings.grace_s,
     )
 
     async def on_start() -> None:
@@ -173,14 +203,16 @@ async def serve(settings: GatewaySettings) -> None:
         while not discovery.healthy() and time.monotonic() < deadline:
             await discovery.wait_changed(deadline - time.monotonic())
 
-    async def on_stop() -> None:
+    async def after_stop() -> None:
+        # Only once the server has stopped (in-flight calls done or past the grace): those
+        # calls still use the worker channels and the cache until then.
         await discovery.close()
         if cache is not None:
             await cache.close()
         if shared is not None:
             await shared.close()
 
-    handle.on_stop.append(on_stop)
+    handle.after_stop.append(after_stop)
     metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
     await serve_until_signal(
         handle,
@@ -199,6 +231,11 @@ async def serve(settings: GatewaySettings) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = settings_from_argv(GatewaySettings, argv, "ferry serve gateway")
+    if settings.redis_url:
+        try:
+            parse_redis_url(settings.redis_url)
+        except ValueError as err:  # before anything starts, like every other settings error
+            refuse_to_start(f"bad --redis-url (REDIS_URL): {err}")
     setup_logging(settings.log_level, "gateway")
     asyncio.run(serve(settings))
     return 0

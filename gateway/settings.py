@@ -31,13 +31,24 @@ class GatewaySettings(SecuritySettings):
     redis_url: str | None = Field(
         None,
         validation_alias=AliasChoices("FERRY_GATEWAY_REDIS_URL", "REDIS_URL"),
-        description="redis:// or rediss:// URL (REDIS_URL works too); unset = in-process LRU",
+        description=(
+            "redis://, rediss://, redis+sentinel://host:port,host:port/master/db or "
+            "redis+cluster://host:port,host:port URL (REDIS_URL works too); unset = in-process LRU"
+        ),
     )
     cache_enabled: bool = Field(True, description="master switch for the result cache")
     cache_ttl_s: int = Field(300, description="time to live of a cached result")
     cache_max_value_bytes: int = Field(1 << 20, description="results larger than this are not cached")
     cache_timeout_ms: int = Field(50, description="per-call Redis timeout; slower counts as a miss")
     cache_lru_entries: int = Field(10_000, description="size of the in-process LRU (no Redis)")
+    cache_near_bytes: int = Field(
+        64 << 20,
+        ge=0,
+        description="bytes of the in-process near cache in front of Redis (hits make no Redis call); 0 = off",
+    )
+    cache_near_ttl_s: float = Field(
+        60.0, gt=0, description="longest life of a near-cache entry (never longer than its Redis TTL)"
+    )
     breaker_failures: int = Field(3, description="consecutive cache errors that open the breaker")
     breaker_reset_s: float = Field(2.0, description="how long an open breaker waits before a trial call")
     # Routing and batching.
@@ -48,6 +59,29 @@ class GatewaySettings(SecuritySettings):
     eject_failures: int = Field(3, description="consecutive failures that eject a worker")
     eject_base_s: float = Field(1.0, description="first ejection period; doubles per repeat")
     eject_max_s: float = Field(30.0, description="longest ejection period")
+    # Grey failures: per-try budgets, hedging, the retry budget, keepalive to workers.
+    try_timeout_ms: int = Field(
+        0, ge=0, description="per-try budget of an upstream attempt; 0 = derived from the model's latency"
+    )
+    try_timeout_floor_ms: int = Field(250, ge=1, description="the derived per-try budget is never below this")
+    try_timeout_p99_factor: float = Field(
+        4.0, gt=0, description="derived per-try budget = the model's recent upstream p99 x this"
+    )
+    hedge_delay_ms: int = Field(
+        0, ge=0, description="send a hedged second attempt after this long without an answer; 0 = off"
+    )
+    retry_budget_ratio: float = Field(
+        0.2, ge=0, description="retries and hedges allowed per request (a share of the real load)"
+    )
+    retry_budget_min_per_s: float = Field(
+        10.0, ge=0, description="retries and hedges allowed per second whatever the load"
+    )
+    keepalive_time_ms: int = Field(
+        2000, ge=100, description="ping a worker connection this often while calls are open"
+    )
+    keepalive_timeout_ms: int = Field(
+        1000, ge=100, description="a worker that does not answer a ping this fast is cut off"
+    )
     coalesce: bool = Field(True, description="merge concurrent requests for one model version upstream")
     coalesce_max_batch: int = Field(64, description="most rows in one merged upstream call")
     default_timeout_s: float = Field(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import signal
 import socket
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 
+from ferry.stack import port_is_free
 from tests.e2e.conftest import (
     FERRY,
     RunningStack,
@@ -78,7 +80,7 @@ def test_up_refuses_a_taken_port_and_leaves_nothing(tmp_path: Path) -> None:
         )
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert f"gateway port {port}" in err and "already in use" in err
+    assert f"gateway port {port} (held by pid {os.getpid()})" in err and "already in use" in err
     assert not (tmp_path / "stack.json").exists()
 
 
@@ -101,6 +103,53 @@ def test_up_stops_every_process_on_sigterm(tmp_path: Path) -> None:
         time.sleep(0.1)
     assert not alive(), f"orphans left: {[c.cmdline() for c in alive()]}"
     assert not (tmp_path / "stack.json").exists()
+
+
+def test_up_killed_with_sigkill_leaves_no_orphans_and_starts_again(tmp_path: Path) -> None:
+    """PR_SET_PDEATHSIG on every child: the kernel kills them with the supervisor, redis-server too."""
+    proc = start_up(tmp_path).proc
+    try:
+        children = descendants(proc.pid)
+        names = " ".join(" ".join(c.cmdline()) for c in children)
+        assert len(children) >= 6 and "redis-server" in names, names
+        state = json.loads((tmp_path / "stack.json").read_text())
+        ports = [int(a.rsplit(":", 1)[1].split("/")[0]) for a in state["services"].values()]
+        proc.kill()
+        proc.wait(10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    def alive() -> list[psutil.Process]:
+        return [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline and alive():
+        time.sleep(0.1)
+    assert not alive(), f"orphans left: {[c.cmdline() for c in alive()]}"
+    assert [p for p in ports if not port_is_free("127.0.0.1", p)] == []
+    assert (tmp_path / "stack.json").exists()  # a SIGKILL leaves it: the next start must cope
+    again = start_up(tmp_path)
+    try:
+        note = f"stack.json was left by a stack that is gone (pid {proc.pid}); replacing it"
+        assert any(note in line for line in again.lines), "".join(again.lines)
+        assert json.loads((tmp_path / "stack.json").read_text())["pid"] == again.proc.pid
+    finally:
+        again.proc.terminate()
+        again.proc.wait(60)
+
+
+def test_up_refuses_to_start_beside_a_running_stack(tmp_path: Path) -> None:
+    holder = subprocess.Popen(["sleep", "60"])
+    try:
+        (tmp_path / "stack.json").write_text(json.dumps({"pid": holder.pid, "services": {}}))
+        result = ferry("up", "--no-demo", *stack_flags(tmp_path), timeout=60)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 1
+    assert f"a stack is already running from {tmp_path / 'stack.json'} (pid {holder.pid})" in result.stderr
+    assert f"stop it with `kill {holder.pid}`" in result.stderr
 
 
 def test_a_crashed_worker_is_reported_and_restarted(tmp_path: Path) -> None:
