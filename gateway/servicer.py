@@ -19,7 +19,7 @@ import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client._channel import translate
-from ferry.core.errors import FerryError, NotFound, Unavailable
+from ferry.core.errors import FerryError, InvalidArgument, NotFound, Unavailable, Unimplemented
 from gateway.aggregate import merge_index, merge_statistics
 from gateway.dataplane import DataPlane
 from gateway.discovery import READY, Discovery, Worker, latest_ready
@@ -27,6 +27,13 @@ from gateway.upstream import Upstream
 
 EXTENSIONS = ["model_repository", "statistics", "ferry_gateway", "ferry_result_cache"]
 FANOUT_TIMEOUT_S = 10.0
+# Triton's shared-memory tensor parameters: a region lives on one host, the gateway's callers on
+# another, so the gateway refuses them by name instead of forwarding a request no worker can read.
+SHM_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
+SHM_REFUSAL = (
+    "shared memory is not available through the gateway: a region lives on the client's host, "
+    "so register it with, and send the request to, a worker on that host"
+)
 
 
 # Ids for calls that bring none: this process's random prefix and a counter. Unique across
@@ -129,6 +136,7 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     # -- inference -------------------------------------------------------------------------------
     async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse | bytes:
+        refuse_shm(request)
         return await self.dataplane.infer(
             request, deadline_of(context, self.default_timeout_s), request_id(context)
         )
@@ -143,6 +151,7 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
 
         async def one(req: pb.ModelInferRequest, n: int) -> None:
             try:
+                refuse_shm(req)
                 resp = await self.dataplane.infer(
                     req, deadline_of(context, self.default_timeout_s), f"{rid}.{n}"
                 )
@@ -249,3 +258,30 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         await self._load_unload(request, "RepositoryModelUnload")
         return pb.RepositoryModelUnloadResponse()
+
+    # -- shared memory: only a worker's own host can map a client's region -----------------------
+    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(f"SystemSharedMemoryStatus: {SHM_REFUSAL}")
+
+    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(f"SystemSharedMemoryRegister: {SHM_REFUSAL}")
+
+    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(f"SystemSharedMemoryUnregister: {SHM_REFUSAL}")
+
+    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(f"CudaSharedMemoryStatus: {SHM_REFUSAL}")
+
+    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(f"CudaSharedMemoryRegister: {SHM_REFUSAL}")
+
+    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+        raise Unimplemented(f"CudaSharedMemoryUnregister: {SHM_REFUSAL}")
+
+
+def refuse_shm(request: pb.ModelInferRequest) -> None:
+    """INVALID_ARGUMENT naming the first tensor that asks for shared memory."""
+    for kind, tensors in (("input", request.inputs), ("output", request.outputs)):
+        for tensor in tensors:
+            if any(p in tensor.parameters for p in SHM_PARAMS):
+                raise InvalidArgument(f"{kind} {tensor.name!r} names a shared memory region: {SHM_REFUSAL}")

@@ -2,11 +2,13 @@
 
 Every check raises a Ferry error; the server's error interceptor turns it into
 the status the caller sees. In a stream, an error becomes that response's
-``error_message`` and the stream goes on, as the protocol asks.
+``error_message`` and the stream goes on, as the protocol asks; a stream's requests
+run concurrently (so they batch like unary calls) and answers carry their request's id.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
@@ -20,12 +22,27 @@ from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
-from ferry.core.errors import FerryError, InvalidArgument
+from ferry.core.errors import FerryError, InvalidArgument, Unimplemented
+from ferry.core.grpcserver import _abort_code as error_status
 from ferry.core.validation import accept_request
 from services.inference.metrics import WorkerMetrics
 from services.inference.repository import Repository, Version
+from services.inference.runner import default_providers
+from services.inference.shm import (
+    ShmLimits,
+    ShmRegistry,
+    add_shm_outputs,
+    output_refs,
+    with_shm_inputs,
+)
 
-EXTENSIONS = ["model_repository", "model_configuration", "statistics", "schedule_policy"]
+EXTENSIONS = [
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "schedule_policy",
+    "system_shared_memory",
+]
 
 
 def _param_int(params: object, key: str) -> int | None:
@@ -45,6 +62,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.repo = repo
         self.metrics = metrics
         self.ready = False
+        settings = repo.settings
+        self.shm = ShmRegistry(ShmLimits(settings.shm_max_regions, settings.shm_max_region_bytes))
+        self.stream_max_inflight = settings.stream_max_inflight
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -86,14 +106,47 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStreamInfer(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        async for request in request_iterator:
+        """Each request runs as its own task, at most ``stream_max_inflight`` at once (reading
+        the stream waits beyond that, so gRPC flow control pushes back on the client)."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.stream_max_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
             try:
                 response = await self._infer(request, None)
-            except FerryError as err:
+            except Exception as err:
+                # The one mapping the error interceptor uses: a Ferry error's message, anything
+                # else a generic one with an incident id (details in the log only).
+                _, message = error_status(err)
                 failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                yield pb.ModelStreamInferResponse(error_message=err.message, infer_response=failed)
+                answers.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
             else:
-                yield pb.ModelStreamInferResponse(infer_response=response)
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            finally:
+                slots.release()
+
+        async def feed() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.ensure_future(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                answers.put_nowait(None)  # the answer loop ends even when reading the stream failed
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await feeder
+        finally:
+            feeder.cancel()
+            for task in list(tasks):
+                task.cancel()
 
     async def _infer(
         self, request: pb.ModelInferRequest, time_remaining: float | None
@@ -102,7 +155,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         version: Version | None = None
         try:
             version = self.repo.resolve(request.model_name, request.model_version)
-            rows, inputs = accept_request(version.spec, request)
+            shm_outputs = output_refs(request, self.shm) if request.outputs else {}
+            rows, inputs = accept_request(version.spec, with_shm_inputs(request, self.shm))
             classify = class_counts(request)
             for name, k in classify.items():
                 dims = next(t.dims for t in version.spec.outputs if t.name == name)
@@ -118,11 +172,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 model_name=request.model_name, model_version=str(version.number), id=request.id
             )
             names = [o.name for o in request.outputs] or version.spec.output_names()
+            values = []
             for name in names:
                 value = outputs[name]
                 if name in classify:
                     value = top_k(name, value, classify[name], version.labels)
-                add_output(response, name, value)
+                values.append((name, value))
+            if shm_outputs:
+                add_shm_outputs(response, values, shm_outputs, self.shm)
+            else:
+                for name, value in values:
+                    add_output(response, name, value)
             total = time.perf_counter_ns() - start
             version.stats.record_request(
                 rows, queue_ns, timings["input"], timings["infer"], timings["output"], total
@@ -167,6 +227,59 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.RepositoryModelUnloadResponse:
         await self.repo.unload(request.model_name, _version_param(request.parameters))
         return pb.RepositoryModelUnloadResponse()
+
+    # -- system shared memory (Triton's extension); CUDA shared memory is not offered ----------
+
+    async def SystemSharedMemoryStatus(
+        self, request: pb.SystemSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    async def SystemSharedMemoryRegister(
+        self, request: pb.SystemSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(
+        self, request: pb.SystemSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shm.unregister(request.name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def CudaSharedMemoryStatus(
+        self, request: pb.CudaSharedMemoryStatusRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryStatusResponse:
+        """No CUDA region can be registered, so the list is truly empty and a named one unknown."""
+        if request.name:
+            raise Unimplemented(_cuda_refusal(f"no CUDA shared memory region {request.name!r}"))
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(
+        self, request: pb.CudaSharedMemoryRegisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryRegisterResponse:
+        raise Unimplemented(_cuda_refusal(f"cannot register CUDA shared memory region {request.name!r}"))
+
+    async def CudaSharedMemoryUnregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, context: grpc.aio.ServicerContext
+    ) -> pb.CudaSharedMemoryUnregisterResponse:
+        """Nothing is registered, so unregistering is the spec's no-op (clients call it to start clean)."""
+        return pb.CudaSharedMemoryUnregisterResponse()
+
+
+def _cuda_refusal(what: str) -> str:
+    if "CUDAExecutionProvider" not in default_providers():
+        why = "this worker has no CUDA device (ONNX Runtime offers no CUDA provider here)"
+    else:
+        why = "Ferry does not implement CUDA IPC registration yet"
+    return f"{what}: CUDA shared memory is not supported: {why}; use system shared memory"
 
 
 MAX_CONFIG_BYTES = 1 << 20

@@ -118,3 +118,11 @@ def export_string_models(folder: Path) -> dict[str, Path]:
         out[graph.name] = folder / f"{graph.name}.onnx"
         onnx.save(model, str(out[graph.name]))
     return out
+
+
+def export_add_sub(path: Path, width: int = 16, datatype: str = "INT32") -> Path:
+    """Triton's ``simple`` model (INPUT0, INPUT1 -> OUTPUT0 = sum, OUTPUT1 = difference); the
+    benchmark builds the same graph, so it lives there (benchmarks never import tests)."""
+    from benchmarks.shm import export_add_sub as build
+
+    return build(path, width, datatype)

@@ -70,6 +70,8 @@ def test_rpcs_match_the_spec() -> None:
     expected = {
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
         "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "RepositoryModelLoad",
-        "RepositoryModelUnload",
+        "RepositoryModelUnload", "SystemSharedMemoryStatus", "SystemSharedMemoryRegister",
+        "SystemSharedMemoryUnregister", "CudaSharedMemoryStatus", "CudaSharedMemoryRegister",
+        "CudaSharedMemoryUnregister",
     }  # fmt: skip
     assert {m.name for m in ours.methods} == expected
