@@ -211,7 +211,9 @@ def build_server(
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1 if reuse_port else 0),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+        # the gateway pings its workers every keepalive_time_ms (2 s by default) to find a frozen
+        # one; a server that allowed fewer pings would answer them with GOAWAY too_many_pings
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
         *connection_age_options(max_connection_age_s, max_connection_age_grace_s),
     ]
     chain: list[ServerInterceptor] = [ErrorInterceptor()]

@@ -376,16 +376,45 @@ def test_hot_swap_under_load_fails_nothing(
     assert seen.index("2") > 0 and "1" not in seen[seen.index("2") + 8 * 2 :], "the old version kept serving"
 
 
+def in_flight(port: int) -> float:
+    """The worker's ``ferry_worker_in_flight`` gauge: requests queued or running."""
+    import urllib.request
+
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return next(
+        float(line.split()[-1]) for line in text.splitlines() if line.startswith("ferry_worker_in_flight ")
+    )
+
+
 def test_sigterm_drains_in_flight_requests(store: Path) -> None:
+    from tests.support.procs import free_port
+
+    port = free_port()
     proc = ServiceProcess.serve(
-        "worker", "--store", str(store), "--port", "0", "--models", "slow", "--poll-interval-s", "0"
+        "worker",
+        "--store",
+        str(store),
+        "--port",
+        "0",
+        "--models",
+        "slow",
+        "--poll-interval-s",
+        "0",
+        "--metrics-port",
+        str(port),
     ).start()
     x = np.ones((1, 256), np.float32)
 
     async def run() -> list[object]:
         async with InferenceClient(proc.address) as c:
             tasks = [asyncio.create_task(c.infer("slow", {"input": x}, timeout=30)) for _ in range(2)]
-            await asyncio.sleep(0.2)
+            # Signal only once both calls are inside the worker (queued or running), so the
+            # test proves a drain of in-flight work, not a refusal of calls not yet arrived.
+            deadline = time.monotonic() + 20
+            while await asyncio.to_thread(in_flight, port) < 2:
+                assert time.monotonic() < deadline, "the two calls never reached the worker"
+                assert not any(t.done() for t in tasks), "a call finished before both were in flight"
+                await asyncio.sleep(0.01)
             proc.signal(signal.SIGTERM)
             return await asyncio.gather(*tasks, return_exceptions=True)
 
