@@ -60,6 +60,12 @@ def broken_connection(err: grpc.aio.AioRpcError) -> bool:
     )
 
 
+def worker_failed(err: grpc.aio.AioRpcError) -> bool:
+    """The worker or its connection failed, not the request: a broken connection whose message
+    is not the worker's own answer about a model (those start with "model ")."""
+    return broken_connection(err) and not (err.details() or "").startswith("model ")
+
+
 @dataclass
 class _Attempt:
     address: str
@@ -247,7 +253,7 @@ class Upstream:
     ) -> str | None:
         """What a failed attempt means: None = give up with its error, else the version to retry
         on (the same one, or a re-resolved one)."""
-        transport = broken_connection(err) and not (err.details() or "").startswith("model ")
+        transport = worker_failed(err)
         time_left = None if deadline is None else deadline - time.monotonic()
         may_retry = self.policy.should_retry(made, grpc.StatusCode.UNAVAILABLE, time_left)
         if transport:
@@ -292,7 +298,7 @@ class Upstream:
             ok = True
             return result
         except grpc.aio.AioRpcError as err:
-            ok = not (broken_connection(err) and not (err.details() or "").startswith("model "))
+            ok = not worker_failed(err)
             raise
         finally:
             self.router.finished(address, ok=ok)  # None: cancelled, it lost a race; no verdict
