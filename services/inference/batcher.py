@@ -126,6 +126,7 @@ class Batcher:
         self._inflight = 0
         self._running_requests = 0
         self._closed = False
+        self._flushing = False
         self._slots = slots
         self._free = slots
         # At light load (a batch of one) a short run goes inline on the event loop: the thread
@@ -159,12 +160,23 @@ class Batcher:
         limits = [t for t in (timeout_s, default_s) if t is not None]
         deadline = time.monotonic() + min(limits) if limits else None
         future: asyncio.Future[Any] = self._loop.create_future()
-        self._queues[level].append(
-            Pending(inputs, rows, shape_key(inputs, self._batched), future, time.perf_counter_ns(), deadline)
+        pending = Pending(
+            inputs, rows, shape_key(inputs, self._batched), future, time.perf_counter_ns(), deadline
         )
+        queue = self._queues[level]
+        queue.append(pending)
+        future.add_done_callback(lambda f: self._left(queue, pending))
         self._count += 1
         self._wakeup.set()
         return future
+
+    def _left(self, queue: deque[Pending], pending: Pending) -> None:
+        """A caller that gave up (cancelled, or its deadline passed at the transport) leaves the
+        queue at once: its place counts toward ``max_queue_size`` and the depth gauge no longer."""
+        if pending.future.cancelled() and pending in queue:
+            queue.remove(pending)
+            self._count -= 1
+            self._wakeup.set()
 
     # --- dispatching --------------------------------------------------------------------------
 
@@ -211,7 +223,7 @@ class Batcher:
                 (time.perf_counter_ns() - queue[0].enqueued_ns) / 1e3,
                 self._max_rows,
             )
-            if wait > 0 and not self._closed:
+            if wait > 0 and not (self._closed or self._flushing):
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
@@ -366,6 +378,12 @@ class Batcher:
     @property
     def idle(self) -> bool:
         return self._count == 0 and self._inflight == 0
+
+    def flush(self) -> None:
+        """Send queued requests on without waiting out ``max_queue_delay_us``: the worker is
+        draining, and a batch held back to grow would only spend the drain's grace."""
+        self._flushing = True
+        self._wakeup.set()
 
     async def close(self) -> None:
         """Stop taking requests, finish every queued and running one, then release threads."""

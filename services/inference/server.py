@@ -74,6 +74,8 @@ async def serve(settings: WorkerSettings) -> None:
         # of being cut off by the server's shutdown.
         servicer.ready = False
         await asyncio.sleep(settings.drain_delay_s)
+        for _, batcher in _batchers(repo):
+            batcher.flush()
 
     handle.on_stop.append(on_stop)
     REGISTRY.register(LoadGauges(lambda: _batchers(repo)))

@@ -18,7 +18,8 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client.inference import InferenceClient, SyncInferenceClient, build_request
 from ferry.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
 from tests.support.deps import require_module
-from tests.support.models import export_cnn, export_mlp, export_slow, ort_run, publish
+from tests.support.gate import HELD_ROWS, held_config, until_metric
+from tests.support.models import export_cnn, export_mlp, ort_run, publish
 from tests.support.procs import ServiceProcess
 
 tc = require_module("tritonclient.grpc")
@@ -31,7 +32,6 @@ def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "mlp": export_mlp(d / "mlp.onnx"),
         "mlp2": export_mlp(d / "mlp2.onnx", seed=1),
         "cnn": export_cnn(d / "cnn.onnx"),
-        "slow": export_slow(d / "slow.onnx", depth=48),
     }
 
 
@@ -40,9 +40,8 @@ def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path])
     root = tmp_path_factory.mktemp("store")
     publish(root, "mlp", 1, onnx_files["mlp"], {"max_batch_size": 16})
     publish(root, "cnn", 1, onnx_files["cnn"])
-    publish(
-        root, "slow", 1, onnx_files["slow"], {"max_batch_size": 4, "dynamic_batching": {"max_queue_size": 2}}
-    )
+    publish(root, "held", 1, onnx_files["mlp"], held_config())
+    publish(root, "full", 1, onnx_files["mlp"], held_config(dynamic_batching={"max_queue_size": 2}))
     broken = root / "models" / "broken" / "1"
     broken.mkdir(parents=True)
     (broken / "model.onnx").write_bytes(b"this is not an onnx file")
@@ -50,7 +49,14 @@ def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path])
 
 
 @pytest.fixture(scope="module")
-def worker(store: Path) -> Iterator[ServiceProcess]:
+def metrics_port() -> int:
+    from tests.support.procs import free_port
+
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def worker(store: Path, metrics_port: int) -> Iterator[ServiceProcess]:
     proc = ServiceProcess.serve(
         "worker",
         "--store",
@@ -61,6 +67,8 @@ def worker(store: Path) -> Iterator[ServiceProcess]:
         "0.3",
         "--max-message-bytes",
         "1048576",
+        "--metrics-port",
+        str(metrics_port),
     ).start()
     yield proc
     proc.stop()
@@ -168,22 +176,25 @@ def test_client_infer_int_and_outputs(client: SyncInferenceClient, onnx_files: d
 
 
 def test_concurrent_requests_are_batched(worker: ServiceProcess, onnx_files: dict[str, Path]) -> None:
-    xs = [np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32) for i in range(64)]
+    # The held model runs only whole batches of HELD_ROWS rows: two batches' worth of one-row
+    # calls must run as exactly two executions, whatever the calls' arrival times.
+    xs = [np.random.default_rng(i).standard_normal((1, 8)).astype(np.float32) for i in range(2 * HELD_ROWS)]
 
     async def run() -> tuple[list[object], object]:
         async with InferenceClient(worker.address) as c:
-            before = (await c.statistics("cnn")).model_stats[0]
-            results = await asyncio.gather(*(c.infer("cnn", {"input": x}) for x in xs))
-            after = (await c.statistics("cnn")).model_stats[0]
+            before = (await c.statistics("held")).model_stats[0]
+            results = await asyncio.gather(*(c.infer("held", {"input": x}, timeout=60) for x in xs))
+            after = (await c.statistics("held")).model_stats[0]
             return results, (before, after)
 
     results, (before, after) = asyncio.run(run())
     for x, r in zip(xs, results, strict=True):
-        np.testing.assert_allclose(r["output"], ort_run(onnx_files["cnn"], x), atol=1e-5)
-    runs = after.execution_count - before.execution_count
-    assert after.inference_count - before.inference_count == 64
-    assert runs < 64, "64 concurrent requests should share executions"
-    assert max(b.batch_size for b in after.batch_stats) > 1
+        np.testing.assert_allclose(r["output"], ort_run(onnx_files["mlp"], x), atol=1e-5)
+    assert after.inference_count - before.inference_count == 2 * HELD_ROWS
+    assert after.execution_count - before.execution_count == 2
+    sizes = {b.batch_size: b.compute_infer.count for b in after.batch_stats}
+    was = {b.batch_size: b.compute_infer.count for b in before.batch_stats}
+    assert sizes[HELD_ROWS] - was.get(HELD_ROWS, 0) == 2
 
 
 # --- bad input --------------------------------------------------------------------------------
@@ -264,48 +275,45 @@ def test_typed_contents_are_accepted(client: SyncInferenceClient, onnx_files: di
     np.testing.assert_allclose(out, ort_run(onnx_files["mlp"], x), atol=1e-5)
 
 
-def test_full_queue_is_resource_exhausted(worker: ServiceProcess) -> None:
-    x = np.ones((1, 256), np.float32)
+def test_full_queue_is_resource_exhausted(
+    worker: ServiceProcess, metrics_port: int, onnx_files: dict[str, Path]
+) -> None:
+    x = np.ones((1, 8), np.float32)
+    whole = np.ones((HELD_ROWS, 8), np.float32)
 
-    async def run() -> list[object]:
+    async def run() -> tuple[ResourceExhausted, dict]:
         async with InferenceClient(worker.address) as c:
-            return await asyncio.gather(
-                *(c.infer("slow", {"input": x}) for _ in range(10)), return_exceptions=True
-            )
+            held = [asyncio.create_task(c.infer("full", {"input": x}, timeout=60)) for _ in range(2)]
+            await until_metric(metrics_port, "ferry_worker_queue_depth", 2, model="full")
+            with pytest.raises(ResourceExhausted) as refused:
+                await c.infer("full", {"input": x}, timeout=60)
+            for t in held:
+                t.cancel()
+            await asyncio.gather(*held, return_exceptions=True)
+            # callers that gave up leave the queue at once: it takes a whole batch again
+            await until_metric(metrics_port, "ferry_worker_queue_depth", 0, model="full")
+            return refused.value, await c.infer("full", {"input": whole}, timeout=60)
 
-    results = asyncio.run(run())
-    rejected = [r for r in results if isinstance(r, ResourceExhausted)]
-    assert rejected and "queue of model slow:1 is full (2 requests)" in rejected[0].message
-    assert all(isinstance(r, dict | ResourceExhausted) for r in results)
+    refused, answer = asyncio.run(run())
+    assert refused.message == "queue of model full:1 is full (2 requests)"
+    np.testing.assert_allclose(answer["output"], ort_run(onnx_files["mlp"], whole), atol=1e-5)
 
 
 def test_deadline_expired_in_queue_is_not_run(worker: ServiceProcess) -> None:
-    full = np.ones((4, 256), np.float32)  # a whole batch each: nothing can join them
-
     async def run() -> tuple[object, int, int]:
         async with InferenceClient(worker.address) as c:
-            # The machine's speed varies several-fold: time one batch, and send the late request a
-            # third of a batch in, with a third of a batch to live. It queues behind the second
-            # batch, so its turn comes after about two batches, long after its deadline.
-            started = time.monotonic()
-            await c.infer("slow", {"input": full})
-            batch_s = time.monotonic() - started
-            before = (await c.statistics("slow")).model_stats[0].inference_count
-            ahead = [asyncio.create_task(c.infer("slow", {"input": full})) for _ in range(2)]
-            await asyncio.sleep(batch_s / 3)
+            before = (await c.statistics("held")).model_stats[0].inference_count
+            # one row of a held model waits for seven more that never come, past its deadline
             late = await asyncio.gather(
-                c.infer("slow", {"input": full[:1]}, timeout=batch_s / 3), return_exceptions=True
+                c.infer("held", {"input": np.ones((1, 8), np.float32)}, timeout=0.5), return_exceptions=True
             )
-            await asyncio.gather(*ahead)
-            await asyncio.sleep(0.5)
-            after = (await c.statistics("slow")).model_stats[0].inference_count
+            await c.infer("held", {"input": np.ones((HELD_ROWS, 8), np.float32)}, timeout=60)
+            after = (await c.statistics("held")).model_stats[0].inference_count
             return late[0], before, after
 
     late, before, after = asyncio.run(run())
     assert isinstance(late, DeadlineExceeded)
-    assert after - before == 8, (
-        "only the two full batches ran; the expired request was dropped from the queue"
-    )
+    assert after - before == HELD_ROWS, "only the whole batch ran; the expired request left the queue"
 
 
 def test_corrupt_model_does_not_stop_the_others(client: SyncInferenceClient) -> None:
@@ -376,16 +384,6 @@ def test_hot_swap_under_load_fails_nothing(
     assert seen.index("2") > 0 and "1" not in seen[seen.index("2") + 8 * 2 :], "the old version kept serving"
 
 
-def in_flight(port: int) -> float:
-    """The worker's ``ferry_worker_in_flight`` gauge: requests queued or running."""
-    import urllib.request
-
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return next(
-        float(line.split()[-1]) for line in text.splitlines() if line.startswith("ferry_worker_in_flight ")
-    )
-
-
 def test_sigterm_drains_in_flight_requests(store: Path) -> None:
     from tests.support.procs import free_port
 
@@ -397,24 +395,22 @@ def test_sigterm_drains_in_flight_requests(store: Path) -> None:
         "--port",
         "0",
         "--models",
-        "slow",
+        "held",
         "--poll-interval-s",
         "0",
         "--metrics-port",
         str(port),
     ).start()
-    x = np.ones((1, 256), np.float32)
+    x = np.ones((1, 8), np.float32)
 
     async def run() -> list[object]:
         async with InferenceClient(proc.address) as c:
-            tasks = [asyncio.create_task(c.infer("slow", {"input": x}, timeout=30)) for _ in range(2)]
-            # Signal only once both calls are inside the worker (queued or running), so the
-            # test proves a drain of in-flight work, not a refusal of calls not yet arrived.
-            deadline = time.monotonic() + 20
-            while await asyncio.to_thread(in_flight, port) < 2:
-                assert time.monotonic() < deadline, "the two calls never reached the worker"
-                assert not any(t.done() for t in tasks), "a call finished before both were in flight"
-                await asyncio.sleep(0.01)
+            tasks = [asyncio.create_task(c.infer("held", {"input": x}, timeout=60)) for _ in range(2)]
+            # Signal once both calls wait inside the worker (a held model runs only whole
+            # batches), so the test proves a drain of queued work, not a refusal of calls not yet
+            # arrived: the drain must send on the batch it was holding back.
+            await until_metric(port, "ferry_worker_in_flight", 2)
+            assert not any(t.done() for t in tasks), "a held call finished before the drain"
             proc.signal(signal.SIGTERM)
             return await asyncio.gather(*tasks, return_exceptions=True)
 

@@ -99,3 +99,39 @@ def test_priority_level_one_runs_first() -> None:
 
     asyncio.run(run())
     assert order.index(3) < order.index(2)
+
+
+HELD = BatchingPolicy(preferred_batch_sizes=(4,), max_queue_delay_us=60_000_000)
+
+
+def test_a_cancelled_request_leaves_the_queue_at_once() -> None:
+    async def run() -> None:
+        batcher, stats = make(HELD, max_batch=4)
+        gone = batcher.submit({"x": np.ones((1, 1), np.float32)}, 1)
+        kept = batcher.submit({"x": np.full((1, 1), 2, np.float32)}, 1)
+        assert batcher.depth == 2
+        gone.cancel()
+        await asyncio.sleep(0)  # the done callback runs on the next loop pass
+        assert batcher.depth == 1
+        rest = [batcher.submit({"x": np.full((1, 1), 3, np.float32)}, 1) for _ in range(3)]
+        outputs, _q, _t = await kept
+        assert outputs["y"].tolist() == [[4]]
+        await asyncio.gather(*rest)
+        assert stats.execution_count == 1 and list(stats.batches) == [4]
+        await batcher.close()
+
+    asyncio.run(run())
+
+
+def test_flush_sends_a_held_batch_without_its_delay() -> None:
+    async def run() -> None:
+        batcher, stats = make(HELD, max_batch=4)
+        waiting = batcher.submit({"x": np.ones((1, 1), np.float32)}, 1)
+        await asyncio.sleep(0.05)
+        assert not waiting.done() and batcher.depth == 1
+        batcher.flush()
+        outputs, _q, _t = await asyncio.wait_for(waiting, 30)
+        assert outputs["y"].tolist() == [[2]] and stats.execution_count == 1
+        await batcher.close()
+
+    asyncio.run(run())
