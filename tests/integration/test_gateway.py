@@ -25,8 +25,9 @@ from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
 from ferry.core import codec
 from tests.support.deps import require_binary, require_module
-from tests.support.models import export_mlp, export_slow, publish
-from tests.support.procs import RedisServer, ServiceProcess
+from tests.support.gate import HELD_ROWS, held_config, until_metric
+from tests.support.models import export_mlp, ort_run, publish
+from tests.support.procs import RedisServer, ServiceProcess, free_port
 
 tc = require_module("tritonclient.grpc")
 
@@ -189,7 +190,6 @@ def onnx_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return {
         "mlp": export_mlp(d / "mlp.onnx"),
         "mlp2": export_mlp(d / "mlp2.onnx", seed=1),
-        "slow": export_slow(d / "slow.onnx", width=256, rows=1024, depth=24),
     }
 
 
@@ -202,7 +202,7 @@ def store(tmp_path_factory: pytest.TempPathFactory, onnx_files: dict[str, Path])
     )
     publish(root, "roll", 1, onnx_files["mlp"], {"max_batch_size": 64})
     publish(root, "spare", 1, onnx_files["mlp"], {"max_batch_size": 64})
-    publish(root, "slow", 1, onnx_files["slow"], {"max_batch_size": 8})  # merged batches must fit
+    publish(root, "held", 1, onnx_files["mlp"], held_config(max_batch_size=64))
     return root
 
 
@@ -234,6 +234,62 @@ def triton(cluster: dict[str, Any]) -> Any:
     client = tc.InferenceServerClient(cluster["gateway"].address)
     wait_until(lambda: client.is_model_ready("mlp"), what="mlp ready through the gateway")
     return client
+
+
+@pytest.fixture(scope="module")
+def held(cluster: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """A gateway of its own over one worker, one upstream call at a time, with a metrics port.
+
+    While a call to the held model occupies that one upstream slot, every other request for the
+    model waits in the gateway's coalescer; a release sent straight to the worker lets them go.
+    """
+    port = free_port()
+    worker = cluster["workers"][0]
+    gateway = start_gateway(
+        [worker], "--upstream-per-worker", "1", "--metrics-port", str(port),
+        "--redis-url", cluster["redis_url"], "--cache-timeout-ms", "2000",
+    )  # fmt: skip
+    try:
+        client = tc.InferenceServerClient(gateway.address)
+        wait_until(lambda: client.is_model_ready("held"), what="held ready through its gateway")
+        yield {"gateway": gateway, "worker": worker, "port": port}
+    finally:
+        gateway.stop()
+
+
+def held_request(rows: int, seed: int, cache: bool = False) -> pb.ModelInferRequest:
+    x = np.random.default_rng(seed).standard_normal((rows, 8)).astype(np.float32)
+    return build_request("held", {"input": x}, parameters=None if cache else {"ferry_cache": False})
+
+
+async def hold_then_release(
+    held: dict[str, Any], first: pb.ModelInferRequest, rest: Sequence[pb.ModelInferRequest], waiting: int
+) -> tuple[Any, list[Any]]:
+    """Send ``first`` and let it take the upstream slot, then ``rest``; once ``waiting`` of them
+    wait inside the gateway (the others have already been answered), release the held batch.
+
+    Returns the first answer and the others' answers or errors, in order.
+    """
+    port, worker = held["port"], held["worker"].address
+    async with (
+        grpc.aio.insecure_channel(held["gateway"].address) as ch,
+        grpc.aio.insecure_channel(worker) as direct,
+    ):
+        stub = pb_grpc.GRPCInferenceServiceStub(ch)
+        head = asyncio.ensure_future(stub.ModelInfer(first, timeout=60))
+        await until_metric(port, "ferry_gateway_worker_in_flight", 1, worker=worker)
+        calls = [asyncio.ensure_future(stub.ModelInfer(r, timeout=60)) for r in rest]
+        quick, pending = len(rest) - waiting, set(calls)
+        while len(calls) - len(pending) < quick:  # answered without the release: never batched
+            finished, pending = await asyncio.wait(pending, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+            assert finished, f"only {len(calls) - len(pending)} of {quick} calls were answered"
+        assert len(calls) - len(pending) == quick, "a call that should wait was answered"
+        assert not head.done(), "the held call finished before its release"
+        await until_metric(port, "ferry_gateway_in_flight", 1 + waiting)
+        release = held_request(HELD_ROWS - first.inputs[0].shape[0], seed=99)
+        await pb_grpc.GRPCInferenceServiceStub(direct).ModelInfer(release, timeout=60)
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+        return await head, answers
 
 
 def triton_infer(client: Any, x: np.ndarray, model: str = "mlp", **kw: Any) -> Any:
@@ -394,34 +450,21 @@ def test_errors_match_the_worker(case: str, cluster: dict[str, Any], triton: Any
     assert through == direct
 
 
-def test_a_bad_request_in_a_coalesced_batch_fails_alone(cluster: dict[str, Any]) -> None:
-    x = np.random.default_rng(1).standard_normal((24, 256)).astype(np.float32)
-    reqs = [
-        build_request("slow", {"input": x[n : n + 1]}, parameters={"ferry_cache": False}) for n in range(24)
-    ]
+def test_a_bad_request_in_a_coalesced_batch_fails_alone(held: dict[str, Any]) -> None:
+    reqs = [held_request(1, seed=100 + n) for n in range(20)]
     reqs[5].raw_input_contents[0] = reqs[5].raw_input_contents[0][:-1]
     reqs[11].inputs[0].datatype = "FP64"
-    before = worker_totals(cluster["workers"], "slow")
-
-    async def scenario() -> list[Any]:
-        async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
-            stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            return await asyncio.gather(
-                *(stub.ModelInfer(r, timeout=60) for r in reqs), return_exceptions=True
-            )
-
-    results = asyncio.run(scenario())
-    after = worker_totals(cluster["workers"], "slow")
+    before = worker_totals([held["worker"]], "held")
+    _, results = asyncio.run(hold_then_release(held, held_request(1, seed=1), reqs, waiting=18))
+    after = worker_totals([held["worker"]], "held")
     failed = {n: r for n, r in enumerate(results) if isinstance(r, grpc.aio.AioRpcError)}
     assert sorted(failed) == [5, 11]
     assert failed[5].code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert (
-        failed[5].details()
-        == "tensor 'input': raw content is 1023 bytes but shape [1, 256] of FP32 needs 1024"
-    )
+    assert failed[5].details() == "tensor 'input': raw content is 31 bytes but shape [1, 8] of FP32 needs 32"
+    assert failed[11].code() == grpc.StatusCode.INVALID_ARGUMENT
     assert failed[11].details() == "input 'input': datatype FP64 does not match the model's FP32"
-    assert after[1] - before[1] == 22  # the 22 good rows ran...
-    assert after[0] - before[0] < 22  # ...merged into fewer upstream calls
+    # the held call and the release ran together; the 18 good ones then went up as one call
+    assert (after[0] - before[0], after[1] - before[1], after[2] - before[2]) == (3, 1 + 7 + 18, 2)
 
 
 # -- cache semantics -------------------------------------------------------------------------
@@ -456,48 +499,29 @@ def test_cache_hit_miss_and_opt_outs(cluster: dict[str, Any], triton: Any) -> No
     assert worker_totals(cluster["workers"], "uncached")[0] == 2
 
 
-def test_single_flight_runs_identical_misses_once(cluster: dict[str, Any]) -> None:
-    req = mlp_request(4, seed=4242)
-    before = worker_totals(cluster["workers"], "mlp")
-
-    async def scenario() -> list[pb.ModelInferResponse]:
-        async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
-            stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            return await asyncio.gather(*(stub.ModelInfer(req, timeout=30) for _ in range(16)))
-
-    answers = asyncio.run(scenario())
-    after = worker_totals(cluster["workers"], "mlp")
-    assert len({a.raw_output_contents[0] for a in answers}) == 1
-    assert after[0] - before[0] == 1  # one upstream request
-    assert after[2] - before[2] == 1  # one model execution
+def test_single_flight_runs_identical_misses_once(held: dict[str, Any]) -> None:
+    req = held_request(1, seed=4242, cache=True)
+    before = worker_totals([held["worker"]], "held")
+    first, answers = asyncio.run(hold_then_release(held, req, [req] * 15, waiting=15))
+    after = worker_totals([held["worker"]], "held")
+    assert {a.raw_output_contents[0] for a in answers} == {first.raw_output_contents[0]}
+    assert after[0] - before[0] == 2  # one upstream request (and the release)
+    assert after[2] - before[2] == 1  # one model execution, shared with the release
 
 
-def test_concurrent_requests_are_coalesced_upstream(cluster: dict[str, Any]) -> None:
-    # a model slow enough that requests arrive faster than upstream calls finish
-    x = np.random.default_rng(0).standard_normal((64, 256)).astype(np.float32)
-    reqs = [
-        build_request("slow", {"input": x[n : n + 1]}, parameters={"ferry_cache": False}) for n in range(64)
-    ]
-    before = worker_totals(cluster["workers"], "slow")
-
-    async def scenario() -> list[pb.ModelInferResponse]:
-        async with grpc.aio.insecure_channel(cluster["gateway"].address) as ch:
-            stub = pb_grpc.GRPCInferenceServiceStub(ch)
-            return await asyncio.gather(*(stub.ModelInfer(r, timeout=60) for r in reqs))
-
-    answers = asyncio.run(scenario())
-    after = worker_totals(cluster["workers"], "slow")
-    assert all(a.outputs[0].shape == [1, 256] for a in answers)
-    assert after[1] - before[1] == 64  # every row ran
-    assert after[0] - before[0] < 64  # ...in fewer upstream ModelInfer calls: batches > 1
+def test_concurrent_requests_are_coalesced_upstream(
+    held: dict[str, Any], onnx_files: dict[str, Path]
+) -> None:
+    reqs = [held_request(1, seed=200 + n) for n in range(40)]
+    before = worker_totals([held["worker"]], "held")
+    _, answers = asyncio.run(hold_then_release(held, held_request(1, seed=2), reqs, waiting=40))
+    after = worker_totals([held["worker"]], "held")
+    assert (after[0] - before[0], after[1] - before[1]) == (3, 1 + 7 + 40)  # 40 rows in one call
     # and each answer holds its own request's row
-    want = _infer(cluster["workers"][0].address, reqs[37])
-    np.testing.assert_allclose(
-        codec.decode_outputs(answers[37])["output"],
-        codec.decode_outputs(want)["output"],
-        rtol=1e-4,
-        atol=1e-4,
-    )
+    for n in (0, 17, 39):
+        x = codec.decode_inputs(reqs[n])["input"]
+        got = codec.decode_outputs(answers[n])["output"]
+        np.testing.assert_allclose(got, ort_run(onnx_files["mlp"], x), atol=1e-5)
 
 
 def test_admin_service(cluster: dict[str, Any]) -> None:

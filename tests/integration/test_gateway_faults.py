@@ -24,7 +24,8 @@ from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
 from tests.integration.test_gateway import Load, mlp_request, start_gateway, start_workers, wait_until
 from tests.support.deps import require_binary
-from tests.support.models import export_mlp, export_slow, publish
+from tests.support.gate import HELD_ROWS, held_config, until_metric
+from tests.support.models import export_mlp, publish
 from tests.support.procs import RedisServer, ServiceProcess, free_port
 
 SEEDS = 16  # distinct requests in the cached loads: most answers come from the cache when it works
@@ -35,7 +36,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("onnx")
     root = tmp_path_factory.mktemp("store")
     publish(root, "mlp", 1, export_mlp(d / "mlp.onnx"), {"max_batch_size": 64})
-    publish(root, "slow", 1, export_slow(d / "slow.onnx", rows=128, depth=12), {"max_batch_size": 8})
+    publish(root, "held", 1, root / "models" / "mlp" / "1" / "model.onnx", held_config(max_batch_size=64))
     return root
 
 
@@ -180,41 +181,52 @@ def _probe(cluster: dict[str, Any]) -> bool:
 
 
 # -- the gateway's own limits and the no-worker answer -------------------------------------------
-def test_overload_answers_resource_exhausted_fast(cluster: dict[str, Any]) -> None:
-    gateway = start_gateway(cluster["workers"], "--max-in-flight", "2", "--no-coalesce")
-    try:
-        x = np.random.default_rng(0).standard_normal((4, 256)).astype(np.float32)
+def held_request(rows: int, seed: int) -> pb.ModelInferRequest:
+    """A request to the held model: it waits in the worker until a whole batch is queued."""
+    x = np.random.default_rng(seed).standard_normal((rows, 8)).astype(np.float32)
+    return build_request("held", {"input": x}, parameters={"ferry_cache": False})
 
-        async def scenario() -> list[Any]:
+
+def test_overload_answers_resource_exhausted_fast(cluster: dict[str, Any]) -> None:
+    port = free_port()
+    gateway = start_gateway(
+        cluster["workers"], "--max-in-flight", "2", "--no-coalesce", "--metrics-port", str(port)
+    )
+    try:
+
+        async def scenario() -> tuple[grpc.aio.AioRpcError, list[Any], pb.ModelInferResponse]:
             async with grpc.aio.insecure_channel(gateway.address) as ch:
                 stub = pb_grpc.GRPCInferenceServiceStub(ch)
-                reqs = [
-                    build_request("slow", {"input": x + n}, parameters={"ferry_cache": False})
-                    for n in range(12)
+                held = [
+                    asyncio.ensure_future(stub.ModelInfer(held_request(1, n), timeout=60)) for n in range(2)
                 ]
-                return await asyncio.gather(
-                    *(stub.ModelInfer(r, timeout=60) for r in reqs), return_exceptions=True
-                )
+                await until_metric(port, "ferry_gateway_in_flight", 2)  # the gateway is full
+                with pytest.raises(grpc.aio.AioRpcError) as refused:
+                    await stub.ModelInfer(mlp_request(1), timeout=10)
+                for call in held:
+                    call.cancel()
+                gone = await asyncio.gather(*held, return_exceptions=True)
+                await until_metric(port, "ferry_gateway_in_flight", 0)  # callers that left free their places
+                return refused.value, gone, await stub.ModelInfer(mlp_request(1), timeout=10)
 
-        results = asyncio.run(scenario())
+        refused, gone, admitted = asyncio.run(scenario())
     finally:
         gateway.stop()
-    refused = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
-    assert refused, "12 concurrent slow requests into a gateway that admits 2 must see refusals"
-    assert all(r.code() == grpc.StatusCode.RESOURCE_EXHAUSTED for r in refused)
-    assert "gateway overloaded: 2 requests in flight (limit 2)" in (refused[0].details() or "")
-    assert any(isinstance(r, pb.ModelInferResponse) for r in results)
+    assert refused.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert refused.details() == (
+        "gateway overloaded: 2 requests in flight (limit 2); retry later or on another replica"
+    )
+    assert all(isinstance(g, asyncio.CancelledError) for g in gone), gone
+    assert admitted.outputs[0].shape == [1, 3]
 
 
 def test_the_callers_deadline_holds_through_the_gateway(cluster: dict[str, Any]) -> None:
-    x = np.random.default_rng(1).standard_normal((8, 256)).astype(np.float32)
-    req = build_request("slow", {"input": x}, parameters={"ferry_cache": False})
     with grpc.insecure_channel(cluster["gateway"].address) as ch:
         stub = pb_grpc.GRPCInferenceServiceStub(ch)
-        with pytest.raises(grpc.RpcError) as err:
-            stub.ModelInfer(req, timeout=0.005)
+        with pytest.raises(grpc.RpcError) as err:  # one row of a held model waits for seven more
+            stub.ModelInfer(held_request(1, seed=1), timeout=0.5)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert stub.ModelInfer(req, timeout=60).outputs[0].shape == [8, 256]
+        assert stub.ModelInfer(held_request(HELD_ROWS, seed=2), timeout=60).outputs[0].shape == [HELD_ROWS, 3]
 
 
 def test_no_healthy_worker_is_unavailable_with_a_message() -> None:
