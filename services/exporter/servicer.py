@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,18 @@ from services.exporter.pipeline import ExportPipeline, ExportResult, resolve_opt
 from services.exporter.settings import ExporterSettings
 
 OPTION_FIELDS = [f.name for f in pb.ExportOptions.DESCRIPTOR.fields]
+log = logging.getLogger("ferry.exporter")
+
+
+def _abandoned(job_id: str, model: str) -> Any:
+    """A done callback for an export whose client left: say how it ended (and retrieve its error)."""
+
+    def report(job: asyncio.Future[ExportResult]) -> None:
+        err = job.exception() if not job.cancelled() else None
+        outcome = "finished anyway" if err is None else f"stopped: {err}"
+        log.warning(f"export without a client {outcome}", extra={"job": job_id, "model": model})
+
+    return report
 
 
 def _report(result: ExportResult) -> pb.ExportReport:
@@ -87,6 +100,11 @@ class ExporterServicer(pb_grpc.ExporterServicer):
         finally:
             if not job.done():
                 cancelled.set()
+                log.warning(
+                    "export abandoned by its client: it stops at the next stage",
+                    extra={"job": request.job_id, "model": request.model_name},
+                )
+                job.add_done_callback(_abandoned(request.job_id, request.model_name))
 
     async def ImportOnnx(
         self, request_iterator: AsyncIterator[pb.ImportChunk], context: grpc.aio.ServicerContext

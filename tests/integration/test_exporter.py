@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -192,6 +193,40 @@ def test_server_answers_while_an_export_runs(exporter: ServiceProcess) -> None:
 
         report = slow.export("job-lstm_text", "text-again", on_progress=during)
     assert report.published and len(answered) == 1
+
+
+def test_export_stops_when_its_client_disconnects(
+    exporter: ServiceProcess, store: Store, tmp_path: Path
+) -> None:
+    import grpc
+
+    from ferry._proto.ferry.v1 import exporter_pb2, exporter_pb2_grpc
+
+    gate = tmp_path / "gate"
+    gate.touch()  # the model's factory waits while this exists: the export stays in its load stage
+    train_job(store, "job-gated", "gated", steps=1, params={"gate": str(gate)})
+    seen = len(exporter.output())
+    with grpc.insecure_channel(exporter.address) as ch:
+        call = exporter_pb2_grpc.ExporterStub(ch).Export(
+            exporter_pb2.ExportRequest(job_id="job-gated", model_name="abandoned"), timeout=60
+        )
+        first = next(call)
+        assert (first.stage.stage, first.stage.state) == ("load", "started")
+        call.cancel()
+
+    def logged(text: str) -> None:
+        deadline = time.monotonic() + 30
+        while text not in exporter.output()[seen:]:
+            assert time.monotonic() < deadline, f"the exporter never logged {text!r}"
+            time.sleep(0.02)
+
+    logged('"export abandoned by its client: it stops at the next stage"')
+    gate.unlink()  # the load stage ends; the next stage boundary sees the cancel
+    logged('"export without a client stopped: export cancelled by the client"')
+    assert store.list_versions("abandoned") == []
+    assert not (store.models_dir / "abandoned").exists() or not any(
+        (store.models_dir / "abandoned").iterdir()
+    )
 
 
 # --- bad input ------------------------------------------------------------------------------------

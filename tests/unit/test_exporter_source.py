@@ -10,6 +10,7 @@ models named by ``spec.json`` (``tests.unit.test_exporter_source:...``).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -71,6 +72,15 @@ def make_regressor(features: int = 6, outputs: int = 2) -> nn.Module:
     return TinyRegressor(features, outputs)
 
 
+def make_gated(features: int = 6, outputs: int = 2, gate: str = "") -> nn.Module:
+    """A regressor whose building waits while the file ``gate`` exists (a minute at most): a
+    test holds an export inside its load stage for as long as it needs, without a timer."""
+    deadline = time.monotonic() + 60
+    while gate and Path(gate).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return TinyRegressor(features, outputs)
+
+
 def make_two_faced(features: int = 6, classes: int = 3) -> nn.Module:
     return TwoFaced(features, classes)
 
@@ -108,6 +118,13 @@ KINDS: dict[str, dict[str, Any]] = {
         "task": "regression",
         "dataset": {"name": "synthetic_regression", "params": {"features": 6, "targets": 2, "samples": 400}},
     },
+    "gated": {
+        "model": {"factory": f"{HERE}:make_gated", "params": {"features": 6, "outputs": 2, "gate": ""}},
+        "input": {"name": "input", "datatype": "FP32", "shape": [6]},
+        "classes": 2,
+        "task": "regression",
+        "dataset": {"name": "synthetic_regression", "params": {"features": 6, "targets": 2, "samples": 400}},
+    },
     "two_faced": {
         "model": {"factory": f"{HERE}:make_two_faced", "params": {"features": 6, "classes": 3}},
         "input": {"name": "input", "datatype": "FP32", "shape": [6]},
@@ -138,10 +155,20 @@ def _data(kind: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def train_job(
-    store: Store, job_id: str, kind: str, steps: int = 30, state: str = "SUCCEEDED", lr: float = 0.01
+    store: Store,
+    job_id: str,
+    kind: str,
+    steps: int = 30,
+    state: str = "SUCCEEDED",
+    lr: float = 0.01,
+    params: dict[str, Any] | None = None,
 ) -> Path:
-    """Train the ``kind`` model for a few real steps and write a finished job the way the trainer does."""
+    """Train the ``kind`` model for a few real steps and write a finished job the way the trainer
+    does; ``params`` overrides some of the model's constructor parameters."""
     entry = KINDS[kind]
+    if params:
+        model_spec = entry["model"]
+        entry = {**entry, "model": {**model_spec, "params": {**model_spec["params"], **params}}}
     task = entry.get("task", "classification")
     torch.manual_seed(0)
     model = build_model(entry["model"], ALLOWED)
