@@ -113,7 +113,7 @@ class OrtRunner:
 
     @property
     def providers(self) -> list[str]:
-        return self.sessions[0].get_providers()
+        return list(self.sessions[0].get_providers())
 
     def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         session = self._idle.get()

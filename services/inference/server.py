@@ -16,6 +16,7 @@ from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
+from services.inference.dataplane import WorkerDataPlane
 from services.inference.metrics import LoadGauges, WorkerMetrics
 from services.inference.repository import Repository
 from services.inference.runner import fallback_problem
@@ -40,7 +41,8 @@ async def serve(settings: WorkerSettings) -> None:
     # A worker only reads the store; on a cluster it is a read-only mount that may still be empty.
     store = Store(settings.store, create=False)
     repo = Repository(store, settings)
-    servicer = InferenceServicer(repo, WorkerMetrics())
+    plane = WorkerDataPlane(repo, WorkerMetrics())
+    servicer = InferenceServicer(plane)
 
     def register(server: object) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]
@@ -66,13 +68,13 @@ async def serve(settings: WorkerSettings) -> None:
                 store.root,
                 settings.poll_interval_s,
             )
-        servicer.ready = True
+        plane.ready = True
 
     async def on_stop() -> None:
         # Health already says NOT_SERVING; a gateway or load balancer stops sending within
         # this delay, so the calls still queued in the transport arrive and finish instead
         # of being cut off by the server's shutdown.
-        servicer.ready = False
+        plane.ready = False
         await asyncio.sleep(settings.drain_delay_s)
         for _, batcher in _batchers(repo):
             batcher.flush()

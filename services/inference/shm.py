@@ -19,9 +19,10 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -41,6 +42,7 @@ from ferry.core.errors import (
     NotFound,
     ResourceExhausted,
 )
+from ferry.core.params import int_param
 
 SHM_ROOT = Path("/dev/shm")
 MAX_KEY_CHARS = 255  # NAME_MAX: the longest file name /dev/shm holds
@@ -123,31 +125,21 @@ def check_span(what: str, region: str, region_bytes: int, offset: int, byte_size
         )
 
 
-def _int_param(params: object, key: str, what: str) -> int | None:
-    if key not in params:  # type: ignore[operator]
-        return None
-    p = params[key]  # type: ignore[index]
-    kind = p.WhichOneof("parameter_choice")
-    if kind in ("int64_param", "uint64_param"):
-        return int(getattr(p, kind))
-    raise InvalidArgument(f"{what}: parameter {key!r} must be an integer")
-
-
-def tensor_ref(params: object, what: str) -> TensorRef | None:
+def tensor_ref(params: Mapping[str, Any], what: str) -> TensorRef | None:
     """The shared-memory parameters of one tensor, or None when it travels in the message.
     Region and byte size come together or not at all (the spec's rule); the offset defaults to 0."""
-    region_given = REGION in params  # type: ignore[operator]
-    size = _int_param(params, BYTE_SIZE, what)
+    region_given = REGION in params
+    size = int_param(params, BYTE_SIZE, what, digits=False)
     if not region_given and size is None:
-        if OFFSET in params:  # type: ignore[operator]
+        if OFFSET in params:
             raise InvalidArgument(f"{what}: {OFFSET!r} needs {REGION!r} and {BYTE_SIZE!r}")
         return None
     if not region_given or size is None:
         raise InvalidArgument(f"{what}: {REGION!r} and {BYTE_SIZE!r} must be given together")
-    p = params[REGION]  # type: ignore[index]
+    p = params[REGION]
     if p.WhichOneof("parameter_choice") != "string_param" or not p.string_param:
         raise InvalidArgument(f"{what}: parameter {REGION!r} must be a region name")
-    offset = _int_param(params, OFFSET, what) or 0
+    offset = int_param(params, OFFSET, what, digits=False) or 0
     if offset < 0 or size < 0:
         raise InvalidArgument(f"{what}: shared memory offset and byte size must not be negative")
     return TensorRef(p.string_param, offset, size)

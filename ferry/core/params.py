@@ -1,0 +1,41 @@
+"""Reading v2 ``InferParameter`` maps: one place for what a parameter's type may be.
+
+v2 parameters are a oneof (bool, int64, uint64, string, double); clients differ in which
+they send for the same thing (tritonclient sends ``priority`` as int64, a JSON body may carry
+``"5"``). Every reader here names the parameter in its error, so a bad one is
+INVALID_ARGUMENT with a message, never a crash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from ferry.core.errors import InvalidArgument
+
+
+def _prefix(where: str) -> str:
+    return f"{where}: " if where else ""
+
+
+def int_param(params: Mapping[str, Any], key: str, where: str = "", digits: bool = True) -> int | None:
+    """An integer parameter, or None when absent. With ``digits`` a string of digits counts too."""
+    if key not in params:
+        return None
+    p = params[key]
+    kind = p.WhichOneof("parameter_choice")
+    if kind in ("int64_param", "uint64_param"):
+        return int(getattr(p, kind))
+    if digits and kind == "string_param" and p.string_param.isdigit():
+        return int(p.string_param)
+    raise InvalidArgument(f"{_prefix(where)}parameter {key!r} must be an integer")
+
+
+def string_param(params: Mapping[str, Any], key: str, where: str = "") -> str | None:
+    """A string parameter, or None when absent."""
+    if key not in params:
+        return None
+    p = params[key]
+    if p.WhichOneof("parameter_choice") != "string_param":
+        raise InvalidArgument(f"{_prefix(where)}parameter {key!r} must be a string")
+    return str(p.string_param)

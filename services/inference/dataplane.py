@@ -1,0 +1,267 @@
+"""The worker's data plane: every v2 call, whatever transport it came by.
+
+It takes and returns the v2 messages themselves (``grpc_service_pb2``): the gRPC servicer
+hands them over as they arrive, and an HTTP front door converts its JSON to the same
+messages first, so a request means the same thing either way, and batching, statistics,
+metrics and every check run once. Errors are Ferry errors; each transport maps them to its
+status in one place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import numpy as np
+
+import ferry
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core.classify import check_count, class_counts, top_k
+from ferry.core.codec import add_output
+from ferry.core.configproto import config_proto, metadata_proto
+from ferry.core.errors import FerryError, Unimplemented
+from ferry.core.grpcserver import _abort_code as error_status
+from ferry.core.params import int_param
+from ferry.core.validation import accept_request
+from services.inference.load_params import config_param, version_param
+from services.inference.metrics import WorkerMetrics
+from services.inference.repository import Repository, Version
+from services.inference.runner import default_providers
+from services.inference.shm import (
+    ShmLimits,
+    ShmRegistry,
+    TensorRef,
+    add_shm_outputs,
+    output_refs,
+    with_shm_inputs,
+)
+
+EXTENSIONS = [
+    "model_repository",
+    "model_configuration",
+    "statistics",
+    "schedule_policy",
+    "system_shared_memory",
+]
+
+
+@dataclass
+class Admitted:
+    """A request that passed every check and is ready for the batcher."""
+
+    version: Version
+    rows: int
+    inputs: dict[str, np.ndarray]
+    classify: dict[str, int]
+    shm_outputs: dict[str, TensorRef]
+    priority: int
+    timeout_s: float | None
+
+
+class WorkerDataPlane:
+    def __init__(self, repo: Repository, metrics: WorkerMetrics) -> None:
+        self.repo = repo
+        self.metrics = metrics
+        self.ready = False
+        settings = repo.settings
+        self.shm = ShmRegistry(ShmLimits(settings.shm_max_regions, settings.shm_max_region_bytes))
+        self.stream_max_inflight = settings.stream_max_inflight
+
+    # -- health and metadata ----------------------------------------------------------------
+
+    def server_metadata(self) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
+
+    def model_ready(self, name: str, version: str) -> bool:
+        return self.repo.is_ready(name, version)
+
+    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
+        found = self.repo.resolve(name, version)
+        return metadata_proto(found.spec, sorted(self.repo.models[name].ready))
+
+    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(config=config_proto(self.repo.resolve(name, version).spec))
+
+    def statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+        response = pb.ModelStatisticsResponse()
+        for model, number, stats in self.repo.statistics(name, version):
+            response.model_stats.append(stats.to_proto(model, number))
+        return response
+
+    # -- inference ----------------------------------------------------------------------------
+
+    async def infer(
+        self, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> pb.ModelInferResponse:
+        """Check, queue for a batch, answer; statistics and metrics record the outcome either way."""
+        start = time.perf_counter_ns()
+        version: Version | None = None
+        try:
+            version = self.repo.resolve(request.model_name, request.model_version)
+            admitted = self._admit(version, request, time_remaining)
+            outputs, queue_ns, timings = await version.batcher.submit(
+                admitted.inputs, admitted.rows, admitted.priority, admitted.timeout_s
+            )
+            response = self._respond(request, admitted, outputs)
+            total = time.perf_counter_ns() - start
+            version.stats.record_request(
+                admitted.rows, queue_ns, timings["input"], timings["infer"], timings["output"], total
+            )
+            self.metrics.observe(request.model_name, "OK", total)
+            return response
+        except FerryError as err:
+            total = time.perf_counter_ns() - start
+            if version is not None:
+                version.stats.record_failure(total)
+            # Unknown names stay out of the label set, so clients cannot grow it without bound.
+            self.metrics.observe(request.model_name if version else "_unknown", err.code.name, total)
+            raise
+
+    def _admit(
+        self, version: Version, request: pb.ModelInferRequest, time_remaining: float | None
+    ) -> Admitted:
+        shm_outputs = output_refs(request, self.shm) if request.outputs else {}
+        rows, inputs = accept_request(version.spec, with_shm_inputs(request, self.shm))
+        classify = class_counts(request)
+        for name, k in classify.items():
+            dims = next(t.dims for t in version.spec.outputs if t.name == name)
+            check_count(name, k, dims[-1] if dims else -1)
+        params = request.parameters
+        timeout_us = int_param(params, "timeout")
+        limits = [t for t in (time_remaining, timeout_us / 1e6 if timeout_us else None) if t is not None]
+        return Admitted(
+            version=version,
+            rows=rows,
+            inputs=inputs,
+            classify=classify,
+            shm_outputs=shm_outputs,
+            priority=int_param(params, "priority") or 0,
+            timeout_s=min(limits) if limits else None,
+        )
+
+    def _respond(
+        self, request: pb.ModelInferRequest, admitted: Admitted, outputs: dict[str, np.ndarray]
+    ) -> pb.ModelInferResponse:
+        version = admitted.version
+        response = pb.ModelInferResponse(
+            model_name=request.model_name, model_version=str(version.number), id=request.id
+        )
+        names = [o.name for o in request.outputs] or version.spec.output_names()
+        values = []
+        for name in names:
+            value = outputs[name]
+            if name in admitted.classify:
+                value = top_k(name, value, admitted.classify[name], version.labels)
+            values.append((name, value))
+        if admitted.shm_outputs:
+            add_shm_outputs(response, values, admitted.shm_outputs, self.shm)
+        else:
+            for name, value in values:
+                add_output(response, name, value)
+        return response
+
+    async def stream(
+        self, requests: AsyncIterator[pb.ModelInferRequest]
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Each request runs as its own task, at most ``stream_max_inflight`` at once (reading
+        the stream waits beyond that, so flow control pushes back on the client). A failed
+        request becomes that answer's ``error_message`` and the stream goes on."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(self.stream_max_inflight)
+        tasks: set[asyncio.Task[None]] = set()
+
+        async def one(request: pb.ModelInferRequest) -> None:
+            try:
+                response = await self.infer(request, None)
+            except Exception as err:
+                # The one mapping the error interceptor uses: a Ferry error's message, anything
+                # else a generic one with an incident id (details in the log only).
+                _, message = error_status(err)
+                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
+                answers.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+            else:
+                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
+            finally:
+                slots.release()
+
+        async def feed() -> None:
+            try:
+                async for request in requests:
+                    await slots.acquire()
+                    task = asyncio.ensure_future(one(request))
+                    tasks.add(task)
+                    task.add_done_callback(tasks.discard)
+                while tasks:
+                    await asyncio.gather(*list(tasks), return_exceptions=True)
+            finally:
+                answers.put_nowait(None)  # the answer loop ends even when reading the stream failed
+
+        feeder = asyncio.ensure_future(feed())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await feeder
+        finally:
+            feeder.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+    # -- repository ---------------------------------------------------------------------------
+
+    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+        response = pb.RepositoryIndexResponse()
+        for name, version, state, reason in self.repo.index(ready_only=ready_only):
+            response.models.add(name=name, version=version, state=state, reason=reason)
+        return response
+
+    async def load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+        params = request.parameters
+        await self.repo.load(
+            request.model_name, version_param(params), config_param(request.model_name, params)
+        )
+        return pb.RepositoryModelLoadResponse()
+
+    async def unload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
+        await self.repo.unload(request.model_name, version_param(request.parameters))
+        return pb.RepositoryModelUnloadResponse()
+
+    # -- system shared memory (Triton's extension); CUDA shared memory is not offered ---------
+
+    def shm_status(self, name: str) -> pb.SystemSharedMemoryStatusResponse:
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in self.shm.status(name):
+            response.regions[region.name].CopyFrom(
+                pb.SystemSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
+                )
+            )
+        return response
+
+    def shm_register(
+        self, request: pb.SystemSharedMemoryRegisterRequest
+    ) -> pb.SystemSharedMemoryRegisterResponse:
+        self.shm.register(request.name, request.key, request.offset, request.byte_size)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    def shm_unregister(self, name: str) -> pb.SystemSharedMemoryUnregisterResponse:
+        self.shm.unregister(name)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
+    def cuda_shm_status(self, name: str) -> pb.CudaSharedMemoryStatusResponse:
+        """No CUDA region can be registered, so the list is truly empty and a named one unknown."""
+        if name:
+            raise Unimplemented(_cuda_refusal(f"no CUDA shared memory region {name!r}"))
+        return pb.CudaSharedMemoryStatusResponse()
+
+    def cuda_shm_register(self, name: str) -> pb.CudaSharedMemoryRegisterResponse:
+        raise Unimplemented(_cuda_refusal(f"cannot register CUDA shared memory region {name!r}"))
+
+
+def _cuda_refusal(what: str) -> str:
+    if "CUDAExecutionProvider" not in default_providers():
+        why = "this worker has no CUDA device (ONNX Runtime offers no CUDA provider here)"
+    else:
+        why = "Ferry does not implement CUDA IPC registration yet"
+    return f"{what}: CUDA shared memory is not supported: {why}; use system shared memory"
