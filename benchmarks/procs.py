@@ -1,16 +1,16 @@
-"""Start and stop the benchmarked servers as child processes.
+"""Start and stop the benchmarked servers, and a private redis-server, as child processes.
 
-A small copy of the launcher the tests use (ferry code never imports tests):
-each server prints ``FERRY_READY service=... port=N`` once it serves, and
-``ServerProcess.start`` waits for that line so the bench uses the real port.
+The tests use these launchers too (``tests.support.procs``; ferry code never imports
+tests or benchmarks): each server prints ``FERRY_READY service=... port=N`` once it
+serves, and ``ServerProcess.start`` waits for that line so the bench uses the real port.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -18,7 +18,9 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-READY_RE = re.compile(r"FERRY_READY service=(\S+) port=(\d+)")
+from ferry.core.grpcserver import parse_ready_line
+from ferry.core.netutil import free_port
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,9 +77,9 @@ class ServerProcess:
         for line in self.proc.stdout:
             if len(self.lines) < 2000:
                 self.lines.append(line)
-            m = READY_RE.search(line)
-            if m and not self._ready.is_set():
-                self.port = int(m.group(2))
+            ready = parse_ready_line(line)
+            if ready and not self._ready.is_set():
+                self.port = ready[1]
                 self._ready.set()
 
     def stop(self, timeout: float = 20.0) -> int | None:
@@ -92,3 +94,36 @@ class ServerProcess:
                     os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait(5)
         return self.proc.returncode
+
+
+class RedisServer:
+    """A private redis-server on a free loopback port, no persistence; ``extra`` goes on its argv."""
+
+    def __init__(self, port: int | None = None, extra: Sequence[str] = ()) -> None:
+        self.port = port or free_port()
+        self.extra = list(extra)
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> RedisServer:
+        """Start it and return once it answers PING; stopped again if it does not in ``timeout`` s."""
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
+        argv += ["--save", "", "--appendonly", "no", *self.extra]
+        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return self
+            time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"redis-server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(5)

@@ -7,10 +7,7 @@ seconds of each other on a machine whose speed drifts during the day.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import socket
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +18,7 @@ import psutil
 
 from benchmarks.loadgen import Window, closed_loop, in_process
 from benchmarks.models import BenchModel, prepare, session
-from benchmarks.procs import ServerProcess
+from benchmarks.procs import RedisServer, ServerProcess
 from benchmarks.stats import SCENARIOS
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
@@ -66,7 +63,7 @@ class Servers:
         self.workers: list[ServerProcess] = []
         self.gateways: list[ServerProcess] = []
         self.redis_gateways: list[ServerProcess] = []  # gateway-hits-redis: Redis plus its near cache
-        self.redis: subprocess.Popen[bytes] | None = None
+        self.redis: RedisServer | None = None
 
     def _group(self, make: Callable[[str, bool], ServerProcess], count: int) -> list[ServerProcess]:
         """``count`` processes on one port: the first picks it, the others join with SO_REUSEPORT."""
@@ -141,36 +138,14 @@ class Servers:
 
     def _private_redis(self, timeout: float = 10.0) -> str:
         """A redis-server of the run's own on a free loopback port, no persistence."""
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        argv = [
-            "redis-server",
-            "--port",
-            str(port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ]
-        self.redis = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2) as c:
-                c.sendall(b"PING\r\n")
-                if c.recv(16).startswith(b"+PONG"):
-                    return f"redis://127.0.0.1:{port}/0"
-            time.sleep(0.05)
-        raise RuntimeError(f"redis-server did not start on port {port}")
+        self.redis = RedisServer().start(timeout)
+        return self.redis.url
 
     def stop(self) -> None:
         for p in [*self.gateways, *self.redis_gateways, *self.workers, *self.floor]:
             p.stop()
-        if self.redis is not None and self.redis.poll() is None:
-            self.redis.kill()
-            self.redis.wait(5)
+        if self.redis is not None:
+            self.redis.stop()
 
     def pids(self, scenario: str) -> dict[str, int]:
         def named(group: list[ServerProcess], name: str) -> dict[str, int]:

@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -36,12 +35,13 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import SettingsConfigDict
 
 from ferry.core.errors import FailedPrecondition, Unavailable
+from ferry.core.grpcserver import parse_ready_line
 from ferry.core.lifetime import die_with_parent
+from ferry.core.netutil import free_port
 from ferry.core.settings import ServiceSettings
 from ferry.pki import ADMIN_KEY_FILE, INFER_KEY_FILE, Secrets, make_secrets
 
 log = logging.getLogger("ferry.stack")
-READY_RE = re.compile(r"FERRY_READY service=(\S+) port=(\d+)")
 
 
 class UpSettings(ServiceSettings):
@@ -283,7 +283,7 @@ class Stack:
             )
             log.warning(self.redis_note)
             return
-        port = self._port(379) or _free_port(self.s.host)
+        port = self._port(379) or free_port(self.s.host)
         self._redis = await asyncio.create_subprocess_exec(
             binary, "--port", str(port), "--bind", self.s.host, "--save", "", "--appendonly", "no",
             "--maxmemory", "256mb", "--maxmemory-policy", "allkeys-lru",
@@ -337,10 +337,10 @@ class Stack:
                 out.write(line)
                 out.flush()
                 child.tail = [*child.tail[-40:], line]
-                m = READY_RE.search(line)
-                if m and not child.ready.is_set():
+                ready = parse_ready_line(line)
+                if ready and not child.ready.is_set():
                     if not child.port:
-                        child.port = int(m.group(2))
+                        child.port = ready[1]
                     child.ready.set()
 
     async def _watch(self, child: Child, proc: asyncio.subprocess.Process) -> None:
@@ -431,12 +431,6 @@ class Stack:
         path = Path(self.s.state_file)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(state, indent=2))
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
 
 
 def _with_port(argv: list[str], port: int) -> list[str]:

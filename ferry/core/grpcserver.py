@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
@@ -268,3 +269,16 @@ def ready_line(service: str, port: int, **extra: Any) -> str:
     """The one line a service prints on stdout once it serves; tools and tests wait for it."""
     fields = " ".join(f"{k}={v}" for k, v in extra.items())
     return f"FERRY_READY service={service} port={port} {fields}".rstrip()
+
+
+READY_RE = re.compile(r"FERRY_READY service=(\S+) port=(\d+)")
+
+
+def parse_ready_line(line: str) -> tuple[str, int] | None:
+    """``(service, port)`` from a line of a service's output that holds its ``ready_line``, else None.
+
+    ``ferry up``, the benchmarks and the tests start services with ``--port 0`` and wait for
+    this line to learn the port the service really bound: the one parser of ``ready_line``.
+    """
+    m = READY_RE.search(line)
+    return (m.group(1), int(m.group(2))) if m else None

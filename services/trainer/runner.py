@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import os
-import socket
 import sys
 import time
 import traceback
@@ -34,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.core.lifetime import die_with_parent
+from ferry.core.netutil import free_port
 from services.trainer.records import EVENT_PREFIX, FAILED, RUNNING, SUCCEEDED, new_record, now_ms
 
 
@@ -268,12 +268,6 @@ def _guarded(rank: int, world: int, ctx: dict[str, Any]) -> None:
         raise SystemExit(1) from err
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Run one Ferry training job (started by the trainer).")
     parser.add_argument("--store", required=True)
@@ -309,7 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             import torch.multiprocessing as mp
 
-            ctx["port"] = _free_port()
+            ctx["port"] = free_port()
             mp.spawn(_rank_main, args=(world, ctx), nprocs=world, join=True)
     except SystemExit as err:
         return int(err.code or 1)

@@ -17,14 +17,10 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmarks import procs as bench_procs
 from benchmarks.procs import REPO as REPO
 from benchmarks.procs import ServerProcess
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from ferry.core.netutil import free_port as free_port
 
 
 class ServiceProcess(ServerProcess):
@@ -52,53 +48,11 @@ class ServiceProcess(ServerProcess):
         return "".join(self.lines)
 
 
-class RedisServer:
-    """A private redis-server on a free loopback port, no persistence."""
+class RedisServer(bench_procs.RedisServer):
+    """The benchmarks' private redis-server, capped at 64 MiB with LRU eviction (before ``extra``)."""
 
     def __init__(self, port: int | None = None, extra: Sequence[str] = ()) -> None:
-        self.port = port or free_port()
-        self.extra = list(extra)
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self, timeout: float = 10.0) -> RedisServer:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory",
-                "64mb",
-                "--maxmemory-policy",
-                "allkeys-lru",
-                *self.extra,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
-                s.sendall(b"PING\r\n")
-                if s.recv(16).startswith(b"+PONG"):
-                    return self
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
+        super().__init__(port, ["--maxmemory", "64mb", "--maxmemory-policy", "allkeys-lru", *extra])
 
 
 def redis_command(port: int, *args: str, timeout: float = 2.0) -> bytes:
