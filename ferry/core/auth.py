@@ -43,7 +43,8 @@ ROLES = (INFER, READ, MODELS, TRAIN, ADMIN)
 GLOBBED = frozenset({INFER, MODELS})  # the roles a key's model globs narrow
 DEFAULT_ROLES = (INFER, READ)
 
-_KSERVE = "/inference.GRPCInferenceService/"
+KSERVE_PREFIX = "/inference.GRPCInferenceService/"  # the v2 service's method names start so
+_KSERVE = KSERVE_PREFIX
 _TRAINER = "/ferry.v1.Trainer/"
 _EXPORTER = "/ferry.v1.Exporter/"
 _ADMIN = "/ferry.v1.GatewayAdmin/"

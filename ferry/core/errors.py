@@ -110,3 +110,29 @@ def error_for_status(code: grpc.StatusCode, message: str) -> FerryError:
     if cls is FerryError:
         err.code = code
     return err
+
+
+# Each status's HTTP twin, for the REST front door (the KServe v2 REST protocol's choices where
+# it names one: 400 for a bad request, 404 for an unknown model). 499 is the de facto "client
+# closed the request"; it is only ever logged, the client is gone.
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(code: grpc.StatusCode) -> int:
+    """The HTTP status that answers a call which would have ended with ``code`` over gRPC."""
+    return HTTP_STATUS.get(code, 500)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import ssl
 import sys
 import threading
 from collections.abc import Callable
@@ -156,6 +157,18 @@ def server_credentials(
     if not cert_file or not key_file:
         return None
     return CertificateReloader(cert_file, key_file, client_ca_file).credentials()
+
+
+def http_ssl_context(settings: SecuritySettings) -> ssl.SSLContext | None:
+    """The REST port's TLS, from the same files as the gRPC port's (mTLS with tls_client_ca)."""
+    if not settings.tls_cert or not settings.tls_key:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    if settings.tls_client_ca:
+        context.load_verify_locations(settings.tls_client_ca)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
 
 
 def is_loopback(host: str) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal, Self, TypeVar, Union, get_args, get_origin
 
 import yaml
+from pydantic import Field
 from pydantic_core import PydanticUndefined
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -119,3 +120,12 @@ def settings_from_argv(cls: type[S], argv: Sequence[str] | None, prog: str, desc
     parser = argparse.ArgumentParser(prog=prog, description=description or cls.__doc__)
     add_settings_flags(parser, cls)
     return settings_from_args(cls, parser.parse_args(argv))
+
+
+class RestSettings(ServiceSettings):
+    """The REST port's settings, shared by the services that answer HTTP."""
+
+    http_port: int = Field(0, ge=0, le=65535, description="KServe v2 REST port (docs/http.md); 0 = off")
+    http_header_timeout_s: float = Field(
+        10.0, gt=0, description="a client must send a whole request head within this, or is disconnected"
+    )

@@ -12,11 +12,13 @@ from prometheus_client import REGISTRY
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.security import refuse_to_start, secure_port
+from ferry.core.httpserver import HttpLimits, HttpServer, start_http
+from ferry.core.security import http_ssl_context, refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
 from services.inference.dataplane import WorkerDataPlane
+from services.inference.http import endpoints as http_endpoints
 from services.inference.metrics import LoadGauges, WorkerMetrics
 from services.inference.repository import Repository
 from services.inference.runner import fallback_problem
@@ -78,18 +80,30 @@ async def serve(settings: WorkerSettings) -> None:
         await asyncio.sleep(settings.drain_delay_s)
         for _, batcher in _batchers(repo):
             batcher.flush()
+        if http is not None:
+            await http.stop(settings.grace_s)
 
     handle.on_stop.append(on_stop)
     REGISTRY.register(LoadGauges(lambda: _batchers(repo)))
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
+    http: HttpServer | None = None
+    extra: dict[str, object] = {"metrics_port": metrics_port}
+    if settings.http_port:
+        http = await start_http(
+            settings.host,
+            settings.http_port,
+            http_endpoints(plane),
+            port.guard,
+            limits=HttpLimits(settings.max_message_bytes, settings.http_header_timeout_s),
+            ssl_context=http_ssl_context(settings),
+        )
+        extra["http_port"] = http.port
     try:
         await serve_until_signal(
             handle,
             settings.grace_s,
             on_start=on_start,
-            ready_message=ready_line(
-                "worker", handle.port, metrics_port=metrics_port, store=store.root, auth=port.auth
-            ),
+            ready_message=ready_line("worker", handle.port, **extra, store=store.root, auth=port.auth),
         )
     finally:
         await repo.close()

@@ -8,9 +8,10 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ferry.core.security import SecuritySettings
+from ferry.core.settings import RestSettings
 
 
-class WorkerSettings(SecuritySettings):
+class WorkerSettings(SecuritySettings, RestSettings):
     """Everything an inference worker can be told; each field is also ``FERRY_WORKER_<NAME>``."""
 
     model_config = SettingsConfigDict(env_prefix="FERRY_WORKER_", extra="forbid")

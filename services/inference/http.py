@@ -1,0 +1,182 @@
+"""The worker's KServe v2 REST front door: each endpoint converts to the v2 message the gRPC
+path receives and calls the same data plane (``services.inference.dataplane``).
+
+Paths, bodies and statuses follow the KServe v2 REST protocol and Triton's extensions
+(binary tensor data, classification, system shared memory, repository), so
+``tritonclient.http``, ``curl`` and ``perf_analyzer -i http`` work unchanged. docs/http.md
+lists every endpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core import rest
+from ferry.core.auth import KSERVE_PREFIX
+from ferry.core.errors import InvalidArgument, Unavailable
+from ferry.core.httpserver import Endpoint, HttpCall, Reply, json_reply
+from services.inference.dataplane import WorkerDataPlane
+
+
+def _version(call: HttpCall) -> str:
+    return call.params.get("version", "")
+
+
+def _model(call: HttpCall) -> str:
+    return call.params["model"]
+
+
+def _body(call: HttpCall, what: str) -> dict[str, Any]:
+    """A JSON object body; an empty body counts as ``{}`` (Triton's clients send none)."""
+    if not call.body.strip():
+        return {}
+    doc = rest.parse_json(call.body)
+    if not isinstance(doc, dict):
+        raise InvalidArgument(f"the {what} body must be a JSON object")
+    return doc
+
+
+def _repository_parameters(target: Any, params: Any, model: str) -> None:
+    if not isinstance(params, dict):
+        raise InvalidArgument(f"failed to load {model!r}: 'parameters' must be a JSON object")
+    for key, value in params.items():
+        p = target[key]
+        if isinstance(value, bool):
+            p.bool_param = value
+        elif isinstance(value, int):
+            p.int64_param = value
+        elif isinstance(value, str):
+            p.string_param = value
+        else:
+            raise InvalidArgument(
+                f"repository parameter {key!r} must be a boolean, integer or string, "
+                f"got {type(value).__name__}"
+            )
+
+
+def endpoints(plane: WorkerDataPlane) -> list[Endpoint]:
+    """Every route of the worker's REST API, each with the gRPC method whose auth rule applies."""
+
+    async def live(call: HttpCall) -> Reply:
+        return Reply()
+
+    async def ready(call: HttpCall) -> Reply:
+        if not plane.ready:
+            raise Unavailable("the worker is not ready: its models are still loading, or it is draining")
+        return Reply()
+
+    async def server_metadata(call: HttpCall) -> Reply:
+        return json_reply(rest.message_json(plane.server_metadata()))
+
+    async def model_metadata(call: HttpCall) -> Reply:
+        return json_reply(rest.message_json(plane.model_metadata(_model(call), _version(call))))
+
+    async def model_ready(call: HttpCall) -> Reply:
+        name, version = _model(call), _version(call)
+        if not plane.model_ready(name, version):
+            which = f"model {name!r}" + (f" version {version}" if version else "")
+            raise Unavailable(f"{which} is not ready")
+        return Reply()
+
+    async def model_config(call: HttpCall) -> Reply:
+        return json_reply(rest.message_json(plane.model_config(_model(call), _version(call)).config))
+
+    async def statistics(call: HttpCall) -> Reply:
+        name = call.params.get("model", "")
+        return json_reply(rest.message_json(plane.statistics(name, _version(call))))
+
+    async def infer(call: HttpCall) -> Reply:
+        request, form = rest.infer_request(
+            call.body, call.headers.get(rest.HEADER_LENGTH), _model(call), _version(call)
+        )
+        response = await plane.infer(request, None)
+        body, header_length = rest.infer_response(response, form)
+        if header_length is None:
+            return Reply(body)
+        return Reply(
+            body, headers={rest.HEADER_LENGTH: str(header_length)}, content_type="application/octet-stream"
+        )
+
+    async def repository_index(call: HttpCall) -> Reply:
+        doc = _body(call, "repository index")
+        index = plane.repository_index(bool(doc.get("ready", False)))
+        return json_reply([rest.message_json(m) for m in index.models])
+
+    async def load(call: HttpCall) -> Reply:
+        request = pb.RepositoryModelLoadRequest(model_name=_model(call))
+        _repository_parameters(request.parameters, _body(call, "load").get("parameters", {}), _model(call))
+        await plane.load(request)
+        return Reply()
+
+    async def unload(call: HttpCall) -> Reply:
+        request = pb.RepositoryModelUnloadRequest(model_name=_model(call))
+        _repository_parameters(request.parameters, _body(call, "unload").get("parameters", {}), _model(call))
+        await plane.unload(request)
+        return Reply()
+
+    async def shm_status(call: HttpCall) -> Reply:
+        regions = plane.shm_status(call.params.get("region", "")).regions
+        return json_reply([rest.message_json(r) for r in regions.values()])
+
+    async def shm_register(call: HttpCall) -> Reply:
+        doc = _body(call, "register")
+        key, offset, size = doc.get("key"), doc.get("offset", 0), doc.get("byte_size")
+        if not isinstance(key, str) or type(offset) is not int or type(size) is not int:
+            raise InvalidArgument("register needs 'key' (a string), 'offset' and 'byte_size' (integers)")
+        region = call.params["region"]
+        plane.shm_register(
+            pb.SystemSharedMemoryRegisterRequest(name=region, key=key, offset=offset, byte_size=size)
+        )
+        return Reply()
+
+    async def shm_unregister(call: HttpCall) -> Reply:
+        plane.shm_unregister(call.params.get("region", ""))
+        return Reply()
+
+    async def cuda_status(call: HttpCall) -> Reply:
+        plane.cuda_shm_status(call.params.get("region", ""))
+        return json_reply([])
+
+    async def cuda_register(call: HttpCall) -> Reply:
+        plane.cuda_shm_register(call.params["region"])
+        return Reply()
+
+    async def cuda_unregister(call: HttpCall) -> Reply:
+        return Reply()  # nothing is ever registered: the spec's no-op
+
+    model = "/v2/models/{model}"
+    versioned = "/v2/models/{model}/versions/{version}"
+    shm, cuda, region = "/v2/systemsharedmemory", "/v2/cudasharedmemory", "region/{region}"
+    routes: list[tuple[str, str, str, Callable[..., Any], bool]] = [
+        ("GET", "/v2/health/live", "ServerLive", live, False),
+        ("GET", "/v2/health/ready", "ServerReady", ready, False),
+        ("GET", "/v2", "ServerMetadata", server_metadata, False),
+        ("GET", "/v2/models/stats", "ModelStatistics", statistics, False),
+        ("POST", "/v2/repository/index", "RepositoryIndex", repository_index, False),
+        ("POST", "/v2/repository/models/{model}/load", "RepositoryModelLoad", load, True),
+        ("POST", "/v2/repository/models/{model}/unload", "RepositoryModelUnload", unload, True),
+        ("GET", f"{shm}/status", "SystemSharedMemoryStatus", shm_status, False),
+        ("GET", f"{shm}/{region}/status", "SystemSharedMemoryStatus", shm_status, False),
+        ("POST", f"{shm}/{region}/register", "SystemSharedMemoryRegister", shm_register, False),
+        ("POST", f"{shm}/unregister", "SystemSharedMemoryUnregister", shm_unregister, False),
+        ("POST", f"{shm}/{region}/unregister", "SystemSharedMemoryUnregister", shm_unregister, False),
+        ("GET", f"{cuda}/status", "CudaSharedMemoryStatus", cuda_status, False),
+        ("GET", f"{cuda}/{region}/status", "CudaSharedMemoryStatus", cuda_status, False),
+        ("POST", f"{cuda}/{region}/register", "CudaSharedMemoryRegister", cuda_register, False),
+        ("POST", f"{cuda}/unregister", "CudaSharedMemoryUnregister", cuda_unregister, False),
+        ("POST", f"{cuda}/{region}/unregister", "CudaSharedMemoryUnregister", cuda_unregister, False),
+    ]
+    for base in (model, versioned):
+        routes += [
+            ("GET", base, "ModelMetadata", model_metadata, True),
+            ("GET", f"{base}/ready", "ModelReady", model_ready, True),
+            ("GET", f"{base}/config", "ModelConfig", model_config, True),
+            ("GET", f"{base}/stats", "ModelStatistics", statistics, False),
+            ("POST", f"{base}/infer", "ModelInfer", infer, True),
+        ]
+    return [
+        Endpoint(method, path, KSERVE_PREFIX + rpc, handler, _model if targeted else None)
+        for method, path, rpc, handler, targeted in routes
+    ]
