@@ -127,7 +127,18 @@ def test_up_killed_with_sigkill_leaves_no_orphans_and_starts_again(tmp_path: Pat
     while time.monotonic() < deadline and alive():
         time.sleep(0.1)
     assert not alive(), f"orphans left: {[c.cmdline() for c in alive()]}"
-    assert [p for p in ports if not port_is_free("127.0.0.1", p)] == []
+
+    def held() -> list[dict[str, object]]:
+        """The stack's ports still bound, with who holds each (an orphan outside the snapshot)."""
+        taken = [p for p in ports if not port_is_free("127.0.0.1", p)]
+        owners = [c for c in psutil.net_connections("tcp") if c.laddr and c.laddr.port in taken]
+        return [{"port": c.laddr.port, "pid": c.pid, "status": c.status} for c in owners] or [
+            {"port": p} for p in taken
+        ]
+
+    while time.monotonic() < deadline and held():  # a dying process releases its sockets last
+        time.sleep(0.1)
+    assert held() == []
     assert (tmp_path / "stack.json").exists()  # a SIGKILL leaves it: the next start must cope
     again = start_up(tmp_path)
     try:
