@@ -21,8 +21,10 @@ from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_
 from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.telemetry import setup_logging, start_metrics_server
+from ferry.core.v2api import V2Servicer
 from gateway import metrics
 from gateway.admin import AdminServicer
+from gateway.api import GatewayApi
 from gateway.breaker import STATE_VALUE, CircuitBreaker
 from gateway.cache import LruBackend, RedisBackend, ResultCache
 from gateway.dataplane import DataPlane
@@ -32,7 +34,6 @@ from gateway.near_cache import NearCache
 from gateway.ratelimit import SharedLimiter
 from gateway.redis_url import parse_redis_url
 from gateway.router import RetryPolicy, Router
-from gateway.servicer import GatewayServicer
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 
@@ -169,7 +170,8 @@ async def serve(settings: GatewaySettings) -> None:
         max_batch=settings.coalesce_max_batch,
         upstream_per_worker=settings.upstream_per_worker,
     )
-    servicer = GatewayServicer(discovery, dataplane, upstream, default_timeout_s=settings.default_timeout_s)
+    api = GatewayApi(discovery, dataplane, upstream, default_timeout_s=settings.default_timeout_s)
+    servicer = V2Servicer(api)
     admin = AdminServicer(discovery, router, dataplane, cache)
 
     def register(server: grpc.aio.Server) -> list[str]:

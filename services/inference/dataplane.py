@@ -24,6 +24,7 @@ from ferry.core.configproto import config_proto, metadata_proto
 from ferry.core.errors import FerryError, Unimplemented
 from ferry.core.grpcserver import _abort_code as error_status
 from ferry.core.params import int_param
+from ferry.core.v2api import CallInfo
 from ferry.core.validation import accept_request
 from services.inference.load_params import config_param, version_param
 from services.inference.metrics import WorkerMetrics
@@ -61,6 +62,8 @@ class Admitted:
 
 
 class WorkerDataPlane:
+    """The worker's ``ferry.core.v2api.V2Api``: this process's models, answered here."""
+
     def __init__(self, repo: Repository, metrics: WorkerMetrics) -> None:
         self.repo = repo
         self.metrics = metrics
@@ -71,36 +74,46 @@ class WorkerDataPlane:
 
     # -- health and metadata ----------------------------------------------------------------
 
-    def server_metadata(self) -> pb.ServerMetadataResponse:
+    async def server_live(self) -> bool:
+        return True
+
+    async def server_ready(self) -> bool:
+        return self.ready
+
+    async def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
 
-    def model_ready(self, name: str, version: str) -> bool:
-        return self.repo.is_ready(name, version)
+    async def model_ready(self, request: pb.ModelReadyRequest, call: CallInfo) -> bool:
+        return self.repo.is_ready(request.name, request.version)
 
-    def model_metadata(self, name: str, version: str) -> pb.ModelMetadataResponse:
-        found = self.repo.resolve(name, version)
-        return metadata_proto(found.spec, sorted(self.repo.models[name].ready))
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, call: CallInfo
+    ) -> pb.ModelMetadataResponse:
+        found = self.repo.resolve(request.name, request.version)
+        return metadata_proto(found.spec, sorted(self.repo.models[request.name].ready))
 
-    def model_config(self, name: str, version: str) -> pb.ModelConfigResponse:
-        return pb.ModelConfigResponse(config=config_proto(self.repo.resolve(name, version).spec))
+    async def model_config(self, request: pb.ModelConfigRequest, call: CallInfo) -> pb.ModelConfigResponse:
+        return pb.ModelConfigResponse(
+            config=config_proto(self.repo.resolve(request.name, request.version).spec)
+        )
 
-    def statistics(self, name: str, version: str) -> pb.ModelStatisticsResponse:
+    async def statistics(
+        self, request: pb.ModelStatisticsRequest, call: CallInfo
+    ) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()
-        for model, number, stats in self.repo.statistics(name, version):
+        for model, number, stats in self.repo.statistics(request.name, request.version):
             response.model_stats.append(stats.to_proto(model, number))
         return response
 
     # -- inference ----------------------------------------------------------------------------
 
-    async def infer(
-        self, request: pb.ModelInferRequest, time_remaining: float | None
-    ) -> pb.ModelInferResponse:
+    async def infer(self, request: pb.ModelInferRequest, call: CallInfo) -> pb.ModelInferResponse:
         """Check, queue for a batch, answer; statistics and metrics record the outcome either way."""
         start = time.perf_counter_ns()
         version: Version | None = None
         try:
             version = self.repo.resolve(request.model_name, request.model_version)
-            admitted = self._admit(version, request, time_remaining)
+            admitted = self._admit(version, request, call.time_remaining)
             outputs, queue_ns, timings = await version.batcher.submit(
                 admitted.inputs, admitted.rows, admitted.priority, admitted.timeout_s
             )
@@ -163,7 +176,7 @@ class WorkerDataPlane:
         return response
 
     async def stream(
-        self, requests: AsyncIterator[pb.ModelInferRequest]
+        self, requests: AsyncIterator[pb.ModelInferRequest], call: CallInfo
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Each request runs as its own task, at most ``stream_max_inflight`` at once (reading
         the stream waits beyond that, so flow control pushes back on the client). A failed
@@ -174,7 +187,7 @@ class WorkerDataPlane:
 
         async def one(request: pb.ModelInferRequest) -> None:
             try:
-                response = await self.infer(request, None)
+                response = await self.infer(request, CallInfo(call.request_id))
             except Exception as err:
                 # The one mapping the error interceptor uses: a Ferry error's message, anything
                 # else a generic one with an incident id (details in the log only).
@@ -210,28 +223,30 @@ class WorkerDataPlane:
 
     # -- repository ---------------------------------------------------------------------------
 
-    def repository_index(self, ready_only: bool) -> pb.RepositoryIndexResponse:
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, call: CallInfo
+    ) -> pb.RepositoryIndexResponse:
         response = pb.RepositoryIndexResponse()
-        for name, version, state, reason in self.repo.index(ready_only=ready_only):
+        for name, version, state, reason in self.repo.index(ready_only=request.ready):
             response.models.add(name=name, version=version, state=state, reason=reason)
         return response
 
-    async def load(self, request: pb.RepositoryModelLoadRequest) -> pb.RepositoryModelLoadResponse:
+    async def load(self, request: pb.RepositoryModelLoadRequest, call: CallInfo) -> None:
         params = request.parameters
         await self.repo.load(
             request.model_name, version_param(params), config_param(request.model_name, params)
         )
-        return pb.RepositoryModelLoadResponse()
 
-    async def unload(self, request: pb.RepositoryModelUnloadRequest) -> pb.RepositoryModelUnloadResponse:
+    async def unload(self, request: pb.RepositoryModelUnloadRequest, call: CallInfo) -> None:
         await self.repo.unload(request.model_name, version_param(request.parameters))
-        return pb.RepositoryModelUnloadResponse()
 
     # -- system shared memory (Triton's extension); CUDA shared memory is not offered ---------
 
-    def shm_status(self, name: str) -> pb.SystemSharedMemoryStatusResponse:
+    async def shm_status(
+        self, request: pb.SystemSharedMemoryStatusRequest, call: CallInfo
+    ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self.shm.status(name):
+        for region in self.shm.status(request.name):
             response.regions[region.name].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
@@ -239,24 +254,27 @@ class WorkerDataPlane:
             )
         return response
 
-    def shm_register(
-        self, request: pb.SystemSharedMemoryRegisterRequest
-    ) -> pb.SystemSharedMemoryRegisterResponse:
+    async def shm_register(self, request: pb.SystemSharedMemoryRegisterRequest, call: CallInfo) -> None:
         self.shm.register(request.name, request.key, request.offset, request.byte_size)
-        return pb.SystemSharedMemoryRegisterResponse()
 
-    def shm_unregister(self, name: str) -> pb.SystemSharedMemoryUnregisterResponse:
-        self.shm.unregister(name)
-        return pb.SystemSharedMemoryUnregisterResponse()
+    async def shm_unregister(self, request: pb.SystemSharedMemoryUnregisterRequest, call: CallInfo) -> None:
+        self.shm.unregister(request.name)
 
-    def cuda_shm_status(self, name: str) -> pb.CudaSharedMemoryStatusResponse:
+    async def cuda_shm_status(
+        self, request: pb.CudaSharedMemoryStatusRequest, call: CallInfo
+    ) -> pb.CudaSharedMemoryStatusResponse:
         """No CUDA region can be registered, so the list is truly empty and a named one unknown."""
-        if name:
-            raise Unimplemented(_cuda_refusal(f"no CUDA shared memory region {name!r}"))
+        if request.name:
+            raise Unimplemented(_cuda_refusal(f"no CUDA shared memory region {request.name!r}"))
         return pb.CudaSharedMemoryStatusResponse()
 
-    def cuda_shm_register(self, name: str) -> pb.CudaSharedMemoryRegisterResponse:
-        raise Unimplemented(_cuda_refusal(f"cannot register CUDA shared memory region {name!r}"))
+    async def cuda_shm_register(self, request: pb.CudaSharedMemoryRegisterRequest, call: CallInfo) -> None:
+        raise Unimplemented(_cuda_refusal(f"cannot register CUDA shared memory region {request.name!r}"))
+
+    async def cuda_shm_unregister(
+        self, request: pb.CudaSharedMemoryUnregisterRequest, call: CallInfo
+    ) -> None:
+        """Nothing is registered, so unregistering is the spec's no-op (clients call it to start clean)."""
 
 
 def _cuda_refusal(what: str) -> str:

@@ -13,16 +13,16 @@ from prometheus_client import REGISTRY
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
 from ferry.core.httpserver import HttpLimits, HttpServer, start_http
+from ferry.core.rest_routes import endpoints as http_endpoints
 from ferry.core.security import http_ssl_context, refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
+from ferry.core.v2api import V2Servicer
 from services.inference.dataplane import WorkerDataPlane
-from services.inference.http import endpoints as http_endpoints
 from services.inference.metrics import LoadGauges, WorkerMetrics
 from services.inference.repository import Repository
 from services.inference.runner import fallback_problem
-from services.inference.servicer import InferenceServicer
 from services.inference.settings import WorkerSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -44,7 +44,7 @@ async def serve(settings: WorkerSettings) -> None:
     store = Store(settings.store, create=False)
     repo = Repository(store, settings)
     plane = WorkerDataPlane(repo, WorkerMetrics())
-    servicer = InferenceServicer(plane)
+    servicer = V2Servicer(plane)
 
     def register(server: object) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]

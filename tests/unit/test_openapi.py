@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 
 from ferry.core.auth import RULES, is_open
-from services.inference.http import endpoints
+from ferry.core.rest_routes import endpoints
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "openapi.yaml"
 METHODS = {"get", "post", "put", "delete", "patch"}

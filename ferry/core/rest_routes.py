@@ -1,10 +1,11 @@
-"""The worker's KServe v2 REST front door: each endpoint converts to the v2 message the gRPC
-path receives and calls the same data plane (``services.inference.dataplane``).
+"""The KServe v2 REST routes over any ``V2Api``: each endpoint converts its request to the v2
+message the gRPC path receives, calls the same data plane, and converts the answer back.
 
 Paths, bodies and statuses follow the KServe v2 REST protocol and Triton's extensions
 (binary tensor data, classification, system shared memory, repository), so
-``tritonclient.http``, ``curl`` and ``perf_analyzer -i http`` work unchanged. docs/http.md
-lists every endpoint.
+``tritonclient.http``, ``curl`` and ``perf_analyzer -i http`` work unchanged against a worker
+and the gateway alike. docs/http.md lists every endpoint; docs/openapi.yaml is checked
+against this table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from ferry.core import rest
 from ferry.core.auth import KSERVE_PREFIX
 from ferry.core.errors import InvalidArgument, Unavailable
 from ferry.core.httpserver import Endpoint, HttpCall, Reply, json_reply
-from services.inference.dataplane import WorkerDataPlane
+from ferry.core.v2api import CallInfo, V2Api
 
 
 def _version(call: HttpCall) -> str:
@@ -56,43 +57,51 @@ def _repository_parameters(target: Any, params: Any, model: str) -> None:
             )
 
 
-def endpoints(plane: WorkerDataPlane) -> list[Endpoint]:
-    """Every route of the worker's REST API, each with the gRPC method whose auth rule applies."""
+def _info(call: HttpCall) -> CallInfo:
+    return CallInfo(call.request_id)
+
+
+def endpoints(api: V2Api) -> list[Endpoint]:
+    """Every route of the v2 REST API, each with the gRPC method whose auth rule applies."""
 
     async def live(call: HttpCall) -> Reply:
         return Reply()
 
     async def ready(call: HttpCall) -> Reply:
-        if not plane.ready:
-            raise Unavailable("the worker is not ready: its models are still loading, or it is draining")
+        if not await api.server_ready():
+            raise Unavailable("not ready: no model can serve yet, or the server is draining")
         return Reply()
 
     async def server_metadata(call: HttpCall) -> Reply:
-        return json_reply(rest.message_json(plane.server_metadata()))
+        return json_reply(rest.message_json(await api.server_metadata()))
 
     async def model_metadata(call: HttpCall) -> Reply:
-        return json_reply(rest.message_json(plane.model_metadata(_model(call), _version(call))))
+        request = pb.ModelMetadataRequest(name=_model(call), version=_version(call))
+        return json_reply(rest.message_json(await api.model_metadata(request, _info(call))))
 
     async def model_ready(call: HttpCall) -> Reply:
         name, version = _model(call), _version(call)
-        if not plane.model_ready(name, version):
+        if not await api.model_ready(pb.ModelReadyRequest(name=name, version=version), _info(call)):
             which = f"model {name!r}" + (f" version {version}" if version else "")
             raise Unavailable(f"{which} is not ready")
         return Reply()
 
     async def model_config(call: HttpCall) -> Reply:
-        return json_reply(rest.message_json(plane.model_config(_model(call), _version(call)).config))
+        request = pb.ModelConfigRequest(name=_model(call), version=_version(call))
+        return json_reply(rest.message_json((await api.model_config(request, _info(call))).config))
 
     async def statistics(call: HttpCall) -> Reply:
-        name = call.params.get("model", "")
-        return json_reply(rest.message_json(plane.statistics(name, _version(call))))
+        request = pb.ModelStatisticsRequest(name=call.params.get("model", ""), version=_version(call))
+        return json_reply(rest.message_json(await api.statistics(request, _info(call))))
 
     async def infer(call: HttpCall) -> Reply:
         request, form = rest.infer_request(
             call.body, call.headers.get(rest.HEADER_LENGTH), _model(call), _version(call)
         )
-        response = await plane.infer(request, None)
-        body, header_length = rest.infer_response(response, form)
+        answer = await api.infer(request, _info(call))
+        if isinstance(answer, bytes):  # a cache hit, kept serialized for gRPC
+            answer = pb.ModelInferResponse.FromString(answer)
+        body, header_length = rest.infer_response(answer, form)
         if header_length is None:
             return Reply(body)
         return Reply(
@@ -101,23 +110,26 @@ def endpoints(plane: WorkerDataPlane) -> list[Endpoint]:
 
     async def repository_index(call: HttpCall) -> Reply:
         doc = _body(call, "repository index")
-        index = plane.repository_index(bool(doc.get("ready", False)))
+        index = await api.repository_index(
+            pb.RepositoryIndexRequest(ready=bool(doc.get("ready"))), _info(call)
+        )
         return json_reply([rest.message_json(m) for m in index.models])
 
     async def load(call: HttpCall) -> Reply:
         request = pb.RepositoryModelLoadRequest(model_name=_model(call))
         _repository_parameters(request.parameters, _body(call, "load").get("parameters", {}), _model(call))
-        await plane.load(request)
+        await api.load(request, _info(call))
         return Reply()
 
     async def unload(call: HttpCall) -> Reply:
         request = pb.RepositoryModelUnloadRequest(model_name=_model(call))
         _repository_parameters(request.parameters, _body(call, "unload").get("parameters", {}), _model(call))
-        await plane.unload(request)
+        await api.unload(request, _info(call))
         return Reply()
 
     async def shm_status(call: HttpCall) -> Reply:
-        regions = plane.shm_status(call.params.get("region", "")).regions
+        request = pb.SystemSharedMemoryStatusRequest(name=call.params.get("region", ""))
+        regions = (await api.shm_status(request, _info(call))).regions
         return json_reply([rest.message_json(r) for r in regions.values()])
 
     async def shm_register(call: HttpCall) -> Reply:
@@ -126,25 +138,36 @@ def endpoints(plane: WorkerDataPlane) -> list[Endpoint]:
         if not isinstance(key, str) or type(offset) is not int or type(size) is not int:
             raise InvalidArgument("register needs 'key' (a string), 'offset' and 'byte_size' (integers)")
         region = call.params["region"]
-        plane.shm_register(
-            pb.SystemSharedMemoryRegisterRequest(name=region, key=key, offset=offset, byte_size=size)
+        await api.shm_register(
+            pb.SystemSharedMemoryRegisterRequest(name=region, key=key, offset=offset, byte_size=size),
+            _info(call),
         )
         return Reply()
 
     async def shm_unregister(call: HttpCall) -> Reply:
-        plane.shm_unregister(call.params.get("region", ""))
+        request = pb.SystemSharedMemoryUnregisterRequest(name=call.params.get("region", ""))
+        await api.shm_unregister(request, _info(call))
         return Reply()
 
     async def cuda_status(call: HttpCall) -> Reply:
-        plane.cuda_shm_status(call.params.get("region", ""))
-        return json_reply([])
+        request = pb.CudaSharedMemoryStatusRequest(name=call.params.get("region", ""))
+        regions = (await api.cuda_shm_status(request, _info(call))).regions
+        return json_reply([rest.message_json(r) for r in regions.values()])
 
     async def cuda_register(call: HttpCall) -> Reply:
-        plane.cuda_shm_register(call.params["region"])
+        doc = _body(call, "register")
+        request = pb.CudaSharedMemoryRegisterRequest(name=call.params["region"])
+        if isinstance(doc.get("device_id"), int):
+            request.device_id = doc["device_id"]
+        if isinstance(doc.get("byte_size"), int):
+            request.byte_size = doc["byte_size"]
+        await api.cuda_shm_register(request, _info(call))
         return Reply()
 
     async def cuda_unregister(call: HttpCall) -> Reply:
-        return Reply()  # nothing is ever registered: the spec's no-op
+        request = pb.CudaSharedMemoryUnregisterRequest(name=call.params.get("region", ""))
+        await api.cuda_shm_unregister(request, _info(call))
+        return Reply()
 
     model = "/v2/models/{model}"
     versioned = "/v2/models/{model}/versions/{version}"

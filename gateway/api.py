@@ -1,15 +1,14 @@
-"""The gateway's v2 GRPCInferenceService: the same API as a worker, answered for the pool.
+"""The gateway's v2 API (``ferry.core.v2api.V2Api``): the same API as a worker, answered for the pool.
 
-Thin: each RPC asks Discovery, the DataPlane or the workers (fan-out) and
-returns; errors are Ferry errors, mapped to statuses by the shared interceptor.
+Each call asks Discovery, the infer DataPlane or every healthy worker (fan-out) and returns
+v2 messages; errors are Ferry errors. The gRPC servicer (``V2Servicer``) and the REST routes
+both call it, so a request means the same thing over either transport.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -17,9 +16,9 @@ import grpc
 
 import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client._channel import translate
 from ferry.core.errors import FerryError, InvalidArgument, NotFound, Unavailable, Unimplemented
+from ferry.core.v2api import CallInfo
 from gateway.aggregate import merge_index, merge_statistics
 from gateway.dataplane import DataPlane
 from gateway.discovery import READY, Discovery, Worker, latest_ready
@@ -36,28 +35,13 @@ SHM_REFUSAL = (
 )
 
 
-# Ids for calls that bring none: this process's random prefix and a counter. Unique across
-# replicas and restarts like a uuid4, at a fraction of its cost on every call.
-_ID_PREFIX = uuid.uuid4().hex[:16]
-_ids = itertools.count(1)
-
-
-def request_id(context: grpc.aio.ServicerContext) -> str:
-    for k, v in context.invocation_metadata() or ():
-        if k == "x-request-id" and v:
-            return str(v)
-    return f"{_ID_PREFIX}{next(_ids):x}"
-
-
-def deadline_of(context: grpc.aio.ServicerContext, default_s: float | None = None) -> float | None:
+def deadline_of(call: CallInfo, default_s: float | None = None) -> float | None:
     """The caller's deadline as a monotonic time; ``default_s`` from now when it set none."""
-    left = context.time_remaining()
-    if left is None:
-        left = default_s
+    left = call.time_remaining if call.time_remaining is not None else default_s
     return None if left is None else time.monotonic() + left
 
 
-class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
+class GatewayApi:
     def __init__(
         self,
         discovery: Discovery,
@@ -71,21 +55,19 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.upstream = upstream
 
     # -- health --------------------------------------------------------------------------------
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: Any) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
+    async def server_live(self) -> bool:
+        return True
 
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: Any) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=bool(self.discovery.healthy()))
+    async def server_ready(self) -> bool:
+        return bool(self.discovery.healthy())
 
-    async def ModelReady(self, request: pb.ModelReadyRequest, context: Any) -> pb.ModelReadyResponse:
+    async def model_ready(self, request: pb.ModelReadyRequest, call: CallInfo) -> bool:
         versions = self.discovery.versions(request.name)
         if request.version:
-            return pb.ModelReadyResponse(ready=versions.get(request.version) == READY)
-        return pb.ModelReadyResponse(ready=latest_ready(versions) is not None)
+            return versions.get(request.version) == READY
+        return latest_ready(versions) is not None
 
-    async def ServerMetadata(
-        self, request: pb.ServerMetadataRequest, context: Any
-    ) -> pb.ServerMetadataResponse:
+    async def server_metadata(self) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
             name="ferry-gateway", version=getattr(ferry, "__version__", "0"), extensions=EXTENSIONS
         )
@@ -96,11 +78,11 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
         model: str,
         version: str,
         request: Any,
-        context: Any,
+        call: CallInfo,
         invoke: Callable[[Worker, Any, float | None, Any], Awaitable[Any]],
     ) -> Any:
-        rid = request_id(context)
-        deadline = deadline_of(context, self.default_timeout_s)
+        rid = call.request_id
+        deadline = deadline_of(call, self.default_timeout_s)
         try:
             resolved = self.discovery.resolve(model, version)
         except NotFound:
@@ -111,12 +93,14 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
                 raise translate(err) from err
         return await self.upstream.call(model, resolved, request, deadline, rid, invoke)
 
-    async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: Any) -> pb.ModelMetadataResponse:
-        resp = await self._one(
+    async def model_metadata(
+        self, request: pb.ModelMetadataRequest, call: CallInfo
+    ) -> pb.ModelMetadataResponse:
+        resp: pb.ModelMetadataResponse = await self._one(
             request.name,
             request.version,
             request,
-            context,
+            call,
             lambda w, r, t, md: w.stub.ModelMetadata(r, timeout=t, metadata=md),
         )
         ready = sorted((v for v, s in self.discovery.versions(request.name).items() if s == READY), key=int)
@@ -125,27 +109,26 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
             resp.versions.extend(ready)
         return resp
 
-    async def ModelConfig(self, request: pb.ModelConfigRequest, context: Any) -> pb.ModelConfigResponse:
-        return await self._one(
+    async def model_config(self, request: pb.ModelConfigRequest, call: CallInfo) -> pb.ModelConfigResponse:
+        resp: pb.ModelConfigResponse = await self._one(
             request.name,
             request.version,
             request,
-            context,
+            call,
             lambda w, r, t, md: w.stub.ModelConfig(r, timeout=t, metadata=md),
         )
+        return resp
 
     # -- inference -------------------------------------------------------------------------------
-    async def ModelInfer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse | bytes:
+    async def infer(self, request: pb.ModelInferRequest, call: CallInfo) -> pb.ModelInferResponse | bytes:
         refuse_shm(request)
-        return await self.dataplane.infer(
-            request, deadline_of(context, self.default_timeout_s), request_id(context)
-        )
+        return await self.dataplane.infer(request, deadline_of(call, self.default_timeout_s), call.request_id)
 
-    async def ModelStreamInfer(
-        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    async def stream(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], call: CallInfo
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (and coalesce); answers come as they finish."""
-        rid = request_id(context)
+        rid = call.request_id
         results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
         tasks: set[asyncio.Task[None]] = set()
 
@@ -153,7 +136,7 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
             try:
                 refuse_shm(req)
                 resp = await self.dataplane.infer(
-                    req, deadline_of(context, self.default_timeout_s), f"{rid}.{n}"
+                    req, deadline_of(call, self.default_timeout_s), f"{rid}.{n}"
                 )
                 answer = pb.ModelStreamInferResponse()
                 if isinstance(resp, bytes):  # a cache hit, already serialized
@@ -214,8 +197,8 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
         errors = [a for a in answers if isinstance(a, FerryError)]
         return ok, errors
 
-    async def ModelStatistics(
-        self, request: pb.ModelStatisticsRequest, context: Any
+    async def statistics(
+        self, request: pb.ModelStatisticsRequest, call: CallInfo
     ) -> pb.ModelStatisticsResponse:
         ok, errors = await self._fanout(lambda w: w.stub.ModelStatistics(request, timeout=FANOUT_TIMEOUT_S))
         if not ok:
@@ -229,8 +212,8 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
                 dst.ns += d.ns
         return merged
 
-    async def RepositoryIndex(
-        self, request: pb.RepositoryIndexRequest, context: Any
+    async def repository_index(
+        self, request: pb.RepositoryIndexRequest, call: CallInfo
     ) -> pb.RepositoryIndexResponse:
         ok, errors = await self._fanout(lambda w: w.stub.RepositoryIndex(request, timeout=FANOUT_TIMEOUT_S))
         if not ok:
@@ -247,35 +230,29 @@ class GatewayServicer(pb_grpc.GRPCInferenceServiceServicer):
             not_found = [e for e in errors if isinstance(e, NotFound)]
             raise (not_found or errors)[0]
 
-    async def RepositoryModelLoad(
-        self, request: pb.RepositoryModelLoadRequest, context: Any
-    ) -> pb.RepositoryModelLoadResponse:
+    async def load(self, request: pb.RepositoryModelLoadRequest, call: CallInfo) -> None:
         await self._load_unload(request, "RepositoryModelLoad")
-        return pb.RepositoryModelLoadResponse()
 
-    async def RepositoryModelUnload(
-        self, request: pb.RepositoryModelUnloadRequest, context: Any
-    ) -> pb.RepositoryModelUnloadResponse:
+    async def unload(self, request: pb.RepositoryModelUnloadRequest, call: CallInfo) -> None:
         await self._load_unload(request, "RepositoryModelUnload")
-        return pb.RepositoryModelUnloadResponse()
 
     # -- shared memory: only a worker's own host can map a client's region -----------------------
-    async def SystemSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+    async def shm_status(self, request: Any, call: CallInfo) -> Any:
         raise Unimplemented(f"SystemSharedMemoryStatus: {SHM_REFUSAL}")
 
-    async def SystemSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+    async def shm_register(self, request: Any, call: CallInfo) -> None:
         raise Unimplemented(f"SystemSharedMemoryRegister: {SHM_REFUSAL}")
 
-    async def SystemSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+    async def shm_unregister(self, request: Any, call: CallInfo) -> None:
         raise Unimplemented(f"SystemSharedMemoryUnregister: {SHM_REFUSAL}")
 
-    async def CudaSharedMemoryStatus(self, request: Any, context: Any) -> Any:
+    async def cuda_shm_status(self, request: Any, call: CallInfo) -> Any:
         raise Unimplemented(f"CudaSharedMemoryStatus: {SHM_REFUSAL}")
 
-    async def CudaSharedMemoryRegister(self, request: Any, context: Any) -> Any:
+    async def cuda_shm_register(self, request: Any, call: CallInfo) -> None:
         raise Unimplemented(f"CudaSharedMemoryRegister: {SHM_REFUSAL}")
 
-    async def CudaSharedMemoryUnregister(self, request: Any, context: Any) -> Any:
+    async def cuda_shm_unregister(self, request: Any, call: CallInfo) -> None:
         raise Unimplemented(f"CudaSharedMemoryUnregister: {SHM_REFUSAL}")
 
 
