@@ -18,6 +18,7 @@ from ferry._proto.ferry.v1 import admin_pb2
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import open_channel
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.httpserver import start_rest
 from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -214,8 +215,14 @@ async def serve(settings: GatewaySettings) -> None:
         if shared is not None:
             await shared.close()
 
+    async def on_stop() -> None:
+        if http is not None:  # stop taking REST calls; those in flight finish within the grace
+            await http.stop(settings.grace_s)
+
+    handle.on_stop.append(on_stop)
     handle.after_stop.append(after_stop)
     metrics_port = start_metrics_server(settings.metrics_port, settings.metrics_host)
+    http = await start_rest(settings, api, port.guard)
     await serve_until_signal(
         handle,
         settings.grace_s,
@@ -224,6 +231,7 @@ async def serve(settings: GatewaySettings) -> None:
             "gateway",
             handle.port,
             metrics_port=metrics_port,
+            **({"http_port": http.port} if http is not None else {}),
             workers=len(discovery.workers) if discovery.workers else len(settings.workers),
             cache=cache.backend.name if cache else "off",
             auth=port.auth,

@@ -8,9 +8,10 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from ferry.core.security import SecuritySettings
+from ferry.core.settings import RestSettings
 
 
-class GatewaySettings(SecuritySettings):
+class GatewaySettings(SecuritySettings, RestSettings):
     """Everything the gateway reads, resolved once in ``main()``."""
 
     model_config = SettingsConfigDict(

@@ -54,11 +54,26 @@ class OutputForm:
 # -- JSON and parameters ----------------------------------------------------------------------
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def parse_json(text: bytes | str, what: str = "request body") -> Any:
+    """Strict JSON: no NaN or Infinity literals, and no nesting deep enough to exhaust the stack."""
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise InvalidArgument(f"malformed JSON in the {what}: {err}") from None
+    except RecursionError:
+        raise InvalidArgument(f"malformed JSON in the {what}: nested too deeply") from None
+
+
+def _utf8(text: str, what: str) -> bytes:
+    """A JSON string as UTF-8; a lone surrogate escape (valid JSON, not text) is the caller's error."""
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(f"{what} holds a lone UTF-16 surrogate escape, which is not text") from None
 
 
 def dumps(doc: Any) -> bytes:
@@ -82,6 +97,7 @@ def set_parameter(target: pb.InferParameter, key: str, value: Any, where: str) -
     elif isinstance(value, float):
         target.double_param = value
     elif isinstance(value, str):
+        _utf8(value, f"{where}: parameter {key!r}")
         target.string_param = value
     else:
         raise InvalidArgument(
@@ -130,14 +146,16 @@ def array_from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -
         raise InvalidArgument(
             f"{what}: 'data' has {len(flat)} elements but shape {list(shape)} needs {count}"
         )
+    if datatype not in BY_NAME:
+        numpy_dtype(datatype)  # raises "unsupported datatype", naming the ones there are
     if datatype == "BYTES":
-        bad = next((v for v in flat if not isinstance(v, str)), None)
-        if bad is not None:
-            raise InvalidArgument(f"{what}: BYTES data must be strings, got {type(bad).__name__}")
+        for v in flat:
+            if not isinstance(v, str):
+                raise InvalidArgument(f"{what}: BYTES data must be strings, got {type(v).__name__}")
         out = np.empty(count, dtype=np.object_)
-        out[:] = [v.encode() for v in flat]
+        out[:] = [_utf8(v, what) for v in flat]
         return out.reshape(shape)
-    if datatype not in BY_NAME or BY_NAME[datatype].numpy is None or datatype in ("FP16", "BF16"):
+    if BY_NAME[datatype].numpy is None or datatype in ("FP16", "BF16"):
         raise InvalidArgument(f"{what}: {datatype} data cannot travel as JSON; send it as binary data")
     dtype = numpy_dtype(datatype)
     if datatype == "BOOL":
@@ -177,10 +195,9 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
     """The JSON header and the binary tail of a body (all JSON without the header)."""
     if header_length is None:
         return body, b""
-    try:
-        n = int(header_length)
-    except ValueError:
-        raise InvalidArgument(f"{HEADER_LENGTH} must be an integer, got {header_length!r}") from None
+    if not header_length.isdigit():
+        raise InvalidArgument(f"{HEADER_LENGTH} must be a non-negative integer, got {header_length!r}")
+    n = int(header_length)
     if n < 0 or n > len(body):
         raise InvalidArgument(f"{HEADER_LENGTH} {n} lies past the end of the {len(body)}-byte body")
     return body[:n], body[n:]
@@ -196,10 +213,11 @@ def infer_request(
     if "id" in doc:
         if not isinstance(doc["id"], str):
             raise InvalidArgument("'id' must be a string")
+        _utf8(doc["id"], "'id'")
         request.id = doc["id"]
     params = doc.get("parameters", {})
     fill_parameters(request.parameters, params, "request")
-    form = OutputForm(binary_default=bool(_object(params, "request: parameters").get(BINARY_OUTPUT, False)))
+    form = OutputForm(binary_default=_flag(_object(params, "request: parameters"), BINARY_OUTPUT, "request"))
     inputs = doc.get("inputs")
     if not isinstance(inputs, list) or not inputs:
         raise InvalidArgument("the infer request needs a non-empty 'inputs' array")
@@ -220,11 +238,18 @@ def infer_request(
         out_params = _object(out.get("parameters", {}), f"output {name!r}: parameters")
         fill_parameters(tensor.parameters, out_params, f"output {name!r}")
         if BINARY in out_params:
-            form.binary[name] = bool(out_params[BINARY])
+            form.binary[name] = _flag(out_params, BINARY, f"output {name!r}")
         if SHM_REGION in out_params:
             shm.add(name)
     form.shm = frozenset(shm)
     return request, form
+
+
+def _flag(params: dict[str, Any], key: str, where: str) -> bool:
+    value = params.get(key, False)
+    if not isinstance(value, bool):
+        raise InvalidArgument(f"{where}: parameter {key!r} must be true or false")
+    return value
 
 
 def _add_input(request: pb.ModelInferRequest, entry: dict[str, Any], tail: bytes, offset: int) -> int:
@@ -234,8 +259,9 @@ def _add_input(request: pb.ModelInferRequest, entry: dict[str, Any], tail: bytes
     what = f"input {name!r}"
     if not isinstance(datatype, str):
         raise InvalidArgument(f"{what} needs a 'datatype'")
-    if not isinstance(shape, list) or not all(type(d) is int for d in shape):
+    if not isinstance(shape, list) or not all(type(d) is int and d < 2**63 for d in shape):
         raise InvalidArgument(f"{what} needs a 'shape' of integers")
+    _utf8(name, "an input name")
     check_shape(name, shape)
     tensor = request.inputs.add(name=name, datatype=datatype, shape=shape)
     params = _object(entry.get("parameters", {}), f"{what}: parameters")

@@ -12,9 +12,8 @@ from prometheus_client import REGISTRY
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.httpserver import HttpLimits, HttpServer, start_http
-from ferry.core.rest_routes import endpoints as http_endpoints
-from ferry.core.security import http_ssl_context, refuse_to_start, secure_port
+from ferry.core.httpserver import start_rest
+from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
 from ferry.core.telemetry import setup_logging, start_metrics_server
@@ -86,17 +85,9 @@ async def serve(settings: WorkerSettings) -> None:
     handle.on_stop.append(on_stop)
     REGISTRY.register(LoadGauges(lambda: _batchers(repo)))
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
-    http: HttpServer | None = None
+    http = await start_rest(settings, plane, port.guard)
     extra: dict[str, object] = {"metrics_port": metrics_port}
-    if settings.http_port:
-        http = await start_http(
-            settings.host,
-            settings.http_port,
-            http_endpoints(plane),
-            port.guard,
-            limits=HttpLimits(settings.max_message_bytes, settings.http_header_timeout_s),
-            ssl_context=http_ssl_context(settings),
-        )
+    if http is not None:
         extra["http_port"] = http.port
     try:
         await serve_until_signal(
