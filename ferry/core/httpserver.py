@@ -277,21 +277,3 @@ async def start_http(
     )
     bound = int(server.sockets[0].getsockname()[1])
     return HttpServer(runner, server, bound)
-
-
-async def start_rest(settings: Any, api: Any, guard: Guard) -> HttpServer | None:
-    """The v2 REST port of a service whose settings extend ``RestSettings`` and
-    ``SecuritySettings``, over its ``V2Api``; None when ``http_port`` is 0 (off)."""
-    from ferry.core.rest_routes import endpoints
-    from ferry.core.security import http_ssl_context
-
-    if not settings.http_port:
-        return None
-    return await start_http(
-        settings.host,
-        settings.http_port,
-        endpoints(api),
-        guard,
-        limits=HttpLimits(settings.max_message_bytes, settings.http_header_timeout_s),
-        ssl_context=http_ssl_context(settings),
-    )

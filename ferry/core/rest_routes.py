@@ -17,7 +17,9 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core import rest
 from ferry.core.auth import KSERVE_PREFIX
 from ferry.core.errors import InvalidArgument, Unavailable
-from ferry.core.httpserver import Endpoint, HttpCall, Reply, json_reply
+from ferry.core.guard import Guard
+from ferry.core.httpserver import Endpoint, HttpCall, HttpLimits, HttpServer, Reply, json_reply, start_http
+from ferry.core.security import http_ssl_context
 from ferry.core.v2api import CallInfo, V2Api
 
 
@@ -203,3 +205,18 @@ def endpoints(api: V2Api) -> list[Endpoint]:
         Endpoint(method, path, KSERVE_PREFIX + rpc, handler, _model if targeted else None)
         for method, path, rpc, handler, targeted in routes
     ]
+
+
+async def start_rest(settings: Any, api: Any, guard: Guard) -> HttpServer | None:
+    """The v2 REST port of a service whose settings extend ``RestSettings`` and
+    ``SecuritySettings``, over its ``V2Api``; None when ``http_port`` is 0 (off)."""
+    if not settings.http_port:
+        return None
+    return await start_http(
+        settings.host,
+        settings.http_port,
+        endpoints(api),
+        guard,
+        limits=HttpLimits(settings.max_message_bytes, settings.http_header_timeout_s),
+        ssl_context=http_ssl_context(settings),
+    )

@@ -12,7 +12,7 @@ from prometheus_client import REGISTRY
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.httpserver import start_rest
+from ferry.core.rest_routes import start_rest
 from ferry.core.security import refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.store import Store
