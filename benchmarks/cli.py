@@ -18,8 +18,9 @@ import sys
 import time
 
 DEFAULT_SCENARIOS = "ort,floor,worker,gateway-nocache,gateway-hits"
-# Asked for by name: it starts a private redis-server (or uses --redis-url).
-EXTRA_SCENARIOS = "gateway-hits-redis"
+# Asked for by name: Redis starts a private redis-server (or uses --redis-url); the HTTP ones
+# send the same requests as gateway-nocache over the gateway's REST port (JSON or binary tensors).
+EXTRA_SCENARIOS = "gateway-hits-redis,gateway-http-json,gateway-http-binary"
 
 
 def _ints(text: str) -> list[int]:

@@ -16,6 +16,8 @@ from benchmarks.stats import (
     evaluate_targets,
     markdown_table,
     targets_table,
+    transport_ratios,
+    transport_table,
 )
 
 
@@ -39,7 +41,13 @@ def write_all(
     out_dir.mkdir(parents=True, exist_ok=True)
     targets = evaluate_targets(points)
     paths = {"json": out_dir / "results.json", "markdown": out_dir / "results.md"}
-    doc = {"meta": dict(meta), "points": list(points), "targets": targets, "soak": soak}
+    doc = {
+        "meta": dict(meta),
+        "points": list(points),
+        "targets": targets,
+        "transports": transport_ratios(combine_rounds(points)),
+        "soak": soak,
+    }
     paths["json"].write_text(json.dumps(_clean(doc), indent=2))
     # the table and the plot show one row per point: with several rounds, the median round
     table = combine_rounds(points)
@@ -73,6 +81,13 @@ def markdown(
         )
     if points:
         parts += ["## Results\n", markdown_table(points), "## Targets\n", targets_table(targets)]
+        transports = transport_ratios(points)
+        if transports:
+            parts += [
+                "## HTTP against gRPC through the gateway\n",
+                "Each HTTP point over the gRPC point (`gateway, cache off`) measured beside it.\n",
+                transport_table(transports),
+            ]
     if soak:
         growth = ", ".join(f"{k} {v * 100:+.1f}%" for k, v in soak.get("growth", {}).items())
         parts += [

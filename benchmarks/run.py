@@ -19,13 +19,15 @@ import psutil
 from benchmarks.loadgen import Window, closed_loop, in_process
 from benchmarks.models import BenchModel, prepare, session
 from benchmarks.procs import RedisServer, ServerProcess
-from benchmarks.stats import SCENARIOS
+from benchmarks.rest_client import RestStub
+from benchmarks.stats import HTTP_SCENARIOS, SCENARIOS
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client._channel import open_channel
 from ferry.client.inference import build_request
+from ferry.core.netutil import free_port
 
-GATEWAY_SCENARIOS = ("gateway-nocache", "gateway-hits", "gateway-hits-redis")
+GATEWAY_SCENARIOS = ("gateway-nocache", *HTTP_SCENARIOS, "gateway-hits", "gateway-hits-redis")
 HIT_SCENARIOS = ("gateway-hits", "gateway-hits-redis")
 REDIS_SCENARIO = "gateway-hits-redis"
 NEAR_CACHE_BYTES = 64 << 20  # the Redis gateway's near cache: what makes its hits in-process
@@ -64,6 +66,7 @@ class Servers:
         self.gateways: list[ServerProcess] = []
         self.redis_gateways: list[ServerProcess] = []  # gateway-hits-redis: Redis plus its near cache
         self.redis: RedisServer | None = None
+        self.http_port = 0  # the plain gateway's REST port, for the HTTP scenarios
 
     def _group(self, make: Callable[[str, bool], ServerProcess], count: int) -> list[ServerProcess]:
         """``count`` processes on one port: the first picks it, the others join with SO_REUSEPORT."""
@@ -124,17 +127,22 @@ class Servers:
             ]
 
     def _gateway(self, *extra: str) -> ServerProcess:
-        return ServerProcess.ferry(
+        http = free_port() if not self.http_port and set(self.cfg.scenarios) & set(HTTP_SCENARIOS) else 0
+        gateway = ServerProcess.ferry(
             "gateway",
             "gateway",
             "--workers",
             self.workers[0].address,
             "--port",
             "0",
+            "--http-port",
+            str(http),
             "--host",
             "127.0.0.1",
             *extra,
         ).start()
+        self.http_port = self.http_port or http
+        return gateway
 
     def _private_redis(self, timeout: float = 10.0) -> str:
         """A redis-server of the run's own on a free loopback port, no persistence."""
@@ -172,7 +180,7 @@ class Servers:
 
 def requests_for(model: BenchModel, scenario: str) -> list[pb.ModelInferRequest]:
     """Pre-built batch-1 requests, one per pool input; ``id`` is the input's index."""
-    params = {"ferry_cache": False} if scenario == "gateway-nocache" else None
+    params = {"ferry_cache": False} if scenario in ("gateway-nocache", *HTTP_SCENARIOS) else None
     return [
         build_request(model.name, {"input": model.pool[i : i + 1]}, parameters=params, request_id=str(i))
         for i in range(len(model.pool))
@@ -195,6 +203,13 @@ class Bench:
             self.models[name] = prepare(name, self.store, self.cfg.pool_size)
 
     def _stubs(self, scenario: str) -> list[Any]:
+        if scenario in HTTP_SCENARIOS:
+            key = f"http:{scenario}"
+            if key not in self.channels:
+                count = self.cfg.channels or 1
+                address = f"127.0.0.1:{self.servers.http_port}"
+                self.channels[key] = [RestStub(address, scenario.endswith("binary")) for _ in range(count)]
+            return self.channels[key]
         address = self.servers.address(scenario)
         if address not in self.channels:
             count = self.cfg.channels or max(1, self.cfg.worker_procs)

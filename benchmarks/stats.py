@@ -14,12 +14,25 @@ import numpy as np
 
 FLOOR = "floor"
 # Scenario names in report order.
-SCENARIOS = ("ort", "floor", "worker", "gateway-nocache", "gateway-hits", "gateway-hits-redis")
+SCENARIOS = (
+    "ort",
+    "floor",
+    "worker",
+    "gateway-nocache",
+    "gateway-http-json",
+    "gateway-http-binary",
+    "gateway-hits",
+    "gateway-hits-redis",
+)
+GRPC_BASELINE = "gateway-nocache"  # what the HTTP scenarios are compared with
+HTTP_SCENARIOS = ("gateway-http-json", "gateway-http-binary")
 SCENARIO_TITLES = {
     "ort": "in-process ORT (limit)",
     "floor": "transport floor",
     "worker": "worker direct",
     "gateway-nocache": "gateway, cache off",
+    "gateway-http-json": "gateway, cache off, HTTP JSON",
+    "gateway-http-binary": "gateway, cache off, HTTP binary",
     "gateway-hits": "gateway, all hits",
     "gateway-hits-redis": "gateway, all hits, Redis",
 }
@@ -284,3 +297,40 @@ def all_checked(points: Sequence[Mapping[str, Any]]) -> bool:
         p.get("errors", 0) == 0 and p.get("wrong", 0) == 0 and p.get("checked", 0) == p.get("requests", -1)
         for p in points
     )
+
+
+def transport_ratios(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """HTTP against gRPC through the gateway, at each model and concurrency of this run: each HTTP
+    scenario's throughput and p50 over those of ``gateway-nocache`` measured beside it."""
+    idx = _index(points)
+    out: list[dict[str, Any]] = []
+    for (model, scenario, c), p in sorted(idx.items()):
+        base = idx.get((model, GRPC_BASELINE, c))
+        if scenario not in HTTP_SCENARIOS or base is None or not base["throughput"]:
+            continue
+        out.append(
+            {
+                "model": model,
+                "scenario": scenario,
+                "concurrency": c,
+                "throughput_ratio": p["throughput"] / base["throughput"],
+                "p50_ratio": p["p50_ms"] / base["p50_ms"] if base["p50_ms"] else math.nan,
+                "p50_ms": p["p50_ms"],
+                "grpc_p50_ms": base["p50_ms"],
+            }
+        )
+    return out
+
+
+def transport_table(ratios: Sequence[Mapping[str, Any]]) -> str:
+    lines = [
+        "| model | c | HTTP scenario | req/s vs gRPC | p50 vs gRPC | p50 ms (HTTP / gRPC) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in ratios:
+        lines.append(
+            f"| {r['model']} | {r['concurrency']} | {SCENARIO_TITLES.get(r['scenario'], r['scenario'])} "
+            f"| {_f(r['throughput_ratio'])}x | {_f(r['p50_ratio'])}x "
+            f"| {_f(r['p50_ms'])} / {_f(r['grpc_p50_ms'])} |"
+        )
+    return "\n".join(lines) + "\n"
