@@ -48,6 +48,7 @@ _KSERVE = KSERVE_PREFIX
 _TRAINER = "/ferry.v1.Trainer/"
 _EXPORTER = "/ferry.v1.Exporter/"
 _ADMIN = "/ferry.v1.GatewayAdmin/"
+METRICS_METHOD = "/ferry.v1.Http/Metrics"
 
 OPEN_METHODS = frozenset({f"{_KSERVE}ServerLive", f"{_KSERVE}ServerReady", f"{_KSERVE}ServerMetadata"})
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
@@ -85,6 +86,8 @@ RULES: dict[str, Rule] = {
     f"{_KSERVE}CudaSharedMemoryUnregister": Rule((MODELS,), audit=True),
     f"{_ADMIN}ListWorkers": Rule((READ,)),
     f"{_ADMIN}CacheStats": Rule((READ,)),
+    # The REST port's Prometheus endpoint: no gRPC method, so it gets a name of its own.
+    METRICS_METHOD: Rule((READ,)),
     f"{_TRAINER}SubmitJob": Rule((TRAIN,), "name", audit=True),
     f"{_TRAINER}CancelJob": Rule((TRAIN,), "id", audit=True),
     f"{_TRAINER}UploadDataset": Rule((TRAIN,), "name", audit=True),

@@ -15,7 +15,7 @@ from typing import Any
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core import rest
-from ferry.core.auth import KSERVE_PREFIX
+from ferry.core.auth import KSERVE_PREFIX, METRICS_METHOD
 from ferry.core.errors import InvalidArgument, Unavailable
 from ferry.core.guard import Guard
 from ferry.core.httpserver import Endpoint, HttpCall, HttpLimits, HttpServer, Reply, json_reply, start_http
@@ -166,6 +166,11 @@ def endpoints(api: V2Api) -> list[Endpoint]:
         await api.cuda_shm_register(request, _info(call))
         return Reply()
 
+    async def prometheus(call: HttpCall) -> Reply:
+        from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+
+        return Reply(generate_latest(REGISTRY), content_type=CONTENT_TYPE_LATEST.split(";")[0])
+
     async def cuda_unregister(call: HttpCall) -> Reply:
         request = pb.CudaSharedMemoryUnregisterRequest(name=call.params.get("region", ""))
         await api.cuda_shm_unregister(request, _info(call))
@@ -201,10 +206,12 @@ def endpoints(api: V2Api) -> list[Endpoint]:
             ("GET", f"{base}/stats", "ModelStatistics", statistics, False),
             ("POST", f"{base}/infer", "ModelInfer", infer, True),
         ]
-    return [
+    endpoints = [
         Endpoint(method, path, KSERVE_PREFIX + rpc, handler, _model if targeted else None)
         for method, path, rpc, handler, targeted in routes
     ]
+    # Prometheus can scrape the REST port too (read role when keys are on), beside --metrics-port.
+    return [*endpoints, Endpoint("GET", "/metrics", METRICS_METHOD, prometheus)]
 
 
 async def start_rest(settings: Any, api: Any, guard: Guard) -> HttpServer | None:

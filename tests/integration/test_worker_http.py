@@ -166,6 +166,18 @@ def test_aio_client(worker: dict[str, Any], store: Path) -> None:
     np.testing.assert_allclose(asyncio.run(run()), ort_run(store / "models/mlp/1/model.onnx", x), atol=1e-5)
 
 
+def test_prometheus_metrics_share_the_rest_port(worker: dict[str, Any]) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", worker["port"], timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        resp = conn.getresponse()
+        text = resp.read().decode()
+    finally:
+        conn.close()
+    assert resp.status == 200 and resp.getheader("Content-Type", "").startswith("text/plain")
+    assert any(line.startswith("ferry_worker_in_flight ") for line in text.splitlines())
+
+
 def test_request_id_is_echoed(worker: dict[str, Any]) -> None:
     status, _, headers = call(worker, "GET", "/v2/health/live", x_request_id="trace-42")
     assert status == 200 and headers["x-request-id"] == "trace-42"
@@ -333,6 +345,8 @@ def test_keys_and_roles_over_http(secured: dict[str, Any]) -> None:
         403,
         {"error": "API key 'reader' lacks the role 'models' that RepositoryModelUnload needs"},
     )
+    assert call(secured, "GET", "/metrics")[0] == 401  # metrics need the read role when keys are on
+    assert call(secured, "GET", "/v2/models/stats", **reader)[0] == 200
     loader = {"Authorization": f"Bearer {KEYS['loader']}"}
     assert call(secured, "POST", "/v2/repository/models/mlp/load", "", **loader)[0] == 200
     audit = [json.loads(line) for line in secured["proc"].output().splitlines() if '"audit"' in line]
