@@ -31,8 +31,8 @@ from typing import Any
 import grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry.client._channel import translate
-from ferry.core.errors import DeadlineExceeded, FerryError, Unavailable
+from ferry.client._channel import error_reason, translate
+from ferry.core.errors import DeadlineExceeded, FerryError, ModelUnavailable, Unavailable
 from gateway import metrics
 from gateway.discovery import Discovery
 from gateway.hedging import HedgePolicy, LatencyWindow, RetryBudget, is_sequence
@@ -61,9 +61,10 @@ def broken_connection(err: grpc.aio.AioRpcError) -> bool:
 
 
 def worker_failed(err: grpc.aio.AioRpcError) -> bool:
-    """The worker or its connection failed, not the request: a broken connection whose message
-    is not the worker's own answer about a model (those start with "model ")."""
-    return broken_connection(err) and not (err.details() or "").startswith("model ")
+    """The worker or its connection failed, not the request: a broken connection that is not the
+    worker's own answer that a model cannot serve there (``ModelUnavailable``, told by its reason
+    in the trailing metadata, not by its wording)."""
+    return broken_connection(err) and error_reason(err) != ModelUnavailable.reason
 
 
 @dataclass

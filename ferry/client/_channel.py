@@ -17,7 +17,7 @@ from typing import Any, ParamSpec, TypeVar
 
 import grpc
 
-from ferry.core.errors import FerryError, error_for_status
+from ferry.core.errors import REASON_KEY, FerryError, error_for_status
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -92,8 +92,16 @@ def open_channel(
     return grpc.aio.insecure_channel(address, options=opts, interceptors=interceptors)
 
 
+def error_reason(err: grpc.aio.AioRpcError) -> str:
+    """The server's machine-readable refinement of the status (``ferry.core.errors.REASON_KEY``)."""
+    for key, value in err.trailing_metadata() or ():
+        if key == REASON_KEY:
+            return str(value)
+    return ""
+
+
 def translate(err: grpc.aio.AioRpcError) -> FerryError:
-    return error_for_status(err.code(), err.details() or err.code().name)
+    return error_for_status(err.code(), err.details() or err.code().name, error_reason(err))
 
 
 def translated(fn: Callable[P, Awaitable[T]]) -> Callable[P, Coroutine[Any, Any, T]]:

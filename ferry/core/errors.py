@@ -25,11 +25,17 @@ from __future__ import annotations
 
 import grpc
 
+# The trailing-metadata key that carries an error's ``reason``: a decision a caller acts on
+# (retry elsewhere or not) travels as data, never as a prefix of the message.
+REASON_KEY = "ferry-error-reason"
+
 
 class FerryError(Exception):
-    """Base of every error Ferry raises on purpose; ``code`` is what the caller sees."""
+    """Base of every error Ferry raises on purpose; ``code`` is what the caller sees, ``reason``
+    (when set) a machine-readable refinement sent beside it."""
 
     code: grpc.StatusCode = grpc.StatusCode.UNKNOWN
+    reason: str = ""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -54,6 +60,13 @@ class FailedPrecondition(FerryError):
 
 class Unavailable(FerryError):
     code = grpc.StatusCode.UNAVAILABLE
+
+
+class ModelUnavailable(Unavailable):
+    """The worker is fine but this model (or version) cannot serve here now: loading, unloading,
+    failed. A gateway does not count it against the worker's health."""
+
+    reason = "model-unavailable"
 
 
 class ResourceExhausted(FerryError):
@@ -103,9 +116,9 @@ _BY_CODE: dict[grpc.StatusCode, type[FerryError]] = {
 }
 
 
-def error_for_status(code: grpc.StatusCode, message: str) -> FerryError:
-    """The Ferry exception a client raises for a status a server answered."""
-    cls = _BY_CODE.get(code, FerryError)
+def error_for_status(code: grpc.StatusCode, message: str, reason: str = "") -> FerryError:
+    """The Ferry exception a client raises for a status (and reason) a server answered."""
+    cls = ModelUnavailable if reason == ModelUnavailable.reason else _BY_CODE.get(code, FerryError)
     err = cls(message)
     if cls is FerryError:
         err.code = code

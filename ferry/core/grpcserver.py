@@ -34,7 +34,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from ferry._proto._pool import POOL
-from ferry.core.errors import FerryError
+from ferry.core.errors import REASON_KEY, FerryError
 from ferry.core.guard import Guard, GuardInterceptor
 from ferry.core.interceptors import ServerInterceptor, WrappingInterceptor
 
@@ -62,6 +62,11 @@ def _abort_code(err: BaseException) -> tuple[grpc.StatusCode, str]:
     return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)"
 
 
+def _reason_metadata(err: BaseException) -> tuple[tuple[str, str], ...]:
+    reason = getattr(err, "reason", "") if isinstance(err, FerryError) else ""
+    return ((REASON_KEY, reason),) if reason else ()
+
+
 class ErrorInterceptor(WrappingInterceptor):
     """Maps ``FerryError`` to its status and anything unexpected to a generic INTERNAL."""
 
@@ -78,7 +83,7 @@ def _wrap_handler(handler: Handler) -> Handler:
                 raise
             except Exception as err:
                 code, message = _abort_code(err)
-                await context.abort(code, message)
+                await context.abort(code, message, trailing_metadata=_reason_metadata(err))
 
         return call
 
@@ -96,7 +101,7 @@ def _wrap_handler(handler: Handler) -> Handler:
                 raise
             except Exception as err:
                 code, message = _abort_code(err)
-                await context.abort(code, message)
+                await context.abort(code, message, trailing_metadata=_reason_metadata(err))
 
         return call
 

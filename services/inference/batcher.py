@@ -29,8 +29,8 @@ from ferry.core.errors import (
     FerryError,
     Internal,
     InvalidArgument,
+    ModelUnavailable,
     ResourceExhausted,
-    Unavailable,
 )
 from ferry.core.forming import FormingBatch
 from ferry.core.modelconfig import BatchingPolicy
@@ -150,7 +150,7 @@ class Batcher:
         """Queue a request; the future resolves to ``(outputs, timings)``. Synchronous on purpose:
         a caller that resolved this version enqueues before any switch can close it."""
         if self._closed:
-            raise Unavailable(f"model {self.label} is unloading; retry to reach the current version")
+            raise ModelUnavailable(f"model {self.label} is unloading; retry to reach the current version")
         if self._count >= self._policy.max_queue_size:
             raise ResourceExhausted(
                 f"queue of model {self.label} is full ({self._policy.max_queue_size} requests)"

@@ -24,7 +24,13 @@ from typing import Any
 from ferry.core import warmup
 from ferry.core.classify import read_labels
 from ferry.core.cpus import cpu_limit
-from ferry.core.errors import FailedPrecondition, FerryError, InvalidArgument, NotFound, Unavailable
+from ferry.core.errors import (
+    FailedPrecondition,
+    FerryError,
+    InvalidArgument,
+    ModelUnavailable,
+    NotFound,
+)
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
 from services.inference.batcher import Batcher
@@ -223,14 +229,16 @@ class Repository:
             raise NotFound(f"unknown model {name!r}")
         if not version:
             if not state.ready:
-                raise Unavailable(f"model {name!r} has no version ready ({self._why(state)})")
+                raise ModelUnavailable(f"model {name!r} has no version ready ({self._why(state)})")
             return state.ready[max(state.ready)]
         number = parse_version(version)
         if number in state.ready:
             return state.ready[number]
         if number in state.status:
             st, reason = state.status[number]
-            raise Unavailable(f"model {name!r} version {number} is {st}{': ' + reason if reason else ''}")
+            raise ModelUnavailable(
+                f"model {name!r} version {number} is {st}{': ' + reason if reason else ''}"
+            )
         raise NotFound(f"model {name!r} has no version {number}")
 
     @staticmethod

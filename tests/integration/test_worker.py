@@ -16,7 +16,7 @@ import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client.inference import InferenceClient, SyncInferenceClient, build_request
-from ferry.core.errors import DeadlineExceeded, InvalidArgument, NotFound, ResourceExhausted
+from ferry.core.errors import DeadlineExceeded, InvalidArgument, ModelUnavailable, NotFound, ResourceExhausted
 from tests.support.deps import require_module
 from tests.support.gate import HELD_ROWS, held_config, until_metric
 from tests.support.models import export_cnn, export_mlp, ort_run, publish
@@ -314,6 +314,17 @@ def test_deadline_expired_in_queue_is_not_run(worker: ServiceProcess) -> None:
     late, before, after = asyncio.run(run())
     assert isinstance(late, DeadlineExceeded)
     assert after - before == HELD_ROWS, "only the whole batch ran; the expired request left the queue"
+
+
+def test_an_unloaded_model_says_so_with_its_reason(
+    client: SyncInferenceClient, store: Path, onnx_files: dict[str, Path]
+) -> None:
+    publish(store, "gone", 1, onnx_files["mlp"])
+    client.load("gone")
+    client.unload("gone")
+    with pytest.raises(ModelUnavailable) as err:  # the reason travels in the trailing metadata
+        client.infer("gone", {"input": np.ones((1, 8), np.float32)})
+    assert err.value.message == "model 'gone' has no version ready (the model is not loaded)"
 
 
 def test_corrupt_model_does_not_stop_the_others(client: SyncInferenceClient) -> None:

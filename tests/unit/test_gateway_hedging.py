@@ -139,3 +139,20 @@ def test_a_cancelled_call_neither_fails_nor_heals_a_worker() -> None:
     router.started("a")
     router.finished("a", ok=None)
     assert router.endpoint("a").consecutive_failures == 1
+
+
+def test_a_worker_saying_a_model_cannot_serve_is_not_a_worker_failure() -> None:
+    """The decision rides on the reason in the trailing metadata, not on the message's wording."""
+    import grpc
+
+    from ferry.core.errors import REASON_KEY, ModelUnavailable
+    from gateway.upstream import worker_failed
+
+    def status(reason: str, details: str) -> grpc.aio.AioRpcError:
+        trailing = grpc.aio.Metadata(*(((REASON_KEY, reason),) if reason else ()))
+        return grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(), trailing, details)
+
+    assert not worker_failed(status(ModelUnavailable.reason, "model 'm' version 2 is LOADING"))
+    assert not worker_failed(status(ModelUnavailable.reason, "anything at all"))
+    assert worker_failed(status("", "model 'm' is not the point: the connection dropped"))
+    assert worker_failed(status("", "Connection reset by peer"))
