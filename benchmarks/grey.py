@@ -105,8 +105,8 @@ def start_fleet(store: Path, gateway_args: Sequence[str]) -> list[ServerProcess]
         workers = ",".join(p.address for p in procs)
         procs.append(
             ServerProcess.ferry(
-                "gateway", "gateway", "--workers", workers, "--port", "0", "--no-cache-enabled",
-                "--index-interval-s", "0.2", *gateway_args,
+                "gateway", "gateway", "--workers", workers, "--port", "0", "--http-port", "0",
+                "--no-cache-enabled", "--index-interval-s", "0.2", *gateway_args,
             ).start()
         )  # fmt: skip
     except BaseException:

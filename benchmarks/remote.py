@@ -1,6 +1,6 @@
 """Throughput through a running gateway vs straight to a running worker, in one run.
 
-    python -m benchmarks.remote --worker 127.0.0.1:8001 --gateway 127.0.0.1:8000 --model mlp \
+    python -m benchmarks.remote --worker 127.0.0.1:8011 --gateway 127.0.0.1:8001 --model mlp \
         --input-shape 1,8 --seconds 5 --concurrency 16
 
 Unlike ``ferry bench``, which starts its own servers, this measures a deployment that

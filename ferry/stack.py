@@ -10,9 +10,11 @@ number of times). Stopping sends SIGTERM to every child (gateway first, so no
 new work arrives), waits for them to drain, then kills what is left: no orphan
 survives ``ferry up``. That holds when the supervisor itself is killed (SIGKILL
 included): every child, redis-server too, is started with ``PR_SET_PDEATHSIG``
-armed, so the kernel kills it when the supervisor dies. Addresses are written to
-a state file for ``ferry status``; a state file left by a stack that died is
-reported (with its PID) and replaced, one whose stack still runs stops the start.
+armed, so the kernel kills it when the supervisor dies. The ports follow Triton's
+layout from ``--base-port``: the gateway's HTTP (KServe v2 REST) port on it, its gRPC
+port +1. Addresses are written to a state file for ``ferry status``; a state file
+left by a stack that died is reported (with its PID) and replaced, one whose stack
+still runs stops the start.
 """
 
 from __future__ import annotations
@@ -51,7 +53,9 @@ class UpSettings(ServiceSettings):
 
     host: str = Field("127.0.0.1", description="address every service binds")
     base_port: int = Field(
-        8000, description="gateway on it, trainer +2, exporter +3, workers +10.., redis +379; 0 = free ports"
+        8000,
+        description="gateway HTTP on it, gateway gRPC +1, trainer +2, exporter +3, workers +10.., "
+        "redis +379; 0 = free ports",
     )
     workers: int = Field(2, ge=1, description="number of inference worker processes")
     store: str = Field(".ferry/store", description="model store shared by every service")
@@ -149,6 +153,9 @@ class Stack:
         self._redis: asyncio.subprocess.Process | None = None
         self._watchers: list[asyncio.Task[None]] = []
         self.secrets: Secrets | None = make_secrets(settings.secrets_dir) if settings.secure else None
+        # The gateway's REST port: --http-port 0 means off, so with free ports the supervisor
+        # picks one itself (like the private redis-server's).
+        self.http_port = self._port(0) or free_port(settings.host)
         Path(settings.log_dir).mkdir(parents=True, exist_ok=True)
 
     # --- planning -----------------------------------------------------------------------------
@@ -157,7 +164,12 @@ class Stack:
         return self.s.base_port + offset if self.s.base_port else 0
 
     def planned_ports(self) -> dict[str, int]:
-        ports = {"gateway": self._port(0), "trainer": self._port(2), "exporter": self._port(3)}
+        ports = {
+            "gateway-http": self._port(0),
+            "gateway": self._port(1),
+            "trainer": self._port(2),
+            "exporter": self._port(3),
+        }
         ports.update({f"worker-{i + 1}": self._port(10 + i) for i in range(self.s.workers)})
         if self._wants_private_redis():
             ports["redis"] = self._port(379)
@@ -263,7 +275,10 @@ class Stack:
                 ),
             )
             workers = ",".join(c.address for n, c in self.children.items() if n.startswith("worker-"))
-            gateway_args = ["--host", self.s.host, "--port", str(self._port(0)), "--workers", workers]
+            gateway_args = [
+                "--host", self.s.host, "--port", str(self._port(1)), "--http-port", str(self.http_port),
+                "--workers", workers,
+            ]  # fmt: skip
             if self.redis_url:
                 gateway_args += ["--redis-url", self.redis_url]
             await self._start_child("gateway", self._serve_argv("gateway", *gateway_args))
@@ -410,8 +425,19 @@ class Stack:
         key = self.secrets.admin_key if kind == "admin" else self.secrets.infer_key
         return {"api_key": key, "root_certificates": self.secrets.ca.read_bytes(), "tls": True}
 
+    def http_url(self) -> str:
+        """The gateway's KServe v2 REST port, as a URL (https with --secure)."""
+        scheme = "https" if self.secrets is not None else "http"
+        return f"{scheme}://127.0.0.1:{self.http_port}"
+
     def addresses(self) -> dict[str, str]:
-        out = {name: child.address for name, child in self.children.items()}
+        """Each service's address; "gateway" is its gRPC port (what the CLI uses), "gateway-http"
+        its REST port's URL."""
+        out: dict[str, str] = {}
+        for name, child in self.children.items():
+            out[name] = child.address
+            if name == "gateway":
+                out["gateway-http"] = self.http_url()
         if self.redis_url:
             out["redis"] = self.redis_url
         return out

@@ -1,7 +1,9 @@
 """``ferry serve gateway``: wire discovery, router, cache, data plane and servicers into a server.
 
-ferry serve gateway --workers 10.0.0.5:8001,10.0.0.6:8001 --redis-url redis://redis:6379/0 --port 8000
-ferry serve gateway --workers-dns ferry-workers.default.svc.cluster.local:8001 --port 8000
+ferry serve gateway --workers 10.0.0.5:8001,10.0.0.6:8001 --redis-url redis://redis:6379/0 --port 8001
+ferry serve gateway --workers-dns ferry-workers.default.svc.cluster.local:8001 --port 8001 --http-port 8000
+
+gRPC on --port (8001), KServe v2 REST on --http-port (8000; 0 = off): Triton's layout.
 """
 
 from __future__ import annotations

@@ -18,8 +18,14 @@ class GatewaySettings(SecuritySettings, RestSettings):
         env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True, populate_by_name=True
     )
 
-    host: str = Field("127.0.0.1", description="address the gRPC port binds; 0.0.0.0 in a container")
-    port: int = Field(8000, description="gRPC port (0 picks a free one)")
+    host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind; 0.0.0.0 in a container")
+    port: int = Field(8001, description="gRPC port (0 picks a free one); HTTP is http_port")
+    http_port: int = Field(
+        8000,
+        ge=0,
+        le=65535,
+        description="KServe v2 REST port beside the gRPC port (docs/http.md); 0 = off",
+    )
     workers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="static worker addresses host:port"
     )

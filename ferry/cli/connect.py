@@ -21,7 +21,8 @@ from typing import Any
 from ferry.core.errors import InvalidArgument
 
 STATE_FILE = ".ferry/stack.json"
-DEFAULT_PORTS = {"gateway": 8000, "trainer": 8002, "exporter": 8003}
+# gRPC ports (what the CLI speaks); the gateway's HTTP port is 8000, Triton's layout (docs/deployment.md).
+DEFAULT_PORTS = {"gateway": 8001, "trainer": 8002, "exporter": 8003}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 ``up`` starts every service (see ``ferry.stack``), builds the demo model on the
 first run and keeps serving until Ctrl-C or SIGTERM. ``demo`` does the same, then
 classifies the digits test split through the gateway, prints accuracy and
-latency, and stops. ``status`` asks each service of a running stack for its health.
+latency, and stops. ``status`` asks each service of a running stack for its health (the
+gateway's REST port over HTTP, ``/v2/health/ready``; Redis with PING; the rest over gRPC health).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ async def _stack_main(
         if stack.secrets is not None:
             _say_secrets(stack.secrets)
         for name, address in stack.addresses().items():
-            _say(f"  {name:<10} {address}")
+            _say(f"  {name:<12} {address}")
         if build_demo:
             store = Store(settings.store)
             addresses = stack.addresses()
@@ -94,8 +95,11 @@ async def _stack_main(
                     f"(model '{DEMO_MODEL}' v{result.model_version})"
                 )
         if keep_running:
-            gateway = stack.addresses()["gateway"]
-            _say(f"ferry up: serving; the gateway is at {gateway}. Ctrl-C stops everything.")
+            addresses = stack.addresses()
+            _say(
+                f"ferry up: serving; the gateway is at {addresses['gateway']} (gRPC) and "
+                f"{addresses['gateway-http']} (HTTP). Ctrl-C stops everything."
+            )
             await stop.wait()
     finally:
         _say("ferry up: stopping every service")
@@ -124,9 +128,11 @@ def _status(args: argparse.Namespace) -> int:
     ca = (state.get("secure") or {}).get("ca")
     creds = grpc.ssl_channel_credentials(Path(ca).read_bytes()) if ca else None
     healthy = True
-    print(f"{'service':<10} {'address':<28} health")
+    print(f"{'service':<12} {'address':<28} health")
     for name, address in state["services"].items():
-        if name == "redis":
+        if address.startswith(("http://", "https://")):
+            health = _http_health(address, ca)
+        elif name == "redis":
             host, _, port = address.removeprefix("redis://").partition("/")[0].rpartition(":")
             try:
                 with socket.create_connection((host, int(port)), 1) as s:
@@ -145,5 +151,23 @@ def _status(args: argparse.Namespace) -> int:
             except grpc.RpcError:
                 health = "DOWN"
         healthy &= health == "SERVING"
-        print(f"{name:<10} {address:<28} {health}")
+        print(f"{name:<12} {address:<28} {health}")
     return 0 if healthy else 1
+
+
+def _http_health(url: str, ca: str | None) -> str:
+    """A KServe v2 REST port's readiness: 200 from ``/v2/health/ready`` is SERVING (no key needed)."""
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    handlers: list[urllib.request.BaseHandler] = [urllib.request.ProxyHandler({})]  # a local port
+    if url.startswith("https://"):
+        handlers.append(urllib.request.HTTPSHandler(context=ssl.create_default_context(cafile=ca)))
+    try:
+        with urllib.request.build_opener(*handlers).open(f"{url}/v2/health/ready", timeout=2) as reply:
+            return "SERVING" if reply.status == 200 else "NOT_SERVING"
+    except urllib.error.HTTPError:
+        return "NOT_SERVING"
+    except (OSError, ValueError):
+        return "DOWN"

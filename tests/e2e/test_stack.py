@@ -32,6 +32,12 @@ def test_status_shows_every_service_serving(stack: RunningStack) -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     for name in ("gateway", "trainer", "exporter", "worker-1", "worker-2"):
         assert re.search(rf"^{name}\s+127\.0\.0\.1:\d+\s+SERVING$", result.stdout, re.M), result.stdout
+    # the gateway's KServe v2 REST port beside its gRPC port, on a port of its own
+    assert re.search(r"^gateway-http\s+http://127\.0\.0\.1:\d+\s+SERVING$", result.stdout, re.M), (
+        result.stdout
+    )
+    services = json.loads(Path(stack.state_file).read_text())["services"]
+    assert services["gateway-http"] != f"http://{services['gateway']}"
     # redis-server is a dev dependency: the stack must have started its private one, not fallen back
     assert re.search(r"^redis\s+redis://127\.0\.0\.1:\d+/0\s+SERVING$", result.stdout, re.M), result.stdout
     assert "result cache: private redis-server at redis://127.0.0.1:" in "".join(stack.lines)
@@ -43,6 +49,17 @@ def test_infer_prints_top_classes(stack: RunningStack, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("row ")]
     assert len(rows) == 2 and rows[0].count("class ") == 3
+
+
+def test_the_gateway_answers_kserve_v2_rest_on_its_http_port(stack: RunningStack) -> None:
+    """`ferry up` opens the gateway's REST port: a tritonclient.http infer through it."""
+    import tritonclient.http as th
+
+    url = json.loads(Path(stack.state_file).read_text())["services"]["gateway-http"]
+    client = th.InferenceServerClient(url.removeprefix("http://"))
+    x = th.InferInput("input", [1, 1, 8, 8], "FP32")
+    x.set_data_from_numpy(np.ones((1, 1, 8, 8), np.float32))
+    assert client.infer("cnn", [x]).as_numpy("output").shape == (1, 10)
 
 
 def test_infer_json_outputs(stack: RunningStack, tmp_path: Path) -> None:
@@ -80,7 +97,8 @@ def test_up_refuses_a_taken_port_and_leaves_nothing(tmp_path: Path) -> None:
         )
         _out, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert f"gateway port {port} (held by pid {os.getpid()})" in err and "already in use" in err
+    # --base-port is the gateway's HTTP port (its gRPC port is +1, Triton's layout)
+    assert f"gateway-http port {port} (held by pid {os.getpid()})" in err and "already in use" in err
     assert not (tmp_path / "stack.json").exists()
 
 

@@ -156,7 +156,7 @@ def test_healthcheck_speaks_mutual_tls(tmp_path: Path, capsys: pytest.CaptureFix
 def _image_process(service: str, store: Path, workers: str = "") -> tuple[Any, list[str]]:
     """The CPU image of ``service`` as a local process: its ENTRYPOINT and ENV, bound to loopback on
     free ports with a temp store; returns it (not started) and its HEALTHCHECK argv."""
-    from tests.support.procs import ServiceProcess
+    from tests.support.procs import ServiceProcess, free_port
 
     chain = _chain(DOCKER / "Dockerfile", service)
     entry = json.loads(next(v for k, v in chain if k == "ENTRYPOINT"))
@@ -164,6 +164,8 @@ def _image_process(service: str, store: Path, workers: str = "") -> tuple[Any, l
     env = {k: v for k, v in _env_of(chain).items() if k.startswith("FERRY_")}
     prefix = SERVICES[service][1]
     env |= {f"{prefix}HOST": "127.0.0.1", f"{prefix}PORT": "0", f"{prefix}METRICS_PORT": "0"}
+    if f"{prefix}HTTP_PORT" in env:  # the gateway's REST port (0 is off, not a free one)
+        env[f"{prefix}HTTP_PORT"] = str(free_port())
     if f"{prefix}STORE" in env:
         env[f"{prefix}STORE"] = str(store)
     if service == "gateway":

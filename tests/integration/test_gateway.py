@@ -64,6 +64,8 @@ def start_gateway(
         "127.0.0.1",
         "--index-interval-s",
         "0.2",
+        "--http-port",  # off: many gateways run at once; a caller's own --http-port (later) wins
+        "0",
         *extra,
         env=env,
     ).start()
@@ -642,6 +644,8 @@ def test_dns_discovery_and_prometheus_metrics(cluster: dict[str, Any]) -> None:
         "--dns-interval-s",
         "0.5",
         "--port",
+        "0",
+        "--http-port",
         "0",
         "--host",
         "127.0.0.1",

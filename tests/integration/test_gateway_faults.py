@@ -242,6 +242,8 @@ def test_no_healthy_worker_is_unavailable_with_a_message() -> None:
             nobody,
             "--port",
             "0",
+            "--http-port",
+            "0",
             "--host",
             "127.0.0.1",
             "--startup-wait-s",

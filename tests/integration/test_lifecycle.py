@@ -248,6 +248,8 @@ def test_a_gateway_sigtermed_under_load_loses_no_request_and_exits_0(slow_worker
         slow_worker.address,
         "--port",
         "0",
+        "--http-port",
+        "0",
         "--metrics-port",
         str(metrics_port),
         "--max-connection-age-s",

@@ -108,8 +108,9 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
             "worker", "--store", str(root), *common, "--poll-interval-s", "0.2", env=env
         ).start()
         procs["gateway"] = ServiceProcess.serve(
-            "gateway", "--workers", procs["worker"].address, "--worker-api-key", secret("gateway"), *common
-        ).start()
+            "gateway", "--workers", procs["worker"].address, "--worker-api-key", secret("gateway"), *common,
+            "--http-port", "0",
+        ).start()  # fmt: skip
         procs["trainer"] = ServiceProcess.serve(
             "trainer", "--store", str(root), *common, "--threads-per-job", "1",
             "--allowed-factories", HOSTILE, "--start-timeout-s", "8", "--max-queued-jobs-per-key", "1",

@@ -46,11 +46,14 @@ NAMESPACE = "ferry"
 
 # service -> (settings class, env prefix, gRPC port, metrics port)
 SERVICES = {
-    "gateway": ("gateway.settings:GatewaySettings", "FERRY_GATEWAY_", 8000, 9100),
+    "gateway": ("gateway.settings:GatewaySettings", "FERRY_GATEWAY_", 8001, 9100),
     "worker": ("services.inference.settings:WorkerSettings", "FERRY_WORKER_", 8001, 9101),
     "trainer": ("services.trainer.settings:TrainerSettings", "FERRY_TRAINER_", 8002, 9102),
     "exporter": ("services.exporter.settings:ExporterSettings", "FERRY_EXPORTER_", 8003, 9103),
 }
+# service -> its KServe v2 REST port where the images and manifests open one: the gateway's, beside
+# its gRPC port (Triton's layout, HTTP 8000 + gRPC 8001); a worker's REST port is off by default.
+HTTP_PORTS = {"gateway": 8000}
 # Dockerfile -> the service targets it builds.
 DOCKERFILES = {
     "Dockerfile": ["gateway", "worker", "trainer", "exporter"],

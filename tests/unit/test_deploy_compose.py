@@ -17,6 +17,7 @@ from tests.unit.deploy_support import (
     COMPOSE_GPU,
     COMPOSE_TLS,
     HEALTHCHECK_SCRIPT,
+    HTTP_PORTS,
     REDIS_TAG,
     ROOT,
     SERVICES,
@@ -86,7 +87,7 @@ def test_compose_gateway_routes_to_both_workers_and_redis() -> None:
     assert env["FERRY_GATEWAY_REDIS_URL"] == f"redis://:{password}@redis:6379/0"
     for dep in [*workers, "redis"]:
         assert gateway["depends_on"][dep]["condition"] == "service_healthy"
-    assert gateway["ports"] == ["127.0.0.1:8000:8000"]
+    assert gateway["ports"] == ["127.0.0.1:8000:8000", "127.0.0.1:8001:8001"]  # HTTP, gRPC
 
 
 def test_compose_builds_existing_targets() -> None:
@@ -148,6 +149,7 @@ def test_compose_environment_names_real_settings(service: str, monkeypatch: pyte
         assert settings.host == "0.0.0.0", name
         assert settings.port == SERVICES[service][2], name
         assert settings.metrics_port == SERVICES[service][3], name
+        assert getattr(settings, "http_port", 0) == HTTP_PORTS.get(service, 0), name
 
 
 def _redis_args(command: list[str]) -> dict[str, list[str]]:
@@ -203,15 +205,19 @@ def test_compose_sets_a_memory_limit_on_every_service() -> None:
 
 
 def test_compose_publishes_what_the_cli_needs_on_loopback_only() -> None:
-    """The CLI reaches the gateway, the trainer and the exporter; nothing listens beyond 127.0.0.1."""
-    published = {}
+    """The CLI reaches the gateway, the trainer and the exporter (gRPC), HTTP clients the gateway's
+    REST port; nothing listens beyond 127.0.0.1, and each port keeps its number on the host."""
+    published: dict[str, set[int]] = {}
     for name, (service, svc) in ferry_services(compose_doc()).items():
         for mapping in svc.get("ports", []):
             host, host_port, container_port = mapping.split(":")
             assert host == "127.0.0.1", f"{name}: {mapping}"
-            assert int(container_port) == SERVICES[service][2], f"{name}: {mapping}"
-            published[service] = int(host_port)
-    assert published == {s: SERVICES[s][2] for s in ("gateway", "trainer", "exporter")}
+            assert host_port == container_port, f"{name}: {mapping}"
+            published.setdefault(service, set()).add(int(container_port))
+    grpc = {s: {SERVICES[s][2]} for s in ("gateway", "trainer", "exporter")}
+    assert published == {
+        s: ports | ({HTTP_PORTS[s]} if s in HTTP_PORTS else set()) for s, ports in grpc.items()
+    }
 
 
 def test_compose_images_come_from_one_registry_variable() -> None:

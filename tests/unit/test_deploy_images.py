@@ -15,6 +15,7 @@ from tests.unit.deploy_support import (
     DOCKER,
     DOCKERFILES,
     HEALTHCHECK_SCRIPT,
+    HTTP_PORTS,
     ROOT,
     SERVICES,
     check_settings_env,
@@ -80,6 +81,10 @@ def test_image_target_is_multi_stage_non_root_and_checks_its_health(dockerfile: 
     assert entry == ["ferry", "serve", service]
     expose = " ".join(v for k, v in chain if k == "EXPOSE").split()
     assert str(port) in expose and str(SERVICES[service][3]) in expose
+    if service in HTTP_PORTS:  # the KServe v2 REST port beside the gRPC one
+        assert env[f"{prefix}HTTP_PORT"] == str(HTTP_PORTS[service]) and str(HTTP_PORTS[service]) in expose
+    else:
+        assert f"{prefix}HTTP_PORT" not in env, service
 
 
 # What each image's extra leaves out: importing one of these in `ferry serve <service>` would crash
@@ -110,6 +115,8 @@ def test_image_environment_names_real_settings(service: str, monkeypatch: pytest
             env = dockerfile_env(target_chain(DOCKER / dockerfile, service))
             settings = check_settings_env(service, env, monkeypatch)
             assert settings.metrics_port == SERVICES[service][3]
+            assert settings.port == SERVICES[service][2]
+            assert getattr(settings, "http_port", 0) == HTTP_PORTS.get(service, 0)
 
 
 @pytest.mark.parametrize("dockerfile", sorted(DOCKERFILES))

@@ -21,6 +21,7 @@ from tests.unit.deploy_support import (
     DEPLOY,
     DOCKERFILES,
     HEALTHCHECK_SCRIPT,
+    HTTP_PORTS,
     K8S_VERSIONS,
     KUSTOMIZE_DIRS,
     NAMESPACE,
@@ -117,6 +118,9 @@ def test_ferry_probes_ask_grpc_health_on_the_serving_port(overlay: str) -> None:
         port = SERVICES[service][2]
         assert int(env[f"{SERVICES[service][1]}PORT"]) == port, service
         assert {"name": "grpc", "containerPort": port} in container["ports"], service
+        if service in HTTP_PORTS:  # the REST port beside it; the probes stay on gRPC
+            assert int(env[f"{SERVICES[service][1]}HTTP_PORT"]) == HTTP_PORTS[service], service
+            assert {"name": "http", "containerPort": HTTP_PORTS[service]} in container["ports"], service
         for probe_name in PROBES:
             probe = container[probe_name]
             if service in tls_services:
@@ -254,6 +258,15 @@ def test_kubernetes_environment_names_real_settings(
     assert settings.host == "0.0.0.0"
     assert settings.port == SERVICES[service][2]
     assert settings.metrics_port == SERVICES[service][3]
+    assert getattr(settings, "http_port", 0) == HTTP_PORTS.get(service, 0)
+
+
+def test_the_gateway_service_exposes_http_8000_and_grpc_8001() -> None:
+    """Triton's layout on the ClusterIP Service: KServe v2 REST on 8000, gRPC on 8001."""
+    ports = {p["name"]: p for p in by_kind(render("base"), "Service")["ferry-gateway"]["spec"]["ports"]}
+    assert ports["http"]["port"] == HTTP_PORTS["gateway"] == 8000 and ports["http"]["targetPort"] == "http"
+    assert ports["grpc"]["port"] == SERVICES["gateway"][2] == 8001 and ports["grpc"]["targetPort"] == "grpc"
+    assert ports["grpc"]["appProtocol"] == "grpc"
 
 
 PRODUCTION = sorted(set(KUSTOMIZE_DIRS) - {"base"})

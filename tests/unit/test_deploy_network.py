@@ -86,8 +86,9 @@ def _policies(overlay: str) -> list[dict[str, Any]]:
 
 # (source, destination, port) -> may it connect? Every path Ferry needs, and the ones it must not have.
 PATHS = [
-    (CLIENT, GATEWAY, 8000, True),
-    (OPERATOR, GATEWAY, 8000, True),
+    (CLIENT, GATEWAY, 8000, True),  # the gateway's KServe v2 REST port
+    (CLIENT, GATEWAY, 8001, True),  # and its gRPC port
+    (OPERATOR, GATEWAY, 8001, True),
     (GATEWAY, WORKER, 8001, True),
     (GATEWAY, REDIS, 6379, True),
     (OPERATOR, TRAINER, 8002, True),
