@@ -18,7 +18,7 @@ import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import translate
 from ferry.core.errors import FerryError, InvalidArgument, NotFound, Unavailable, Unimplemented
-from ferry.core.v2api import CallInfo
+from ferry.core.v2api import CallInfo, stream_answers
 from gateway.aggregate import merge_index, merge_statistics
 from gateway.dataplane import DataPlane
 from gateway.discovery import READY, Discovery, Worker, latest_ready
@@ -26,6 +26,7 @@ from gateway.upstream import Upstream
 
 EXTENSIONS = ["model_repository", "statistics", "ferry_gateway", "ferry_result_cache"]
 FANOUT_TIMEOUT_S = 10.0
+STREAM_MAX_INFLIGHT = 256  # requests of one ModelStreamInfer stream in flight at once
 # Triton's shared-memory tensor parameters: a region lives on one host, the gateway's callers on
 # another, so the gateway refuses them by name instead of forwarding a request no worker can read.
 SHM_PARAMS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
@@ -124,61 +125,18 @@ class GatewayApi:
         refuse_shm(request)
         return await self.dataplane.infer(request, deadline_of(call, self.default_timeout_s), call.request_id)
 
-    async def stream(
+    def stream(
         self, request_iterator: AsyncIterator[pb.ModelInferRequest], call: CallInfo
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Requests of one stream run concurrently (and coalesce); answers come as they finish."""
-        rid = call.request_id
-        results: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        tasks: set[asyncio.Task[None]] = set()
 
-        async def one(req: pb.ModelInferRequest, n: int) -> None:
-            try:
-                refuse_shm(req)
-                resp = await self.dataplane.infer(
-                    req, deadline_of(call, self.default_timeout_s), f"{rid}.{n}"
-                )
-                answer = pb.ModelStreamInferResponse()
-                if isinstance(resp, bytes):  # a cache hit, already serialized
-                    answer.infer_response.MergeFromString(resp)
-                else:
-                    answer.infer_response.CopyFrom(resp)
-                await results.put(answer)
-            except FerryError as err:
-                await results.put(
-                    pb.ModelStreamInferResponse(
-                        error_message=err.message,
-                        infer_response=pb.ModelInferResponse(
-                            id=req.id, model_name=req.model_name, model_version=req.model_version
-                        ),
-                    )
-                )
+        started = time.monotonic()
 
-        async def feed() -> None:
-            n = 0
-            try:
-                async for req in request_iterator:
-                    task = asyncio.ensure_future(one(req, n))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                    n += 1
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                await results.put(None)  # the answer loop ends even when reading the stream failed
+        async def answer(request: pb.ModelInferRequest, n: int) -> pb.ModelInferResponse | bytes:
+            left = None if call.time_remaining is None else call.time_remaining - (time.monotonic() - started)
+            return await self.infer(request, CallInfo(f"{call.request_id}.{n}", left))
 
-        feeder = asyncio.ensure_future(feed())
-        try:
-            while True:
-                item = await results.get()
-                if item is None:
-                    break
-                yield item
-            await feeder
-        finally:
-            feeder.cancel()
-            for task in list(tasks):
-                task.cancel()
+        return stream_answers(request_iterator, answer, STREAM_MAX_INFLIGHT)
 
     # -- fan-out to every healthy worker ---------------------------------------------------------
     async def _fanout(self, invoke: Callable[[Worker], Awaitable[Any]]) -> tuple[list[Any], list[FerryError]]:

@@ -8,9 +8,10 @@ same thing whichever way it arrives and each rule lives in one place.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -88,6 +89,67 @@ class V2Api(Protocol):
     async def cuda_shm_unregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, call: CallInfo
     ) -> None: ...
+
+
+Answer = Callable[[pb.ModelInferRequest, int], Awaitable[pb.ModelInferResponse | bytes]]
+
+
+async def stream_answers(
+    requests: AsyncIterator[pb.ModelInferRequest], answer: Answer, max_inflight: int
+) -> AsyncIterator[pb.ModelStreamInferResponse]:
+    """ModelStreamInfer for any data plane: ``answer(request, n)`` runs as its own task for each
+    request, at most ``max_inflight`` at once (reading the stream waits beyond that, so flow
+    control pushes back on the client), so a stream's requests batch like unary calls. Answers
+    come as they finish, each with its request's id; a failed request becomes that answer's
+    ``error_message`` (the one mapping the error interceptor uses) and the stream goes on."""
+    from ferry.core.grpcserver import _abort_code as error_status
+
+    answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+    slots = asyncio.Semaphore(max(1, max_inflight))
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def one(request: pb.ModelInferRequest, n: int) -> None:
+        try:
+            response = await answer(request, n)
+        except Exception as err:
+            _, message = error_status(err)
+            failed = pb.ModelInferResponse(
+                model_name=request.model_name, model_version=request.model_version, id=request.id
+            )
+            answers.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
+        else:
+            out = pb.ModelStreamInferResponse()
+            if isinstance(response, bytes):  # a cache hit, kept serialized
+                out.infer_response.MergeFromString(response)
+            else:
+                out.infer_response.CopyFrom(response)
+            answers.put_nowait(out)
+        finally:
+            slots.release()
+
+    async def feed() -> None:
+        try:
+            n = 0
+            async for request in requests:
+                await slots.acquire()
+                task = asyncio.ensure_future(one(request, n))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                n += 1
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+        finally:
+            answers.put_nowait(None)  # the answer loop ends even when reading the stream failed
+
+    feeder = asyncio.ensure_future(feed())
+    try:
+        while (item := await answers.get()) is not None:
+            yield item
+        await feeder
+    finally:
+        feeder.cancel()
+        for task in list(tasks):
+            task.cancel()
 
 
 def call_info(context: Context) -> CallInfo:

@@ -9,7 +9,6 @@ status in one place.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -22,9 +21,8 @@ from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
 from ferry.core.errors import FerryError, Unimplemented
-from ferry.core.grpcserver import _abort_code as error_status
 from ferry.core.params import int_param
-from ferry.core.v2api import CallInfo
+from ferry.core.v2api import CallInfo, stream_answers
 from ferry.core.validation import accept_request
 from services.inference.load_params import config_param, version_param
 from services.inference.metrics import WorkerMetrics
@@ -175,51 +173,15 @@ class WorkerDataPlane:
                 add_output(response, name, value)
         return response
 
-    async def stream(
+    def stream(
         self, requests: AsyncIterator[pb.ModelInferRequest], call: CallInfo
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Each request runs as its own task, at most ``stream_max_inflight`` at once (reading
-        the stream waits beyond that, so flow control pushes back on the client). A failed
-        request becomes that answer's ``error_message`` and the stream goes on."""
-        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
-        slots = asyncio.Semaphore(self.stream_max_inflight)
-        tasks: set[asyncio.Task[None]] = set()
+        """A stream's requests run concurrently, at most ``stream_max_inflight`` at once."""
 
-        async def one(request: pb.ModelInferRequest) -> None:
-            try:
-                response = await self.infer(request, CallInfo(call.request_id))
-            except Exception as err:
-                # The one mapping the error interceptor uses: a Ferry error's message, anything
-                # else a generic one with an incident id (details in the log only).
-                _, message = error_status(err)
-                failed = pb.ModelInferResponse(model_name=request.model_name, id=request.id)
-                answers.put_nowait(pb.ModelStreamInferResponse(error_message=message, infer_response=failed))
-            else:
-                answers.put_nowait(pb.ModelStreamInferResponse(infer_response=response))
-            finally:
-                slots.release()
+        async def answer(request: pb.ModelInferRequest, n: int) -> pb.ModelInferResponse:
+            return await self.infer(request, CallInfo(f"{call.request_id}.{n}"))
 
-        async def feed() -> None:
-            try:
-                async for request in requests:
-                    await slots.acquire()
-                    task = asyncio.ensure_future(one(request))
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-                while tasks:
-                    await asyncio.gather(*list(tasks), return_exceptions=True)
-            finally:
-                answers.put_nowait(None)  # the answer loop ends even when reading the stream failed
-
-        feeder = asyncio.ensure_future(feed())
-        try:
-            while (answer := await answers.get()) is not None:
-                yield answer
-            await feeder
-        finally:
-            feeder.cancel()
-            for task in list(tasks):
-                task.cancel()
+        return stream_answers(requests, answer, self.stream_max_inflight)
 
     # -- repository ---------------------------------------------------------------------------
 
