@@ -201,6 +201,23 @@ class Batcher:
             queue.popleft()
             self._count -= 1
 
+    def _expire(self, queue: deque[Pending]) -> None:
+        """Fail every queued request whose deadline has passed, wherever it waits in the queue."""
+        now = time.monotonic()
+        keep: list[Pending] = []
+        for p in queue:
+            if p.future.done():
+                self._count -= 1
+            elif p.deadline is not None and now >= p.deadline:
+                p.future.set_exception(
+                    DeadlineExceeded(f"request to model {self.label} expired in the queue before it ran")
+                )
+                self._count -= 1
+            else:
+                keep.append(p)
+        queue.clear()
+        queue.extend(keep)
+
     async def _dispatch(self) -> None:
         while True:
             queue = self._queued()
@@ -224,12 +241,19 @@ class Batcher:
                 self._max_rows,
             )
             if wait > 0 and not (self._closed or self._flushing):
+                soonest = _soonest_deadline(queue)
+                expires = soonest is not None and soonest - time.monotonic() < wait
+                if expires:  # a queued request's deadline comes first: wake for it, not later
+                    wait = max(0.0, soonest - time.monotonic())  # type: ignore[operator]
                 self._wakeup.clear()
                 try:
                     await asyncio.wait_for(self._wakeup.wait(), wait)
                 except TimeoutError:
                     pass
                 else:
+                    continue
+                if expires:
+                    self._expire(queue)
                     continue
                 queue = self._queued()
                 if queue is None:
@@ -393,6 +417,10 @@ class Batcher:
             await self._drained.wait()
         self._task.cancel()
         self._executor.shutdown(wait=False)
+
+
+def _soonest_deadline(queue: deque[Pending]) -> float | None:
+    return min((p.deadline for p in queue if p.deadline is not None), default=None)
 
 
 def _as_ferry_error(err: BaseException, label: str) -> FerryError:

@@ -23,7 +23,7 @@ from ferry.core import codec
 from ferry.core.auth import hash_key
 from tests.integration.test_gateway import start_gateway, start_workers, wait_until
 from tests.support.deps import require_binary, require_module
-from tests.support.models import export_mlp, ort_run, publish
+from tests.support.models import export_mlp, export_string_models, ort_run, publish
 from tests.support.procs import RedisServer, ServiceProcess, free_port
 
 th = require_module("tritonclient.http")
@@ -35,6 +35,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("store")
     onnx = tmp_path_factory.mktemp("onnx")
     publish(root, "mlp", 1, export_mlp(onnx / "mlp.onnx"), {"max_batch_size": 64})
+    publish(root, "echo", 1, export_string_models(onnx / "strings")["echo"])
     return root
 
 
@@ -92,6 +93,28 @@ def test_infer_through_the_gateway(cluster: dict[str, Any], binary: bool) -> Non
     np.testing.assert_allclose(got, ort_run(cluster["store"] / "models/mlp/1/model.onnx", x), atol=1e-5)
 
 
+def test_strings_and_the_aio_client_through_the_gateway(cluster: dict[str, Any]) -> None:
+    import asyncio
+
+    th_aio = require_module("tritonclient.http.aio")
+    text = np.array([[b"ferry", "über".encode()]], dtype=np.object_)
+    for binary in (True, False):
+        inp = th.InferInput("text", [1, 2], "BYTES")
+        inp.set_data_from_numpy(text, binary_data=binary)
+        assert cluster["client"].infer("echo", [inp]).as_numpy("same").tolist() == text.tolist()
+    x = np.random.default_rng(13).standard_normal((2, 8)).astype(np.float32)
+
+    async def run() -> np.ndarray:
+        async with th_aio.InferenceServerClient(f"127.0.0.1:{cluster['port']}") as c:
+            assert await c.is_model_ready("mlp")
+            inp = th_aio.InferInput("input", [2, 8], "FP32")
+            inp.set_data_from_numpy(x)
+            return (await c.infer("mlp", [inp])).as_numpy("output")
+
+    got = asyncio.run(run())
+    np.testing.assert_allclose(got, ort_run(cluster["store"] / "models/mlp/1/model.onnx", x), atol=1e-5)
+
+
 def test_a_request_cached_over_grpc_is_a_hit_over_http(cluster: dict[str, Any]) -> None:
     x = np.random.default_rng(12).standard_normal((2, 8)).astype(np.float32)
     with grpc.insecure_channel(cluster["gateway"].address) as ch:
@@ -113,7 +136,7 @@ def test_statistics_and_repository_fan_out(cluster: dict[str, Any]) -> None:
     after = client.get_inference_statistics("mlp")["model_stats"][0]
     assert after["inference_count"] - before["inference_count"] == 5  # merged over both workers
     assert "cache_hit" in after["inference_stats"]
-    assert [m["name"] for m in client.get_model_repository_index()] == ["mlp"]
+    assert sorted(m["name"] for m in client.get_model_repository_index()) == ["echo", "mlp"]
     client.unload_model("mlp")
     wait_until(lambda: not client.is_model_ready("mlp"), what="mlp unloaded on every worker")
     client.load_model("mlp")

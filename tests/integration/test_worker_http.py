@@ -22,6 +22,7 @@ from ferry.client.inference import SyncInferenceClient
 from ferry.core.auth import hash_key
 from ferry.core.classify import write_labels
 from tests.support.deps import require_module
+from tests.support.gate import held_config
 from tests.support.models import export_mlp, export_string_models, ort_run, publish
 from tests.support.procs import ServiceProcess, free_port
 
@@ -37,6 +38,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Path:
     onnx = tmp_path_factory.mktemp("onnx")
     publish(root, "mlp", 1, export_mlp(onnx / "mlp.onnx"), {"max_batch_size": 16})
     write_labels(root / "models" / "mlp" / "1", LABELS)
+    publish(root, "held", 1, onnx / "mlp.onnx", held_config())  # runs only whole batches of 8 rows
     strings = export_string_models(onnx / "strings")
     publish(root, "echo", 1, strings["echo"])
     return root
@@ -279,6 +281,12 @@ def test_binary_size_disagreeing_with_the_shape(worker: dict[str, Any]) -> None:
     }
 
 
+def test_a_passed_timeout_is_504(worker: dict[str, Any]) -> None:
+    body = {**GOOD, "parameters": {"timeout": 300_000}}  # µs; the held model waits for 7 more rows
+    got, doc, _ = call(worker, "POST", "/v2/models/held/infer", json.dumps(body))
+    assert got == 504 and isinstance(doc, dict) and "expired in the queue" in doc["error"], doc
+
+
 def test_body_over_the_limit_is_413(worker: dict[str, Any]) -> None:
     got, doc, _ = call(worker, "POST", "/v2/models/mlp/infer", "x" * (2 << 20))
     assert got == 413 and isinstance(doc, dict) and "over the limit of 1048576 bytes" in doc["error"]
@@ -359,3 +367,41 @@ def test_keys_and_roles_over_http(secured: dict[str, Any]) -> None:
         and a["outcome"] == "PERMISSION_DENIED"
         for a in audit
     )
+
+
+# -- TLS and mTLS with the gRPC port's certificate files ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tls_worker(store: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    from tests.integration.test_gateway_security import make_pki
+
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    proc, port = serve(
+        store, "--tls-cert", str(pki["server_crt"]), "--tls-key", str(pki["server_key"]),
+        "--tls-client-ca", str(pki["ca_crt"]),
+    )  # fmt: skip
+    yield {"proc": proc, "port": port, "pki": pki}
+    proc.stop()
+
+
+def test_https_with_a_client_certificate(tls_worker: dict[str, Any], store: Path) -> None:
+    import ssl
+
+    pki = tls_worker["pki"]
+    context = ssl.create_default_context(cafile=str(pki["ca_crt"]))
+    address = f"localhost:{tls_worker['port']}"
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):  # mTLS: no certificate, no call
+        conn = http.client.HTTPSConnection("localhost", tls_worker["port"], context=context, timeout=10)
+        conn.request("GET", "/v2/health/ready")
+        conn.getresponse().read()
+    context.load_cert_chain(str(pki["client_crt"]), str(pki["client_key"]))
+    client = th.InferenceServerClient(address, ssl=True, ssl_context_factory=lambda: context)
+    assert client.is_server_ready()
+    x = np.random.default_rng(9).standard_normal((1, 8)).astype(np.float32)
+    got = client.infer("mlp", [http_input("input", x)]).as_numpy("output")
+    np.testing.assert_allclose(got, ort_run(store / "models/mlp/1/model.onnx", x), atol=1e-5)
+    plain = http.client.HTTPConnection("127.0.0.1", tls_worker["port"], timeout=10)
+    with pytest.raises(ConnectionError):  # and no plaintext on the TLS port: the server hangs up
+        plain.request("GET", "/v2/health/ready")
+        plain.getresponse()

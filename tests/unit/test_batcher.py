@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from ferry.core.errors import InvalidArgument, ResourceExhausted, Unavailable
+from ferry.core.errors import DeadlineExceeded, InvalidArgument, ResourceExhausted, Unavailable
 from ferry.core.modelconfig import BatchingPolicy
 from services.inference.batcher import Batcher
 from services.inference.stats import ModelStats
@@ -132,6 +132,24 @@ def test_flush_sends_a_held_batch_without_its_delay() -> None:
         batcher.flush()
         outputs, _q, _t = await asyncio.wait_for(waiting, 30)
         assert outputs["y"].tolist() == [[2]] and stats.execution_count == 1
+        await batcher.close()
+
+    asyncio.run(run())
+
+
+def test_a_request_timeout_holds_while_a_batch_is_held_back() -> None:
+    """The v2 ``timeout`` parameter is kept even when the queue delay would wait far longer."""
+
+    async def run() -> None:
+        batcher, stats = make(HELD, max_batch=4)
+        kept = batcher.submit({"x": np.ones((1, 1), np.float32)}, 1)
+        late = batcher.submit({"x": np.ones((1, 1), np.float32)}, 1, timeout_s=0.05)
+        with pytest.raises(DeadlineExceeded, match="expired in the queue"):
+            await asyncio.wait_for(late, 30)
+        assert batcher.depth == 1 and not kept.done() and stats.execution_count == 0
+        rest = [batcher.submit({"x": np.ones((1, 1), np.float32)}, 1) for _ in range(3)]
+        await asyncio.gather(kept, *rest)
+        assert stats.execution_count == 1
         await batcher.close()
 
     asyncio.run(run())
