@@ -13,7 +13,7 @@ import contextlib
 import functools
 import threading
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
-from typing import Any, ParamSpec, TypeVar
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import grpc
 
@@ -160,11 +160,24 @@ class LoopThread:
         self.loop.close()
 
 
-class SyncWrapper:
-    """Expose every public coroutine method of an async client as a blocking method.
+def blocking(fn: Callable[Concatenate[Any, P], Coroutine[Any, Any, T]]) -> Callable[Concatenate[Any, P], T]:
+    """The blocking twin of an async client method, with its signature (``inspect.signature``
+    and type checkers see the same parameters) and docstring."""
 
-    ``make(loop_thread)`` must build the async client inside the loop (channels
-    bind to the loop that creates them).
+    @functools.wraps(fn)
+    def call(self: SyncWrapper, *args: P.args, **kwargs: P.kwargs) -> T:
+        return self._loop.run(fn(self._client, *args, **kwargs))
+
+    return call
+
+
+class SyncWrapper:
+    """The loop thread and the async client behind a blocking client.
+
+    ``make()`` builds the async client inside the loop (channels bind to the loop that creates
+    them). Each blocking method is declared on the subclass with ``blocking(AsyncClient.method)``,
+    so it has the async method's real signature and docstring; a coroutine method left out is an
+    AttributeError that says so, not a silent proxy.
     """
 
     def __init__(self, make: Callable[[], Any]) -> None:
@@ -177,13 +190,11 @@ class SyncWrapper:
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._client, name)
-        if not asyncio.iscoroutinefunction(attr):
-            return attr
-
-        def call(*args: Any, **kwargs: Any) -> Any:
-            return self._loop.run(attr(*args, **kwargs))
-
-        return call
+        if asyncio.iscoroutinefunction(attr):
+            raise AttributeError(
+                f"{type(self).__name__} has no blocking {name}(); declare it with blocking()"
+            )
+        return attr
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

@@ -19,7 +19,7 @@ import grpc
 
 from ferry._proto.ferry.v1 import exporter_pb2 as pb
 from ferry._proto.ferry.v1 import exporter_pb2_grpc as pb_grpc
-from ferry.client._channel import SyncWrapper, chunked, open_channel, translate, translated, upload
+from ferry.client._channel import SyncWrapper, blocking, chunked, open_channel, translate, translated, upload
 from ferry.core.errors import InvalidArgument
 
 CHUNK_BYTES = 1024 * 1024
@@ -185,3 +185,10 @@ class SyncExporterClient(SyncWrapper):
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         super().__init__(lambda: ExporterClient(address, **kwargs))
+
+    export = blocking(ExporterClient.export)
+    import_onnx = blocking(ExporterClient.import_onnx)
+    list_models = blocking(ExporterClient.list_models)
+    list_versions = blocking(ExporterClient.list_versions)
+    get_version = blocking(ExporterClient.get_version)
+    delete_version = blocking(ExporterClient.delete_version)

@@ -16,7 +16,7 @@ import numpy as np
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry._proto.inference import model_config_pb2 as mc
-from ferry.client._channel import SyncWrapper, open_channel, translate, translated
+from ferry.client._channel import SyncWrapper, blocking, open_channel, translate, translated
 from ferry.core.codec import add_input, decode_outputs
 
 ParamValue = bool | int | float | str
@@ -209,3 +209,16 @@ class SyncInferenceClient(SyncWrapper):
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         super().__init__(lambda: InferenceClient(address, **kwargs))
+
+    live = blocking(InferenceClient.live)
+    ready = blocking(InferenceClient.ready)
+    model_ready = blocking(InferenceClient.model_ready)
+    server_metadata = blocking(InferenceClient.server_metadata)
+    model_metadata = blocking(InferenceClient.model_metadata)
+    model_config = blocking(InferenceClient.model_config)
+    infer = blocking(InferenceClient.infer)
+    infer_request = blocking(InferenceClient.infer_request)
+    statistics = blocking(InferenceClient.statistics)
+    repository_index = blocking(InferenceClient.repository_index)
+    load = blocking(InferenceClient.load)
+    unload = blocking(InferenceClient.unload)

@@ -20,7 +20,7 @@ import grpc
 
 from ferry._proto.ferry.v1 import trainer_pb2 as pb
 from ferry._proto.ferry.v1 import trainer_pb2_grpc as pb_grpc
-from ferry.client._channel import SyncWrapper, chunked, open_channel, translate, translated, upload
+from ferry.client._channel import SyncWrapper, blocking, chunked, open_channel, translate, translated, upload
 from ferry.core.errors import InvalidArgument
 
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
@@ -140,6 +140,13 @@ class SyncTrainerClient(SyncWrapper):
 
     def __init__(self, address: str, **kwargs: Any) -> None:
         super().__init__(lambda: TrainerClient(address, **kwargs))
+
+    submit = blocking(TrainerClient.submit)
+    get = blocking(TrainerClient.get)
+    list = blocking(TrainerClient.list)
+    cancel = blocking(TrainerClient.cancel)
+    wait = blocking(TrainerClient.wait)
+    upload_dataset = blocking(TrainerClient.upload_dataset)
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[pb.TrainEvent]:
         stream = self._client.watch(job_id, timeout=timeout)
