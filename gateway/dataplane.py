@@ -24,6 +24,7 @@ import time
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 
@@ -176,7 +177,10 @@ class DataPlane:
         key: Hashable = (model, version, pinned)
 
         async def run() -> tuple[pb.ModelInferResponse, bool]:
-            return await self.batcher.submit(key, item, concurrency, job, spec.max_batch_size)
+            answer: tuple[pb.ModelInferResponse, bool] = await self.batcher.submit(
+                key, item, concurrency, job, spec.max_batch_size
+            )
+            return answer
 
         shared = False
         if ckey is not None:
@@ -186,8 +190,9 @@ class DataPlane:
         else:
             response, hit = await run()
         if hit:
-            return cached_answer(response, request.id)
-        out = response
+            hit_answer: pb.ModelInferResponse | bytes = cached_answer(response, request.id)
+            return hit_answer
+        out: pb.ModelInferResponse = response
         if shared:  # the answer object is the flight leader's: answer with a copy
             out = pb.ModelInferResponse()
             out.CopyFrom(response)
@@ -226,15 +231,17 @@ class DataPlane:
         worker = self.discovery.authority(request.model_name)
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
-            return await worker.stub.ModelInfer(
+            answer: pb.ModelInferResponse = await worker.stub.ModelInfer(
                 request, timeout=timeout, metadata=(("x-request-id", request_id),)
             )
         except grpc.aio.AioRpcError as err:
             raise translate(err) from err
+        return answer
 
     # -- the batch path ------------------------------------------------------------------------
     async def _dispatch(self, key: Hashable, batch: list[Pending]) -> None:
-        (model, version, pinned), _signature = key  # type: ignore[misc]
+        route, _signature = cast(tuple[tuple[str, str, bool], Hashable], key)
+        model, version, pinned = route
         jobs: list[Job] = [p.extra for p in batch]
         keyed = [n for n, j in enumerate(jobs) if j.digest is not None and not j.looked_up]
         misses = list(range(len(batch)))
