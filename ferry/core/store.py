@@ -3,14 +3,14 @@
     models/<model>/config.json            serving config (see ferry.core.modelconfig)
     models/<model>/<version>/model.onnx   versions are positive integers
     models/<model>/<version>/meta.json    lineage and the exporter's report
-    checkpoints/<job>/<tag>/...           weights.safetensors, spec.json, metrics.json
+    checkpoints/<job>/<tag>/...           weights.safetensors, spec.json, metrics.json (CheckpointFiles)
     jobs/<job>.json                       job records
     datasets/<name>.npz                   uploaded datasets
 
 Every write lands beside its target and is renamed into place, so a reader sees
 the old file or the new one, never half of one. A version folder appears in one
-rename of a complete staging folder (``.staging-*``), which is why a worker that
-scans during an export never loads a partial version. Names that become paths
+rename of a complete staging folder (``.staging-*``, see ``Store.publish_version``),
+which is why a worker that scans during an export never loads a partial version. Names that become paths
 are validated before they touch the file system.
 """
 
@@ -23,9 +23,9 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 from ferry.core.errors import InvalidArgument, NotFound
 
@@ -33,6 +33,17 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
+
+
+class CheckpointFiles:
+    """File names inside a checkpoint folder (``checkpoints/<job>/<tag>/``): the trainer writes
+    them, the exporter reads them back."""
+
+    WEIGHTS: Final = "weights.safetensors"  # the model's state_dict
+    SPEC: Final = "spec.json"  # job, model entry, input, output, task, dataset, classes, class_names
+    METRICS: Final = "metrics.json"  # epoch metrics (final: plus the test evaluation)
+    OPTIMIZER: Final = "optimizer.safetensors"  # optimizer tensors, to resume (epoch tags only)
+    STATE: Final = "state.json"  # optimizer scalars and loop state, to resume
 
 
 def validate_name(name: str, what: str = "name") -> str:
@@ -145,28 +156,48 @@ class Store:
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
-    def staging_dir(self, model: str) -> Path:
-        """A private folder to assemble a version in; hand it to ``publish_version``."""
+    def publish_version(
+        self,
+        model: str,
+        files: Mapping[str, Path | bytes],
+        meta: Mapping[str, Any],
+        config: dict[str, Any] | None = None,
+    ) -> int:
+        """Publish ``files`` and ``meta`` as the next version of ``model``; returns the version.
+
+        ``files`` maps a file name in the version folder to the file to copy there or the bytes
+        to write; it must hold ``model.onnx``, and ``meta`` becomes ``meta.json``. Everything is
+        staged in a private ``.staging-*`` folder (removed again if anything fails) that becomes
+        the version in one rename, so a worker never sees half a version. The model lock
+        serialises concurrent publishers of one model so each gets its own number; ``config``
+        (when given) is written under it before the version appears, so a worker that sees the
+        version also sees its serving config.
+        """
+        if MODEL_FILE not in files:
+            raise InvalidArgument(f"a version needs a {MODEL_FILE}; got {sorted(files)}")
+        for name in files:
+            validate_name(name, "file name")
+            if name == META_FILE:
+                raise InvalidArgument(f"{META_FILE} is written from meta, not passed as a file")
         folder = self.model_dir(model)
         folder.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-
-    def publish_version(self, model: str, staged: Path, config: dict[str, Any] | None = None) -> int:
-        """Make ``staged`` the next version of ``model`` in one rename; returns the version.
-
-        The lock serialises concurrent publishers of one model so each gets its own
-        number; ``config`` (when given) is written before the version appears, so a
-        worker that sees the version also sees its serving config.
-        """
-        if not (staged / MODEL_FILE).is_file():
-            raise InvalidArgument(f"staged folder {staged} holds no {MODEL_FILE}")
-        with self._model_lock(model):
-            if config is not None:
-                self.write_config(model, config)
-            folder = self.model_dir(model)
-            taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-            version = max(taken, default=0) + 1
-            os.rename(staged, folder / str(version))
+        staged = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
+        try:
+            for name, source in files.items():
+                if isinstance(source, bytes):
+                    (staged / name).write_bytes(source)
+                else:
+                    shutil.copyfile(source, staged / name)
+            atomic_write_json(staged / META_FILE, meta)
+            with self._model_lock(model):
+                if config is not None:
+                    self.write_config(model, config)
+                taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+                version = max(taken, default=0) + 1
+                os.rename(staged, folder / str(version))
+        except BaseException:
+            shutil.rmtree(staged, ignore_errors=True)
+            raise
         return version
 
     def delete_version(self, model: str, version: int) -> None:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from typing import Any
 
 from ferry.core.datatypes import BY_ONNX
 from ferry.core.errors import InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_from_config, spec_to_config
-from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
+from ferry.core.store import MODEL_FILE, Store, validate_name
 
 
 def _tensor(value_info: Any, where: str, batched: bool) -> TensorSpec:
@@ -115,13 +114,6 @@ def import_onnx(
         "files": {"model_bytes": len(data)},
         "parity": None,
     }
-    staged = store.staging_dir(model_name)
-    try:
-        (staged / MODEL_FILE).write_bytes(data)
-        atomic_write_json(staged / "meta.json", meta)
-        version = store.publish_version(model_name, staged, config)
-    except BaseException:
-        shutil.rmtree(staged, ignore_errors=True)
-        raise
+    version = store.publish_version(model_name, {MODEL_FILE: data}, meta, config)
     meta["version"] = version
     return version, meta

@@ -2,15 +2,14 @@
 
 Each stage reports ``started``/``done`` through a progress callback (the servicer
 streams them). Everything is assembled in a private temporary folder; only a
-version that passed its parity gate is copied into a store staging folder and
-published in one rename, so a failed export leaves the store untouched and a
-worker never sees half a version. ``run`` blocks: the servicer runs it on a
-thread pool so the server's event loop stays responsive.
+version that passed its parity gate is handed to ``Store.publish_version``, which
+stages it and publishes it in one rename, so a failed export leaves the store
+untouched and a worker never sees half a version. ``run`` blocks: the servicer
+runs it on a thread pool so the server's event loop stays responsive.
 """
 
 from __future__ import annotations
 
-import shutil
 import tempfile
 import threading
 import time
@@ -22,10 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from ferry.core.classify import write_labels
+from ferry.core.classify import LABELS_FILE, write_labels
 from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
-from ferry.core.store import MODEL_FILE, Store, atomic_write_json, validate_name
+from ferry.core.store import MODEL_FILE, Store, validate_name
 from services.exporter import parity, precision
 from services.exporter.isolated import IsolatedModel
 from services.exporter.runtime import measure_latency, ort_outputs, ort_session, torch_outputs, torch_to_onnx
@@ -251,22 +250,12 @@ class ExportPipeline:
                 )
                 meta["stages_s"] = stages
                 config = self._config(model_name, ckpt, opts)
-                staged = self.store.staging_dir(model_name)
-                try:
-                    shutil.copyfile(served, staged / MODEL_FILE)
-                    atomic_write_json(staged / "meta.json", meta)
-                    if ckpt.class_names:
-                        write_labels(staged, ckpt.class_names)
-                except BaseException:
-                    shutil.rmtree(staged, ignore_errors=True)
-                    raise
+                files: dict[str, Path | bytes] = {MODEL_FILE: served}
+                if ckpt.class_names:
+                    files[LABELS_FILE] = write_labels(work, ckpt.class_names)
                 s["detail"] = str(meta["latency_ms"])
             with stage("publish") as s:
-                try:
-                    version = self.store.publish_version(model_name, staged, config)
-                except BaseException:
-                    shutil.rmtree(staged, ignore_errors=True)
-                    raise
+                version = self.store.publish_version(model_name, files, meta, config)
                 s["detail"] = f"{model_name} version {version}"
         meta["version"] = version
         return ExportResult(model_name, version, True, True, "", meta)

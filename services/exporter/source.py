@@ -18,13 +18,10 @@ from typing import Any
 from torch import nn
 
 from ferry.core.errors import FailedPrecondition, FerryError, NotFound
-from ferry.core.store import Store, validate_name
+from ferry.core.store import CheckpointFiles, Store, validate_name
 from ferry.zoo import build_model, check_factory
 
 FINISHED = "SUCCEEDED"
-WEIGHTS_FILE = "weights.safetensors"
-SPEC_FILE = "spec.json"
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -115,12 +112,12 @@ def load_checkpoint(
     folder = store.checkpoint_dir(job_id, validate_name(tag, "checkpoint tag"))
     if not folder.is_dir():
         raise FailedPrecondition(f"job {job_id!r} has no checkpoint: {folder} does not exist")
-    spec_path = folder / SPEC_FILE
+    spec_path = folder / CheckpointFiles.SPEC
     spec = _check_spec(_read_json(spec_path, "spec"), spec_path)
-    weights = folder / WEIGHTS_FILE
+    weights = folder / CheckpointFiles.WEIGHTS
     if not weights.is_file():
         raise FailedPrecondition(f"checkpoint is missing its weights: {weights} does not exist")
-    metrics_path = folder / METRICS_FILE
+    metrics_path = folder / CheckpointFiles.METRICS
     metrics = _read_json(metrics_path, "metrics") if metrics_path.is_file() else {}
     if "factory" in spec["model"]:
         check_factory(str(spec["model"]["factory"]), allowed_factories)

@@ -7,9 +7,10 @@
     checkpoints/<job>/<tag>/optimizer.safetensors optimizer tensors, to resume (epoch tags only)
     checkpoints/<job>/<tag>/state.json            optimizer scalars and loop state, to resume
 
-Tags are ``epoch-0001``, ``epoch-0002``... and ``final``. Nothing is pickled. A
-checkpoint is written into a ``.staging-*`` folder and renamed into place, so a
-reader (or a resume after SIGKILL) never sees half of one.
+The file names are defined once, in ``ferry.core.store.CheckpointFiles``. Tags are
+``epoch-0001``, ``epoch-0002``... and ``final``. Nothing is pickled. A checkpoint
+is written into a ``.staging-*`` folder and renamed into place, so a reader (or a
+resume after SIGKILL) never sees half of one.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ferry.core.store import atomic_write_json
+from ferry.core.store import CheckpointFiles, atomic_write_json
 
 FINAL = "final"
 SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes", "class_names")
@@ -90,13 +91,15 @@ def save_checkpoint(
     staged = Path(tempfile.mkdtemp(dir=job_dir, prefix=f".staging-{tag}-"))
     try:
         weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(staged / "weights.safetensors"))
-        atomic_write_json(staged / "spec.json", {k: spec[k] for k in ("job", *SPEC_KEYS) if k in spec})
-        atomic_write_json(staged / "metrics.json", metrics)
+        save_file(weights, str(staged / CheckpointFiles.WEIGHTS))
+        atomic_write_json(
+            staged / CheckpointFiles.SPEC, {k: spec[k] for k in ("job", *SPEC_KEYS) if k in spec}
+        )
+        atomic_write_json(staged / CheckpointFiles.METRICS, metrics)
         if optimizer is not None:
             tensors, meta = _flatten_optimizer(optimizer.state_dict())
-            save_file(tensors, str(staged / "optimizer.safetensors"))
-            atomic_write_json(staged / "state.json", {"optimizer": meta, "loop": loop_state or {}})
+            save_file(tensors, str(staged / CheckpointFiles.OPTIMIZER))
+            atomic_write_json(staged / CheckpointFiles.STATE, {"optimizer": meta, "loop": loop_state or {}})
         target = job_dir / tag
         if target.exists():  # a resumed run rewrites the epoch it re-ran
             trash = job_dir / f".staging-old-{tag}-{os.getpid()}"
@@ -111,13 +114,13 @@ def save_checkpoint(
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(folder / "weights.safetensors"))
+    return load_file(str(folder / CheckpointFiles.WEIGHTS))
 
 
 def load_resume(folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model and optimizer from an epoch checkpoint; returns the loop state."""
     model.load_state_dict(load_weights(folder))
-    state = json.loads((folder / "state.json").read_text())
-    tensors = load_file(str(folder / "optimizer.safetensors"))
+    state = json.loads((folder / CheckpointFiles.STATE).read_text())
+    tensors = load_file(str(folder / CheckpointFiles.OPTIMIZER))
     optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
     return dict(state["loop"])
