@@ -8,7 +8,13 @@ from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
 from ferry.core.security import SecuritySettings
-from ferry.core.settings import RestSettings
+from ferry.core.settings import (
+    RestSettings,
+    http_port_field,
+    max_message_bytes_field,
+    port_field,
+    reuse_port_field,
+)
 
 
 class GatewaySettings(SecuritySettings, RestSettings):
@@ -18,14 +24,8 @@ class GatewaySettings(SecuritySettings, RestSettings):
         env_prefix="FERRY_GATEWAY_", extra="forbid", validate_default=True, populate_by_name=True
     )
 
-    host: str = Field("127.0.0.1", description="address the gRPC and HTTP ports bind; 0.0.0.0 in a container")
-    port: int = Field(8001, description="gRPC port (0 picks a free one); HTTP is http_port")
-    http_port: int = Field(
-        8000,
-        ge=0,
-        le=65535,
-        description="KServe v2 REST port beside the gRPC port (docs/http.md); 0 = off",
-    )
+    port: int = port_field(8001)
+    http_port: int = http_port_field(8000)
     workers: Annotated[list[str], NoDecode] = Field(
         default_factory=list, description="static worker addresses host:port"
     )
@@ -94,7 +94,7 @@ class GatewaySettings(SecuritySettings, RestSettings):
     default_timeout_s: float = Field(
         60.0, description="deadline for calls that come without one (a hung worker must not hang callers)"
     )
-    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
+    max_message_bytes: int = max_message_bytes_field()
     upstream_per_worker: int = Field(1, description="concurrent upstream batches per worker and model")
     # Security.
     worker_tls: bool = Field(False, description="talk TLS to workers")
@@ -111,13 +111,8 @@ class GatewaySettings(SecuritySettings, RestSettings):
         True, description="share API-key rate limits across gateway replicas through redis_url"
     )
     # Operations.
-    metrics_port: int = Field(0, description="Prometheus /metrics HTTP port (0 = off)")
     metrics_host: str = Field("127.0.0.1", description="address the metrics port binds")
-    log_level: str = Field("WARNING", description="log level")
-    grace_s: float = Field(10.0, description="drain time on SIGTERM")
-    reuse_port: bool = Field(
-        False, description="SO_REUSEPORT, so several gateway processes share one port (one per core)"
-    )
+    reuse_port: bool = reuse_port_field()
     startup_wait_s: float = Field(10.0, description="at start, wait this long for a healthy worker")
 
     @field_validator("workers", "workers_dns", mode="before")

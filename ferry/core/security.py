@@ -1,8 +1,9 @@
 """What every service's port needs before it opens: keys, TLS, and protected mode.
 
-Each service's settings inherit ``SecuritySettings``, so the four services take
-the same ``--api-keys-file``, ``--tls-*`` and ``--insecure`` flags (and
-``FERRY_<SERVICE>_*`` variables). ``secure_port`` turns them into a ``Guard`` and
+Each service's settings inherit ``SecuritySettings`` (itself a
+``ferry.core.settings.ServerSettings``: host, port, grace_s...), so the four
+services take the same ``--api-keys-file``, ``--tls-*`` and ``--insecure`` flags
+(and ``FERRY_<SERVICE>_*`` variables). ``secure_port`` turns them into a ``Guard`` and
 server credentials, or refuses to start.
 
 Protected mode, after Redis's: a service bound to a loopback address starts with
@@ -36,15 +37,16 @@ from pydantic import Field
 from ferry.core.auth import KeyRing
 from ferry.core.errors import FerryError
 from ferry.core.guard import Guard, Limiter
-from ferry.core.settings import ServiceSettings
+from ferry.core.settings import ServerSettings
 
 log = logging.getLogger("ferry.security")
 
 EXIT_REFUSED = 2
 
 
-class SecuritySettings(ServiceSettings):
-    """The settings every service's port shares; subclasses set the env prefix."""
+class SecuritySettings(ServerSettings):
+    """What every server's port shares: ``ServerSettings`` plus keys and TLS; subclasses set the
+    env prefix."""
 
     api_keys_file: str | None = Field(
         None, description="YAML/JSON file of hashed API keys with roles; set = auth on (docs/security.md)"

@@ -5,6 +5,14 @@ Each service declares one ``ServiceSettings`` subclass with its own env prefix
 service's ``main()``, with this precedence: command-line flags > environment
 variables > a YAML file > the field defaults. Nothing reads the environment at
 import time.
+
+The four servers' settings extend ``ServerSettings`` (through
+``ferry.core.security.SecuritySettings``), which declares the fields every
+server has once: one description and one set of bounds each. A service that
+needs another default redeclares the field with its helper (``port_field``,
+``grace_field``), never with a ``Field`` of its own; fields only some services
+have (``store_field``, ``cpu_limit_field``...) come from a helper too, so the
+same setting reads the same in every service.
 """
 
 from __future__ import annotations
@@ -122,10 +130,84 @@ def settings_from_argv(cls: type[S], argv: Sequence[str] | None, prog: str, desc
     return settings_from_args(cls, parser.parse_args(argv))
 
 
+def http_port_field(default: int = 0) -> Any:
+    """``http_port`` with a service's own default; the bounds and description stay the same."""
+    return Field(
+        default,
+        ge=0,
+        le=65535,
+        description="KServe v2 REST port beside the gRPC port (docs/http.md); 0 = off",
+    )
+
+
 class RestSettings(ServiceSettings):
     """The REST port's settings, shared by the services that answer HTTP."""
 
-    http_port: int = Field(0, ge=0, le=65535, description="KServe v2 REST port (docs/http.md); 0 = off")
+    http_port: int = http_port_field()
     http_header_timeout_s: float = Field(
         10.0, gt=0, description="a client must send a whole request head within this, or is disconnected"
+    )
+
+
+def port_field(default: int) -> Any:
+    """``port`` with a service's own default; the bounds and description stay the same."""
+    return Field(
+        default, ge=0, le=65535, description="gRPC port; 0 picks a free one (printed on the ready line)"
+    )
+
+
+def grace_field(default: float) -> Any:
+    """``grace_s`` with a service's own default; the bounds and description stay the same."""
+    return Field(default, ge=0, description="on SIGTERM, how long in-flight calls get to finish")
+
+
+class ServerSettings(ServiceSettings):
+    """The fields every server (worker, gateway, trainer, exporter) has, declared once."""
+
+    host: str = Field(
+        "127.0.0.1", description="address the service's ports bind; 0.0.0.0 for every interface (a container)"
+    )
+    port: int = port_field(0)
+    grace_s: float = grace_field(10.0)
+    metrics_port: int = Field(0, ge=0, le=65535, description="Prometheus /metrics port; 0 = off")
+    log_level: str = Field("WARNING", description="log level (DEBUG, INFO, WARNING...)")
+
+
+# Fields some servers have (not all): one helper each, so a setting reads the same wherever it is.
+
+
+def store_field() -> Any:
+    return Field(
+        ".ferry/store",
+        description="model store root folder (models/, checkpoints/, jobs/, datasets/), shared by services",
+    )
+
+
+def cpu_limit_field() -> Any:
+    return Field(
+        0,
+        ge=0,
+        description="CPUs this service may use (the downward API's limits.cpu); 0 = the cgroup quota, "
+        "else every CPU it may run on; sizes the thread pools left at 0",
+    )
+
+
+def allowed_factories_field() -> Any:
+    return Field(
+        default_factory=list,
+        description="module prefixes a factory model may come from (empty: zoo architectures only)",
+    )
+
+
+def max_message_bytes_field() -> Any:
+    return Field(
+        64 * 1024 * 1024,
+        gt=0,
+        description="largest message accepted or sent (gRPC, and a REST body where http_port is on)",
+    )
+
+
+def reuse_port_field() -> Any:
+    return Field(
+        False, description="SO_REUSEPORT, so several processes of this service share one port (one per core)"
     )

@@ -8,6 +8,13 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ferry.core.security import SecuritySettings
+from ferry.core.settings import (
+    allowed_factories_field,
+    cpu_limit_field,
+    max_message_bytes_field,
+    port_field,
+    store_field,
+)
 
 
 class ExporterSettings(SecuritySettings):
@@ -15,9 +22,8 @@ class ExporterSettings(SecuritySettings):
 
     model_config = SettingsConfigDict(env_prefix="FERRY_EXPORTER_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
-    port: int = Field(8003, description="gRPC port; 0 picks a free one (printed on the ready line)")
-    store: str = Field(".ferry/store", description="model store root folder")
+    port: int = port_field(8003)
+    store: str = store_field()
     max_concurrent_exports: int = Field(2, ge=1, description="exports running at once; more wait their turn")
     opset: int = Field(17, ge=11, le=20, description="ONNX opset when a request does not choose one")
     max_batch_size: int = Field(
@@ -34,10 +40,7 @@ class ExporterSettings(SecuritySettings):
     max_batch_size_limit: int = Field(
         4096, ge=1, description="largest max_batch_size an export request may write into config.json"
     )
-    allowed_factories: list[str] = Field(
-        default_factory=list,
-        description="module prefixes a checkpoint's factory model may come from (empty: zoo only)",
-    )
+    allowed_factories: list[str] = allowed_factories_field()
     factory_timeout_s: float = Field(
         300.0, gt=0, description="how long a factory model's own process may take to answer one step"
     )
@@ -54,13 +57,6 @@ class ExporterSettings(SecuritySettings):
         ge=0,
         description="torch intra-op threads (0: one per CPU of cpu_limit if limited, else torch decides)",
     )
-    cpu_limit: float = Field(
-        0,
-        ge=0,
-        description="CPUs the exporter may use (the downward API's limits.cpu); 0 = the cgroup quota",
-    )
+    cpu_limit: float = cpu_limit_field()
     max_import_bytes: int = Field(512 * 1024 * 1024, description="largest ONNX file ImportOnnx accepts")
-    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
-    grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight calls get to finish")
-    metrics_port: int = Field(0, description="Prometheus /metrics port, 0 = off")
-    log_level: str = "WARNING"
+    max_message_bytes: int = max_message_bytes_field()

@@ -8,7 +8,14 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ferry.core.security import SecuritySettings
-from ferry.core.settings import RestSettings
+from ferry.core.settings import (
+    RestSettings,
+    cpu_limit_field,
+    max_message_bytes_field,
+    port_field,
+    reuse_port_field,
+    store_field,
+)
 
 
 class WorkerSettings(SecuritySettings, RestSettings):
@@ -16,9 +23,8 @@ class WorkerSettings(SecuritySettings, RestSettings):
 
     model_config = SettingsConfigDict(env_prefix="FERRY_WORKER_", extra="forbid")
 
-    host: str = Field("127.0.0.1", description="address to bind; 0.0.0.0 in a container")
-    port: int = Field(8001, description="gRPC port; 0 picks a free one (printed on the ready line)")
-    store: str = Field(".ferry/store", description="model store root folder")
+    port: int = port_field(8001)
+    store: str = store_field()
     models: list[str] = Field(default_factory=list, description="serve only these models (empty: all)")
     providers: list[str] = Field(
         default_factory=list,
@@ -33,12 +39,7 @@ class WorkerSettings(SecuritySettings, RestSettings):
         description="serve on CPU when CUDAExecutionProvider was asked for in providers but does not "
         "load (else the worker refuses to start, or the version fails to load)",
     )
-    cpu_limit: float = Field(
-        0,
-        ge=0,
-        description="CPUs this worker may use (the downward API's limits.cpu); 0 = the cgroup quota, "
-        "else every CPU it may run on; sizes intra_op_threads when that is 0",
-    )
+    cpu_limit: float = cpu_limit_field()
     intra_op_threads: int = Field(
         0, description="ORT threads inside one operator (0: one per CPU of cpu_limit)"
     )
@@ -47,7 +48,7 @@ class WorkerSettings(SecuritySettings, RestSettings):
         0, description="sessions per model version; 0 keeps each model's config (default 1)"
     )
     max_batch_size: int = Field(64, description="max_batch_size for models whose config does not say")
-    max_message_bytes: int = Field(64 * 1024 * 1024, description="largest gRPC message accepted or sent")
+    max_message_bytes: int = max_message_bytes_field()
     shm_max_regions: int = Field(
         64, ge=0, description="system shared-memory regions callers may register at once (0 = none)"
     )
@@ -63,11 +64,8 @@ class WorkerSettings(SecuritySettings, RestSettings):
     warmup: bool = Field(
         True, description="warm each new version up before it serves (model_warmup, else zeros)"
     )
-    grace_s: float = Field(10.0, description="on SIGTERM, how long in-flight requests get to finish")
     drain_delay_s: float = Field(
         1.0,
         description="on SIGTERM, keep serving this long with health NOT_SERVING so callers move away first",
     )
-    metrics_port: int = Field(0, description="Prometheus /metrics port, 0 = off")
-    reuse_port: bool = Field(False, description="SO_REUSEPORT, so several worker processes share one port")
-    log_level: str = "WARNING"
+    reuse_port: bool = reuse_port_field()

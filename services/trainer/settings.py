@@ -6,6 +6,7 @@ from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from ferry.core.security import SecuritySettings
+from ferry.core.settings import allowed_factories_field, cpu_limit_field, grace_field, port_field, store_field
 
 
 class TrainerSettings(SecuritySettings):
@@ -13,17 +14,12 @@ class TrainerSettings(SecuritySettings):
 
     model_config = SettingsConfigDict(env_prefix="FERRY_TRAINER_", extra="forbid", validate_default=True)
 
-    store: str = Field(".ferry/store", description="store root: jobs/, checkpoints/, datasets/")
-    host: str = Field("127.0.0.1", description="address to bind (0.0.0.0 for every interface)")
-    port: int = Field(8002, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    port: int = port_field(8002)
+    grace_s: float = grace_field(5.0)
+    store: str = store_field()
     max_concurrent_jobs: int = Field(2, ge=1, description="jobs running at once; the rest queue")
     threads_per_job: int = Field(0, ge=0, description="torch threads per job; 0 = CPUs / concurrent jobs")
-    cpu_limit: float = Field(
-        0,
-        ge=0,
-        description="CPUs the trainer may use (the downward API's limits.cpu); 0 = the cgroup quota, "
-        "else every CPU it may run on",
-    )
+    cpu_limit: float = cpu_limit_field()
     max_nprocs: int = Field(8, ge=1, description="largest nprocs (DDP processes) a job may ask for")
     max_epochs: int = Field(100_000, ge=1, description="largest epochs a job may ask for")
     max_batch_size: int = Field(65536, ge=1, description="largest batch_size a job may ask for")
@@ -32,10 +28,7 @@ class TrainerSettings(SecuritySettings):
         ge=1,
         description="queued or running jobs one API key may have at once; more -> RESOURCE_EXHAUSTED",
     )
-    allowed_factories: list[str] = Field(
-        default_factory=list,
-        description="module prefixes a job's factory model may come from (empty: zoo architectures only)",
-    )
+    allowed_factories: list[str] = allowed_factories_field()
     start_timeout_s: float = Field(
         300.0, gt=0, description="a job that has not started training by then (data, model built) FAILS"
     )
@@ -44,6 +37,3 @@ class TrainerSettings(SecuritySettings):
     )
     cancel_grace_s: float = Field(3.0, gt=0, description="SIGTERM to SIGKILL delay when cancelling")
     max_upload_bytes: int = Field(256 * 1024 * 1024, gt=0, description="largest dataset upload")
-    grace_s: float = Field(5.0, ge=0, description="drain time on SIGTERM")
-    log_level: str = Field("WARNING", description="log level (DEBUG, INFO, WARNING...)")
-    metrics_port: int = Field(0, ge=0, description="Prometheus /metrics port; 0 = off")
