@@ -34,7 +34,7 @@ from typing import Any
 
 from ferry.core.lifetime import die_with_parent
 from ferry.core.netutil import free_port
-from services.trainer.records import EVENT_PREFIX, FAILED, RUNNING, SUCCEEDED, new_record, now_ms
+from services.trainer.records import EVENT_PREFIX, FAILED, RUNNING, SUCCEEDED, JobRecord, now_ms
 
 
 class JobFailed(Exception):
@@ -327,10 +327,11 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
     )
     spec["nprocs"] = world
     ctx.update(spec={**spec, "job": job_id}, init="env://" if world > 1 else "")
-    record = new_record(job_id, job_id, spec)
+    record = JobRecord.new(job_id, job_id, spec)
     if rank == 0:
-        record.update(state=RUNNING, started_ms=now_ms(), attempts=1, pid=os.getpid(), world=world)
-        atomic_write_json(store.job_file(job_id), record)
+        record.state, record.started_ms, record.attempts = RUNNING, now_ms(), 1
+        record.pid, record.world = os.getpid(), world
+        atomic_write_json(store.job_file(job_id), record.to_json())
     code = 0
     try:
         _guarded(rank, world, ctx)
@@ -341,16 +342,13 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
         final = job_dir / ckpt.FINAL / "metrics.json"
         done = code == 0 and final.is_file()
         summary = json.loads(final.read_text()) if done else {}
-        record.update(
-            state=SUCCEEDED if done else FAILED,
-            error="" if done else LAST_EVENTS.get("failed", {}).get("error", f"exited with code {code}"),
-            finished_ms=now_ms(),
-            pid=0,
-            checkpoints=ckpt.list_tags(job_dir),
-            history=summary.get("history", []),
-            test_metrics={f"test_{k}": v for k, v in summary.get("test", {}).items()},
-        )
-        atomic_write_json(store.job_file(job_id), record)
+        record.state = SUCCEEDED if done else FAILED
+        record.error = "" if done else LAST_EVENTS.get("failed", {}).get("error", f"exited with code {code}")
+        record.finished_ms, record.pid = now_ms(), 0
+        record.checkpoints = ckpt.list_tags(job_dir)
+        record.history = summary.get("history", [])
+        record.test_metrics = {f"test_{k}": v for k, v in summary.get("test", {}).items()}
+        atomic_write_json(store.job_file(job_id), record.to_json())
     return code
 
 

@@ -17,10 +17,9 @@ from ferry._proto.ferry.v1 import trainer_pb2_grpc
 from ferry.core.errors import InvalidArgument
 from ferry.core.guard import caller_name
 from services.trainer.jobs import JobManager
+from services.trainer.records import JobRecord, JobState
 from services.trainer.spec import normalize_spec
 from services.trainer.uploads import receive_upload
-
-STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
@@ -66,31 +65,31 @@ def spec_from_proto(spec: pb.TrainSpec) -> dict[str, Any]:
     return raw
 
 
-def job_to_proto(record: dict[str, Any]) -> pb.TrainJob:
-    progress = record.get("progress", {})
+def job_to_proto(record: JobRecord) -> pb.TrainJob:
+    progress = record.progress
     return pb.TrainJob(
-        id=record["id"],
-        name=record.get("name", ""),
-        state=pb.TrainJobState.Value(f"TRAIN_JOB_STATE_{record['state']}"),
-        spec_json=json.dumps(record["spec"], sort_keys=True),
+        id=record.id,
+        name=record.name,
+        state=record.state.to_proto(),
+        spec_json=json.dumps(record.spec, sort_keys=True),
         progress=pb.TrainProgress(
-            epoch=int(progress.get("epoch", 0)),
-            epochs=int(progress.get("epochs", 0)),
-            step=int(progress.get("step", 0)),
-            steps_per_epoch=int(progress.get("steps_per_epoch", 0)),
-            loss=float(progress.get("loss", 0.0)),
-            samples_per_second=float(progress.get("samples_per_second", 0.0)),
-            eta_seconds=float(progress.get("eta_seconds", 0.0)),
-            metrics={k: float(v) for k, v in progress.get("metrics", {}).items()},
+            epoch=int(progress.epoch),
+            epochs=int(progress.epochs),
+            step=int(progress.step or 0),
+            steps_per_epoch=int(progress.steps_per_epoch or 0),
+            loss=float(progress.loss or 0.0),
+            samples_per_second=float(progress.samples_per_second or 0.0),
+            eta_seconds=float(progress.eta_seconds or 0.0),
+            metrics={k: float(v) for k, v in progress.metrics.items()},
         ),
-        error=record.get("error", ""),
-        created_ms=record.get("created_ms", 0),
-        started_ms=record.get("started_ms", 0),
-        finished_ms=record.get("finished_ms", 0),
-        checkpoints=record.get("checkpoints", []),
-        test_metrics={k: float(v) for k, v in record.get("test_metrics", {}).items()},
-        attempts=record.get("attempts", 0),
-        resumed_from=record.get("resumed_from", ""),
+        error=record.error,
+        created_ms=record.created_ms,
+        started_ms=record.started_ms,
+        finished_ms=record.finished_ms,
+        checkpoints=record.checkpoints,
+        test_metrics={k: float(v) for k, v in record.test_metrics.items()},
+        attempts=record.attempts,
+        resumed_from=record.resumed_from,
     )
 
 
@@ -119,11 +118,10 @@ class TrainerServicer(trainer_pb2_grpc.TrainerServicer):
     ) -> pb.TrainListResponse:
         states = []
         for value in request.states:
-            name = pb.TrainJobState.Name(value) if value in pb.TrainJobState.values() else str(value)
-            state = name.removeprefix("TRAIN_JOB_STATE_")
-            if state not in STATES:
-                raise InvalidArgument(f"unknown job state {name!r} in the filter")
-            states.append(state)
+            try:
+                states.append(JobState.from_proto(value))
+            except ValueError as err:
+                raise InvalidArgument(f"{err} in the filter") from err
         jobs, token = self.manager.list(states, request.page_size, request.page_token)
         return pb.TrainListResponse(jobs=[job_to_proto(r) for r in jobs], next_page_token=token)
 
