@@ -8,7 +8,6 @@ gRPC on --port (8001), KServe v2 REST on --http-port (8000; 0 = off): Triton's l
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Sequence
@@ -19,11 +18,11 @@ import grpc
 from ferry._proto.ferry.v1 import admin_pb2
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import open_channel
-from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.grpcserver import add_servicer, ready_line, serve_until_signal
 from ferry.core.rest_routes import start_rest
-from ferry.core.security import refuse_to_start, secure_port
-from ferry.core.settings import settings_from_argv
-from ferry.core.telemetry import setup_logging, start_metrics_server
+from ferry.core.security import refuse_to_start
+from ferry.core.service import open_server, run
+from ferry.core.telemetry import start_metrics_server
 from ferry.core.v2api import V2Servicer
 from gateway import metrics
 from gateway.admin import AdminServicer
@@ -181,23 +180,12 @@ async def serve(settings: GatewaySettings) -> None:
         return [add_servicer(server, servicer, INFERENCE_SERVICE), add_servicer(server, admin, ADMIN_SERVICE)]
 
     shared = build_limiter(settings)
-    port = secure_port(
+    handle, port = open_server(
         settings,
-        settings.host,
         "gateway",
+        register,
         limiter=(lambda key: shared.take(key.digest, key.rate_per_s, key.burst)) if shared else None,
         on_deny=lambda code: metrics.AUTH_DENIED.labels(code).inc(),
-    )
-    handle = build_server(
-        settings.host,
-        settings.port,
-        register,
-        guard=port.guard,
-        credentials=port.credentials,
-        reuse_port=settings.reuse_port,
-        max_message_bytes=settings.max_message_bytes,
-        max_connection_age_s=settings.max_connection_age_s,
-        max_connection_age_grace_s=settings.grace_s,
     )
 
     async def on_start() -> None:
@@ -241,13 +229,13 @@ async def serve(settings: GatewaySettings) -> None:
     )
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = settings_from_argv(GatewaySettings, argv, "ferry serve gateway")
+def _check_redis_url(settings: GatewaySettings) -> None:
     if settings.redis_url:
         try:
             parse_redis_url(settings.redis_url)
         except ValueError as err:  # before anything starts, like every other settings error
             refuse_to_start(f"bad --redis-url (REDIS_URL): {err}")
-    setup_logging(settings.log_level, "gateway")
-    asyncio.run(serve(settings))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(GatewaySettings, argv, "gateway", serve, check=_check_redis_url)

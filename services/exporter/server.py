@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 
 from ferry._proto.ferry.v1 import exporter_pb2 as pb
 from ferry.core.cpus import cgroup_quota, cpu_limit
-from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.security import secure_port
-from ferry.core.settings import settings_from_argv
+from ferry.core.grpcserver import add_servicer, ready_line, serve_until_signal
+from ferry.core.service import open_server, run
 from ferry.core.store import Store
-from ferry.core.telemetry import setup_logging, start_metrics_server
+from ferry.core.telemetry import start_metrics_server
 from services.exporter.servicer import ExporterServicer
 from services.exporter.settings import ExporterSettings
 
@@ -25,17 +23,7 @@ async def serve(settings: ExporterSettings) -> None:
     def register(server: object) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]
 
-    port = secure_port(settings, settings.host, "exporter")
-    handle = build_server(
-        settings.host,
-        settings.port,
-        register,
-        max_message_bytes=settings.max_message_bytes,
-        guard=port.guard,
-        credentials=port.credentials,
-        max_connection_age_s=settings.max_connection_age_s,
-        max_connection_age_grace_s=settings.grace_s,
-    )
+    handle, port = open_server(settings, "exporter", register)
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
     try:
         await serve_until_signal(
@@ -49,15 +37,15 @@ async def serve(settings: ExporterSettings) -> None:
         servicer.close()
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings = settings_from_argv(ExporterSettings, argv, "ferry serve exporter")
-    setup_logging(settings.log_level, "exporter")
-    # torch sizes its pool by the node's cores; in a pod with a CPU quota that oversubscribes it.
+def _size_torch(settings: ExporterSettings) -> None:
+    """torch sizes its pool by the node's cores; in a pod with a CPU quota that oversubscribes it."""
     limited = settings.cpu_limit > 0 or cgroup_quota() is not None
     threads = settings.torch_threads or (cpu_limit(settings.cpu_limit) if limited else 0)
     if threads:
         import torch
 
         torch.set_num_threads(threads)
-    asyncio.run(serve(settings))
-    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run(ExporterSettings, argv, "exporter", serve, check=_size_torch)

@@ -11,12 +11,12 @@ import onnxruntime as ort
 from prometheus_client import REGISTRY
 
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
+from ferry.core.grpcserver import add_servicer, ready_line, serve_until_signal
 from ferry.core.rest_routes import start_rest
-from ferry.core.security import refuse_to_start, secure_port
-from ferry.core.settings import settings_from_argv
+from ferry.core.security import refuse_to_start
+from ferry.core.service import open_server, run
 from ferry.core.store import Store
-from ferry.core.telemetry import setup_logging, start_metrics_server
+from ferry.core.telemetry import start_metrics_server
 from ferry.core.v2api import V2Servicer
 from services.inference.dataplane import WorkerDataPlane
 from services.inference.metrics import LoadGauges, WorkerMetrics
@@ -48,18 +48,7 @@ async def serve(settings: WorkerSettings) -> None:
     def register(server: object) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]
 
-    port = secure_port(settings, settings.host, "worker")
-    handle = build_server(
-        settings.host,
-        settings.port,
-        register,
-        max_message_bytes=settings.max_message_bytes,
-        guard=port.guard,
-        credentials=port.credentials,
-        reuse_port=settings.reuse_port,
-        max_connection_age_s=settings.max_connection_age_s,
-        max_connection_age_grace_s=settings.grace_s,
-    )
+    handle, port = open_server(settings, "worker", register)
 
     async def on_start() -> None:
         await repo.start()
@@ -101,7 +90,4 @@ async def serve(settings: WorkerSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = settings_from_argv(WorkerSettings, argv, "ferry serve worker")
-    setup_logging(settings.log_level, "worker")
-    asyncio.run(serve(settings))
-    return 0
+    return run(WorkerSettings, argv, "worker", serve)

@@ -34,7 +34,7 @@ from typing import Any
 
 from ferry.core.cpus import cpu_limit
 from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
-from ferry.core.store import Store, atomic_write_json, validate_name
+from ferry.core.store import CheckpointFiles, Store, atomic_write_json, validate_name
 from services.trainer import checkpoints as ckpt
 from services.trainer import metrics as prom
 from services.trainer.records import (
@@ -114,7 +114,7 @@ class JobManager:
         ckpt.remove_staging(job_dir)
         record.checkpoints = ckpt.list_tags(job_dir)
         if ckpt.FINAL in record.checkpoints:
-            summary = json.loads((job_dir / ckpt.FINAL / "metrics.json").read_text())
+            summary = json.loads((job_dir / ckpt.FINAL / CheckpointFiles.METRICS).read_text())
             record.test_metrics = {f"test_{k}": v for k, v in summary.get("test", {}).items()}
             self._finish(record, SUCCEEDED)
         elif self.settings.resume_interrupted:

@@ -6,7 +6,9 @@ from collections.abc import Iterable
 
 from prometheus_client import Counter, Gauge, Histogram
 
-STATES = ("QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED")
+from services.trainer.records import JobState
+
+STATES = tuple(state.value for state in JobState)
 
 _JOBS = Gauge("ferry_trainer_jobs", "Jobs this trainer knows, by state", ["state"])
 _FINISHED = Counter("ferry_trainer_jobs_finished_total", "Jobs that reached an end state", ["state"])

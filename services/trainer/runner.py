@@ -34,6 +34,7 @@ from typing import Any
 
 from ferry.core.lifetime import die_with_parent
 from ferry.core.netutil import free_port
+from ferry.core.store import CheckpointFiles
 from services.trainer.records import EVENT_PREFIX, FAILED, RUNNING, SUCCEEDED, JobRecord, now_ms
 
 
@@ -339,7 +340,7 @@ def _run_under_torchrun(store: Any, job_id: str, spec_file: Path, ctx: dict[str,
         code = int(err.code or 1)
     if rank == 0:
         job_dir = Path(ctx["job_dir"])
-        final = job_dir / ckpt.FINAL / "metrics.json"
+        final = job_dir / ckpt.FINAL / CheckpointFiles.METRICS
         done = code == 0 and final.is_file()
         summary = json.loads(final.read_text()) if done else {}
         record.state = SUCCEEDED if done else FAILED

@@ -11,11 +11,10 @@ from collections.abc import Sequence
 import grpc
 
 from ferry._proto.ferry.v1 import trainer_pb2
-from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-from ferry.core.security import secure_port
-from ferry.core.settings import settings_from_argv
+from ferry.core.grpcserver import add_servicer, ready_line, serve_until_signal
+from ferry.core.service import open_server, run
 from ferry.core.store import Store
-from ferry.core.telemetry import setup_logging, start_metrics_server
+from ferry.core.telemetry import start_metrics_server
 from services.trainer.jobs import JobManager
 from services.trainer.servicer import TrainerServicer
 from services.trainer.settings import TrainerSettings
@@ -30,7 +29,6 @@ def _warm_imports() -> None:
 
 
 async def serve(settings: TrainerSettings) -> None:
-    port = secure_port(settings, settings.host, "trainer")
     store = Store(settings.store)
     manager = JobManager(store, settings)
     await manager.start()
@@ -39,15 +37,7 @@ async def serve(settings: TrainerSettings) -> None:
     def register(server: grpc.aio.Server) -> list[str]:
         return [add_servicer(server, TrainerServicer(manager), SERVICE)]
 
-    handle = build_server(
-        settings.host,
-        settings.port,
-        register,
-        guard=port.guard,
-        credentials=port.credentials,
-        max_connection_age_s=settings.max_connection_age_s,
-        max_connection_age_grace_s=settings.grace_s,
-    )
+    handle, port = open_server(settings, "trainer", register)
     handle.on_stop.append(manager.stop)
 
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
@@ -65,10 +55,7 @@ async def serve(settings: TrainerSettings) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = settings_from_argv(TrainerSettings, argv, "ferry serve trainer")
-    setup_logging(settings.log_level, "trainer")
-    asyncio.run(serve(settings))
-    return 0
+    return run(TrainerSettings, argv, "trainer", serve)
 
 
 if __name__ == "__main__":
