@@ -54,12 +54,19 @@ class AsyncHealth(Protocol):
     async def enter_graceful_shutdown(self) -> None: ...
 
 
+def incident(err: BaseException, what: str = "internal error") -> str:
+    """Log an unexpected exception with a new incident id and return what a caller may see: its
+    kind and the id, never its text (library messages carry paths, addresses and internals)."""
+    number = uuid.uuid4().hex[:12]
+    log.error("%s, incident %s", what, number, exc_info=err, extra={"incident": number})
+    kind = "" if what == "internal error" else f": {type(err).__name__}"
+    return f"{what}{kind} (incident {number}; details in the server log)"
+
+
 def _abort_code(err: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(err, FerryError):
         return err.code, err.message
-    incident = uuid.uuid4().hex[:12]
-    log.error("unexpected error, incident %s", incident, exc_info=err, extra={"incident": incident})
-    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident}; details in the server log)"
+    return grpc.StatusCode.INTERNAL, incident(err)
 
 
 def _reason_metadata(err: BaseException) -> tuple[tuple[str, str], ...]:

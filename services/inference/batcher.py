@@ -33,6 +33,7 @@ from ferry.core.errors import (
     ResourceExhausted,
 )
 from ferry.core.forming import FormingBatch
+from ferry.core.grpcserver import incident
 from ferry.core.modelconfig import BatchingPolicy
 from services.inference.stats import ModelStats
 
@@ -428,5 +429,7 @@ def _as_ferry_error(err: BaseException, label: str) -> FerryError:
         return err
     kind = type(err).__name__
     if kind == "InvalidArgument" and "onnxruntime" in type(err).__module__:
-        return InvalidArgument(f"model {label} rejected the input: {err}")
-    return Internal(f"model {label} failed to run: {kind}: {err}")
+        # the caller's own input was refused: ONNX Runtime's first line says which and why
+        first = (str(err).strip().splitlines() or [kind])[0][:300]
+        return InvalidArgument(f"model {label} rejected the input: {first}")
+    return Internal(incident(err, f"model {label} failed to run"))

@@ -31,6 +31,7 @@ from ferry.core.errors import (
     ModelUnavailable,
     NotFound,
 )
+from ferry.core.grpcserver import incident
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
 from services.inference.batcher import Batcher
@@ -158,10 +159,13 @@ class Repository:
                 None, self._build, state.name, number, config
             )
         except Exception as err:
-            reason = err.message if isinstance(err, FerryError) else f"{type(err).__name__}: {err}"
-            state.status[number] = (UNAVAILABLE, f"failed to load: {reason}")
+            if isinstance(err, FerryError):
+                reason = f"failed to load: {err.message}"
+                log.warning("model %s version %s %s", state.name, number, reason)
+            else:  # the kind and an incident id; the library's own text goes to the log only
+                reason = incident(err, "failed to load")
+            state.status[number] = (UNAVAILABLE, reason)
             state.failed_mtime[number] = mtime
-            log.warning("model %s version %s failed to load: %s", state.name, number, reason)
             return
         self._install(state, number, runner, spec)
 
@@ -325,7 +329,7 @@ class Repository:
                         None, self._build, name, number, config
                     )
                 except Exception as err:
-                    reason = err.message if isinstance(err, FerryError) else f"{type(err).__name__}: {err}"
+                    reason = err.message if isinstance(err, FerryError) else incident(err, "failed to build")
                     raise InvalidArgument(
                         f"failed to load {name!r} version {number} with the given config: {reason}; "
                         "the model keeps its previous config"

@@ -147,7 +147,9 @@ def test_triton_stream_infer(triton: object, onnx_files: dict[str, Path]) -> Non
 def test_triton_repository_and_statistics(triton: object) -> None:
     index = {m.name: m for m in triton.get_model_repository_index().models}
     assert index["mlp"].state == "READY" and index["broken"].state == "UNAVAILABLE"
-    assert "INVALID_PROTOBUF" in index["broken"].reason
+    # the kind and an incident id; ONNX Runtime's own text (with the file's path) stays in the log
+    reason = index["broken"].reason
+    assert reason.startswith("failed to load: InvalidProtobuf (incident ") and "/" not in reason
     before = triton.get_inference_statistics("mlp").model_stats[0]
     triton.infer("mlp", [triton_input("input", np.ones((3, 8), np.float32))])
     stats = triton.get_inference_statistics("mlp").model_stats[0]
