@@ -21,6 +21,7 @@ from ferry.client.exporter import ExporterClient
 from ferry.client.inference import InferenceClient
 from ferry.client.trainer import TrainerClient, state_name
 from ferry.core.errors import FailedPrecondition
+from ferry.core.jobstates import JobState
 from ferry.core.store import Store
 from ferry.datasets import load_dataset
 
@@ -66,7 +67,7 @@ async def ensure_demo_model(
                 acc = p.metrics.get("val_accuracy", float("nan"))
                 say(f"  epoch {p.epoch}/{p.epochs}  loss {p.loss:.4f}  val_accuracy {acc:.3f}")
         job = await client.get(job.id)
-        if state_name(job) != "SUCCEEDED":
+        if state_name(job) != JobState.SUCCEEDED:
             raise FailedPrecondition(f"demo training job {job.id} ended {state_name(job)}: {job.error}")
     say(f"  trained: job {job.id}; exporting to ONNX with the parity gate")
     async with ExporterClient(exporter, **(options or {})) as client:

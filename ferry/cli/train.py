@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ferry.cli.connect import Target, add_connection_flags, resolve
+from ferry.core.jobstates import TERMINAL, JobState
 
 BAR = 24
 
@@ -145,8 +146,9 @@ def follow(client: Any, job_id: str, out: Any = sys.stdout) -> Any:
     for event in client.watch(job_id):
         job = event.job
         state = state_name(job)
-        if state != last_state and state not in ("SUCCEEDED", "FAILED", "CANCELLED"):
-            extra = f" (resumed from {job.resumed_from})" if job.resumed_from and state == "RUNNING" else ""
+        if state != last_state and state not in TERMINAL:
+            resumed = job.resumed_from and state == JobState.RUNNING
+            extra = f" (resumed from {job.resumed_from})" if resumed else ""
             print(f"{'' if not tty else chr(10)}job {job.id}: {state}{extra}", file=out, flush=True)
             last_state = state
         if event.kind == "progress" and tty:
@@ -181,7 +183,7 @@ def _summary(job: Any, as_json: bool) -> int:
             print("test: " + "  ".join(f"{k} {v:.4f}" for k, v in sorted(job.test_metrics.items())))
         if job.checkpoints:
             print(f"checkpoints: {', '.join(job.checkpoints)}")
-    return 0 if state_name(job) == "SUCCEEDED" else 1
+    return 0 if state_name(job) == JobState.SUCCEEDED else 1
 
 
 def _train(args: argparse.Namespace) -> int:

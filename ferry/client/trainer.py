@@ -21,15 +21,17 @@ import grpc
 from ferry._proto.ferry.v1 import trainer_pb2 as pb
 from ferry._proto.ferry.v1 import trainer_pb2_grpc as pb_grpc
 from ferry.client._channel import SyncWrapper, blocking, chunked, open_channel, translate, translated, upload
+from ferry.core import jobstates
 from ferry.core.errors import InvalidArgument
+from ferry.core.jobstates import TERMINAL
 
-TERMINAL_STATES = ("SUCCEEDED", "FAILED", "CANCELLED")
+TERMINAL_STATES = tuple(state.value for state in TERMINAL)
 CHUNK_BYTES = 1024 * 1024
 
 
 def state_name(job: pb.TrainJob) -> str:
     """``"RUNNING"`` rather than ``pb.TRAIN_JOB_STATE_RUNNING``."""
-    return pb.TrainJobState.Name(job.state).removeprefix("TRAIN_JOB_STATE_")
+    return jobstates.state_name(job.state)
 
 
 def build_spec(spec: pb.TrainSpec | Mapping[str, Any]) -> pb.TrainSpec:

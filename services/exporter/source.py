@@ -18,10 +18,11 @@ from typing import Any
 from torch import nn
 
 from ferry.core.errors import FailedPrecondition, FerryError, NotFound
+from ferry.core.jobstates import JobState
 from ferry.core.store import CheckpointFiles, Store, validate_name
 from ferry.zoo import build_model, check_factory
 
-FINISHED = "SUCCEEDED"
+FINISHED = JobState.SUCCEEDED
 
 
 @dataclass

@@ -14,42 +14,11 @@ import dataclasses
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, cast
+from typing import Any
 
-from ferry._proto.ferry.v1 import trainer_pb2 as pb
+from ferry.core.jobstates import TERMINAL, JobState
 
 EVENT_PREFIX = "FERRY_EVENT "
-
-PROTO_STATE_PREFIX = "TRAIN_JOB_STATE_"
-
-
-class JobState(StrEnum):
-    """A job's state: the proto's ``TrainJobState`` without its prefix (and without UNSPECIFIED),
-    spelled as the record file spells it."""
-
-    QUEUED = "QUEUED"
-    RUNNING = "RUNNING"
-    SUCCEEDED = "SUCCEEDED"
-    FAILED = "FAILED"
-    CANCELLED = "CANCELLED"
-
-    @property
-    def terminal(self) -> bool:
-        return self in TERMINAL
-
-    def to_proto(self) -> pb.TrainJobState:
-        return cast(pb.TrainJobState, pb.TrainJobState.Value(PROTO_STATE_PREFIX + self.value))
-
-    @classmethod
-    def from_proto(cls, value: int) -> JobState:
-        """The state of a proto enum value; ValueError for UNSPECIFIED or a value the proto lacks."""
-        name = pb.TrainJobState.Name(value) if value in pb.TrainJobState.values() else str(value)
-        try:
-            return cls(name.removeprefix(PROTO_STATE_PREFIX))
-        except ValueError:
-            raise ValueError(f"unknown job state {name!r}") from None
-
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     JobState.QUEUED,
@@ -58,7 +27,6 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     JobState.FAILED,
     JobState.CANCELLED,
 )
-TERMINAL = (SUCCEEDED, FAILED, CANCELLED)
 
 
 def now_ms() -> int:
