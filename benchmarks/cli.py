@@ -18,9 +18,10 @@ import sys
 import time
 
 DEFAULT_SCENARIOS = "ort,floor,worker,gateway-nocache,gateway-hits"
-# Asked for by name: Redis starts a private redis-server (or uses --redis-url); the HTTP ones
+# Asked for by name: naive is a hand-written server running ORT once per request (no batching);
+# Redis starts a private redis-server (or uses --redis-url); the HTTP ones
 # send the same requests as gateway-nocache over the gateway's REST port (JSON or binary tensors).
-EXTRA_SCENARIOS = "gateway-hits-redis,gateway-http-json,gateway-http-binary"
+EXTRA_SCENARIOS = "naive,gateway-hits-redis,gateway-http-json,gateway-http-binary"
 
 
 def _ints(text: str) -> list[int]:

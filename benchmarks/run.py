@@ -62,6 +62,7 @@ class Servers:
         self.cfg = cfg
         self.store = store
         self.floor: list[ServerProcess] = []
+        self.naive: list[ServerProcess] = []
         self.workers: list[ServerProcess] = []
         self.gateways: list[ServerProcess] = []
         self.redis_gateways: list[ServerProcess] = []  # gateway-hits-redis: Redis plus its near cache
@@ -92,6 +93,22 @@ class Servers:
                     models,
                     "--pool-size",
                     str(self.cfg.pool_size),
+                    "--port",
+                    port,
+                    *(["--reuse-port"] if reuse else []),
+                ),
+                procs,
+            )
+        if "naive" in scenarios:
+            self.cfg.log("starting the naive server")
+            self.naive = self._group(
+                lambda port, reuse: ServerProcess.module(
+                    "naive",
+                    "benchmarks.naive",
+                    "--store",
+                    str(self.store),
+                    "--models",
+                    models,
                     "--port",
                     port,
                     *(["--reuse-port"] if reuse else []),
@@ -150,7 +167,7 @@ class Servers:
         return self.redis.url
 
     def stop(self) -> None:
-        for p in [*self.gateways, *self.redis_gateways, *self.workers, *self.floor]:
+        for p in [*self.gateways, *self.redis_gateways, *self.workers, *self.floor, *self.naive]:
             p.stop()
         if self.redis is not None:
             self.redis.stop()
@@ -161,13 +178,20 @@ class Servers:
 
         if scenario == "floor":
             return named(self.floor, "floor")
+        if scenario == "naive":
+            return named(self.naive, "naive")
         if scenario == "worker":
             return named(self.workers, "worker")
         gateways = self.redis_gateways if scenario == REDIS_SCENARIO else self.gateways
         return {**named(gateways, "gateway"), **named(self.workers, "worker")}
 
     def address(self, scenario: str) -> str:
-        groups = {"floor": self.floor, "worker": self.workers, REDIS_SCENARIO: self.redis_gateways}
+        groups = {
+            "floor": self.floor,
+            "naive": self.naive,
+            "worker": self.workers,
+            REDIS_SCENARIO: self.redis_gateways,
+        }
         return groups.get(scenario, self.gateways)[0].address
 
     def rss(self) -> dict[str, int]:
@@ -259,7 +283,7 @@ class Bench:
                 for request in requests:
                     await stubs[0].ModelInfer(request, timeout=30)
             stats = None
-            if scenario != "floor" and self.servers.workers:
+            if scenario not in ("floor", "naive") and self.servers.workers:
                 stats = lambda: self._worker_stats(model.name)  # noqa: E731
             window = await closed_loop(
                 stubs,

@@ -17,6 +17,7 @@ FLOOR = "floor"
 SCENARIOS = (
     "ort",
     "floor",
+    "naive",
     "worker",
     "gateway-nocache",
     "gateway-http-json",
@@ -29,6 +30,7 @@ HTTP_SCENARIOS = ("gateway-http-json", "gateway-http-binary")
 SCENARIO_TITLES = {
     "ort": "in-process ORT (limit)",
     "floor": "transport floor",
+    "naive": "naive server (ORT per request)",
     "worker": "worker direct",
     "gateway-nocache": "gateway, cache off",
     "gateway-http-json": "gateway, cache off, HTTP JSON",

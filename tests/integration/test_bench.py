@@ -87,15 +87,15 @@ def test_bench_rejects_bad_rounds() -> None:
         assert f"argument --rounds: expected a positive integer, got '{bad}'" in proc.stderr
 
 
-def test_bench_measures_http_beside_grpc_through_the_gateway(tmp_path: Path) -> None:
+def test_bench_measures_http_beside_grpc_and_the_naive_server(tmp_path: Path) -> None:
     out = tmp_path / "bench"
-    scenarios = "gateway-nocache,gateway-http-json,gateway-http-binary"
+    scenarios = "naive,gateway-nocache,gateway-http-json,gateway-http-binary"
     _, doc = run_bench(out, "--scenarios", scenarios, "--concurrency", "1,4", "--max-requests", "40")
     points = doc["points"]
     assert {(p["scenario"], p["concurrency"]) for p in points} == {
         (s, c) for s in scenarios.split(",") for c in (1, 4)
     }
-    for p in points:  # every HTTP answer decoded and checked against in-process ONNX Runtime
+    for p in points:  # every answer (naive, gRPC, HTTP) checked against in-process ONNX Runtime
         assert p["requests"] > 0 and p["errors"] == 0 and p["wrong"] == 0 and p["checked"] == p["requests"], p
     ratios = {(r["scenario"], r["concurrency"]) for r in doc["transports"]}
     assert ratios == {(s, c) for s in ("gateway-http-json", "gateway-http-binary") for c in (1, 4)}
