@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -31,18 +31,22 @@ from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-class FloorServicer(pb_grpc.GRPCInferenceServiceServicer):
-    """Answers from a table of precomputed, serialized responses: ``(model, id) -> bytes``."""
-
-    def __init__(self, answers: dict[str, dict[str, bytes]], classes: int) -> None:
-        self.answers = answers
-        self.classes = classes
+class AlwaysReady(pb_grpc.GRPCInferenceServiceServicer):
+    """Live and ready from the start: the benchmark's own servers have nothing to load."""
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: object) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: object) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=True)
+
+
+class FloorServicer(AlwaysReady):
+    """Answers from a table of precomputed, serialized responses: ``(model, id) -> bytes``."""
+
+    def __init__(self, answers: dict[str, dict[str, bytes]], classes: int) -> None:
+        self.answers = answers
+        self.classes = classes
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -82,15 +86,24 @@ async def serve(args: argparse.Namespace) -> None:
     answers = precompute(Path(args.store), args.models.split(","), args.pool_size)
     servicer = FloorServicer(answers, CLASSES)
 
+    await serve_servicer(servicer, "floor", args)
+
+
+async def serve_servicer(servicer: object, name: str, args: argparse.Namespace) -> None:
+    """A benchmark server on ``build_server`` (every Ferry server's options), until signalled."""
+
     def register(server: grpc.aio.Server) -> list[str]:
         return [add_servicer(server, servicer, SERVICE)]
 
     handle = build_server(args.host, args.port, register, reuse_port=args.reuse_port)
-    await serve_until_signal(handle, 2.0, ready_message=ready_line("floor", handle.port))
+    await serve_until_signal(handle, 2.0, ready_message=ready_line(name, handle.port))
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks.floor", description=__doc__.splitlines()[0])
+def server_main(
+    prog: str, doc: str, serve: Callable[[argparse.Namespace], Awaitable[None]], argv: Sequence[str] | None
+) -> int:
+    """The command line the benchmark's servers share: the bench store, the models, the port."""
+    parser = argparse.ArgumentParser(prog=prog, description=doc.splitlines()[0])
     parser.add_argument("--store", required=True, help="the bench store (models exported by ferry bench)")
     parser.add_argument("--models", default="mlp,cnn")
     parser.add_argument("--pool-size", type=int, default=16)
@@ -99,6 +112,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reuse-port", action="store_true")
     asyncio.run(serve(parser.parse_args(argv)))
     return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return server_main("benchmarks.floor", __doc__ or "", serve, argv)
 
 
 if __name__ == "__main__":

@@ -20,26 +20,17 @@ from typing import Any
 import grpc
 import numpy as np
 
+from benchmarks.floor import AlwaysReady, serve_servicer, server_main
 from ferry._proto.inference import grpc_service_pb2 as pb
-from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.core.codec import add_output, decode_inputs
 from ferry.core.errors import NotFound
-from ferry.core.grpcserver import add_servicer, build_server, ready_line, serve_until_signal
-
-SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 
 
-class NaiveServicer(pb_grpc.GRPCInferenceServiceServicer):
+class NaiveServicer(AlwaysReady):
     def __init__(self, sessions: dict[str, Any], input_name: str, output_name: str) -> None:
         self.sessions = sessions
         self.input_name = input_name
         self.output_name = output_name
-
-    async def ServerLive(self, request: pb.ServerLiveRequest, context: object) -> pb.ServerLiveResponse:
-        return pb.ServerLiveResponse(live=True)
-
-    async def ServerReady(self, request: pb.ServerReadyRequest, context: object) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=True)
 
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
@@ -60,24 +51,11 @@ async def serve(args: argparse.Namespace) -> None:
 
     store = Path(args.store)
     sessions = {name: session(store / "onnx" / f"{name}.onnx") for name in args.models.split(",")}
-    servicer = NaiveServicer(sessions, INPUT_NAME, OUTPUT_NAME)
-
-    def register(server: grpc.aio.Server) -> list[str]:
-        return [add_servicer(server, servicer, SERVICE)]
-
-    handle = build_server(args.host, args.port, register, reuse_port=args.reuse_port)
-    await serve_until_signal(handle, 2.0, ready_message=ready_line("naive", handle.port))
+    await serve_servicer(NaiveServicer(sessions, INPUT_NAME, OUTPUT_NAME), "naive", args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="benchmarks.naive", description=__doc__.splitlines()[0])
-    parser.add_argument("--store", required=True, help="the bench store (models exported by ferry bench)")
-    parser.add_argument("--models", default="mlp,cnn")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--reuse-port", action="store_true")
-    asyncio.run(serve(parser.parse_args(argv)))
-    return 0
+    return server_main("benchmarks.naive", __doc__ or "", serve, argv)
 
 
 if __name__ == "__main__":

@@ -81,40 +81,10 @@ class Servers:
         scenarios = set(self.cfg.scenarios)
         models = ",".join(self.cfg.models)
         procs = max(1, self.cfg.worker_procs)
-        if "floor" in scenarios:
-            self.cfg.log("starting the floor server")
-            self.floor = self._group(
-                lambda port, reuse: ServerProcess.module(
-                    "floor",
-                    "benchmarks.floor",
-                    "--store",
-                    str(self.store),
-                    "--models",
-                    models,
-                    "--pool-size",
-                    str(self.cfg.pool_size),
-                    "--port",
-                    port,
-                    *(["--reuse-port"] if reuse else []),
-                ),
-                procs,
-            )
-        if "naive" in scenarios:
-            self.cfg.log("starting the naive server")
-            self.naive = self._group(
-                lambda port, reuse: ServerProcess.module(
-                    "naive",
-                    "benchmarks.naive",
-                    "--store",
-                    str(self.store),
-                    "--models",
-                    models,
-                    "--port",
-                    port,
-                    *(["--reuse-port"] if reuse else []),
-                ),
-                procs,
-            )
+        for name in ("floor", "naive"):  # the benchmark's own servers, one module each
+            if name in scenarios:
+                self.cfg.log(f"starting the {name} server")
+                setattr(self, name, self._bench_server(name, models, procs))
         if scenarios & {"worker", *GATEWAY_SCENARIOS}:
             self.cfg.log(f"starting {procs} worker process(es)")
             self.workers = self._group(
@@ -142,6 +112,25 @@ class Servers:
             self.redis_gateways = [
                 self._gateway("--redis-url", url, "--cache-near-bytes", str(NEAR_CACHE_BYTES))
             ]
+
+    def _bench_server(self, name: str, models: str, procs: int) -> list[ServerProcess]:
+        """``benchmarks.<name>`` (the floor, the naive server) over the bench store, ``procs`` of them."""
+        return self._group(
+            lambda port, reuse: ServerProcess.module(
+                name,
+                f"benchmarks.{name}",
+                "--store",
+                str(self.store),
+                "--models",
+                models,
+                "--pool-size",
+                str(self.cfg.pool_size),
+                "--port",
+                port,
+                *(["--reuse-port"] if reuse else []),
+            ),
+            procs,
+        )
 
     def _gateway(self, *extra: str) -> ServerProcess:
         http = free_port() if not self.http_port and set(self.cfg.scenarios) & set(HTTP_SCENARIOS) else 0
