@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import inspect
+import itertools
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -57,11 +58,29 @@ class LocalLimiter:
         return self._buckets.take(key.digest, key.rate_per_s, key.burst)
 
 
+# Ids for calls that bring none: this process's random prefix and a counter. Unique across
+# replicas and restarts like a uuid4, at a fraction of its cost on every call.
+_ID_PREFIX = uuid.uuid4().hex[:16]
+_ids = itertools.count(1)
+_request_id: contextvars.ContextVar[str] = contextvars.ContextVar("ferry_request_id", default="")
+
+
+def new_request_id() -> str:
+    return f"{_ID_PREFIX}{next(_ids):x}"
+
+
 def request_id_of(metadata: Any) -> str:
+    """The caller's ``x-request-id`` (at most 128 characters), or a new one."""
     for k, v in metadata or ():
         if k == "x-request-id" and v:
             return str(v)[:128]
-    return uuid.uuid4().hex[:16]
+    return new_request_id()
+
+
+def current_request_id(metadata: Any) -> str:
+    """The id the guard gave the current call (the one its audit line carries), so a handler
+    logs and forwards the same one; outside a guarded call, the caller's or a new one."""
+    return _request_id.get() or request_id_of(metadata)
 
 
 class Guard:
@@ -155,6 +174,7 @@ def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
 
         def enter(self) -> None:
             _caller.set(self.key.name if self.key is not None else ANONYMOUS)
+            _request_id.set(self.request_id)
 
         def finish(self, err: BaseException | None) -> None:
             if audited:

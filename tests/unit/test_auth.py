@@ -205,3 +205,22 @@ def test_protected_mode_rule() -> None:
     assert exposure_problem("0.0.0.0", auth=True, mtls=False, insecure=False) is None
     assert exposure_problem("0.0.0.0", auth=False, mtls=True, insecure=False) is None
     assert exposure_problem("0.0.0.0", auth=False, mtls=False, insecure=True) is None
+
+
+def test_a_guarded_call_and_its_handler_share_one_request_id() -> None:
+    """The id the guard's audit line carries is the one the handler logs and forwards, also when
+    the caller sent none (it used to generate two different ones)."""
+    import contextvars
+
+    from ferry.core import guard
+
+    assert guard.request_id_of([("x-request-id", "r" * 200)]) == "r" * 128
+    fresh = guard.request_id_of([])
+    assert fresh and fresh != guard.request_id_of([])
+
+    def inside_a_call() -> str:
+        guard._request_id.set(fresh)
+        return guard.current_request_id([])
+
+    assert contextvars.copy_context().run(inside_a_call) == fresh
+    assert guard.current_request_id([("x-request-id", "abc")]) == "abc"  # outside any guarded call
