@@ -187,35 +187,30 @@ class Batcher:
                 return q
         return None
 
+    def _gone(self, p: Pending, now: float) -> bool:
+        """True when ``p`` leaves the queue unrun: its caller went away, or its deadline passed
+        (its caller then gets DEADLINE_EXCEEDED)."""
+        if p.future.done():
+            return True
+        if p.deadline is not None and now >= p.deadline:
+            p.future.set_exception(
+                DeadlineExceeded(f"request to model {self.label} expired in the queue before it ran")
+            )
+            return True
+        return False
+
     def _drop_dead(self, queue: deque[Pending]) -> None:
+        """Drop the dead requests at the head of ``queue`` (every dispatcher pass: cheap)."""
         now = time.monotonic()
-        while queue:
-            head = queue[0]
-            if head.future.done():
-                pass
-            elif head.deadline is not None and now >= head.deadline:
-                head.future.set_exception(
-                    DeadlineExceeded(f"request to model {self.label} expired in the queue before it ran")
-                )
-            else:
-                return
+        while queue and self._gone(queue[0], now):
             queue.popleft()
             self._count -= 1
 
     def _expire(self, queue: deque[Pending]) -> None:
-        """Fail every queued request whose deadline has passed, wherever it waits in the queue."""
+        """Drop dead requests wherever they wait in the queue (when a deadline falls due)."""
         now = time.monotonic()
-        keep: list[Pending] = []
-        for p in queue:
-            if p.future.done():
-                self._count -= 1
-            elif p.deadline is not None and now >= p.deadline:
-                p.future.set_exception(
-                    DeadlineExceeded(f"request to model {self.label} expired in the queue before it ran")
-                )
-                self._count -= 1
-            else:
-                keep.append(p)
+        keep = [p for p in queue if not self._gone(p, now)]
+        self._count -= len(queue) - len(keep)
         queue.clear()
         queue.extend(keep)
 
