@@ -86,23 +86,23 @@ def _object(value: Any, what: str) -> dict[str, Any]:
     return value
 
 
-def set_parameter(target: pb.InferParameter, key: str, value: Any, where: str) -> None:
-    """One JSON parameter value into the v2 oneof: bool, integer, number or string."""
+def set_parameter(target: Any, key: str, value: Any, where: str, numbers: bool = True) -> None:
+    """One JSON parameter value into a v2 parameter oneof: bool, integer, number or string.
+    Repository parameters (``ModelRepositoryParameter``) have no number: ``numbers=False``."""
     if isinstance(value, bool):
         target.bool_param = value
     elif isinstance(value, int):
         if not -(2**63) <= value < 2**63:
             raise InvalidArgument(f"{where}: parameter {key!r} is out of the int64 range")
         target.int64_param = value
-    elif isinstance(value, float):
+    elif isinstance(value, float) and numbers:
         target.double_param = value
     elif isinstance(value, str):
         _utf8(value, f"{where}: parameter {key!r}")
         target.string_param = value
     else:
-        raise InvalidArgument(
-            f"{where}: parameter {key!r} must be a boolean, number or string, got {type(value).__name__}"
-        )
+        kinds = "a boolean, number or string" if numbers else "a boolean, integer or string"
+        raise InvalidArgument(f"{where}: parameter {key!r} must be {kinds}, got {type(value).__name__}")
 
 
 def fill_parameters(target: Any, params: Any, where: str) -> None:

@@ -45,18 +45,7 @@ def _repository_parameters(target: Any, params: Any, model: str) -> None:
     if not isinstance(params, dict):
         raise InvalidArgument(f"failed to load {model!r}: 'parameters' must be a JSON object")
     for key, value in params.items():
-        p = target[key]
-        if isinstance(value, bool):
-            p.bool_param = value
-        elif isinstance(value, int):
-            p.int64_param = value
-        elif isinstance(value, str):
-            p.string_param = value
-        else:
-            raise InvalidArgument(
-                f"repository parameter {key!r} must be a boolean, integer or string, "
-                f"got {type(value).__name__}"
-            )
+        rest.set_parameter(target[key], key, value, "repository", numbers=False)
 
 
 def _info(call: HttpCall) -> CallInfo:

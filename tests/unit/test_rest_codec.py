@@ -1005,3 +1005,19 @@ def test_deeply_nested_json_is_invalid_argument() -> None:
     depth = 100_000
     with pytest.raises(InvalidArgument):
         rest.parse_json(b"[" * depth + b"]" * depth)
+
+
+def test_repository_parameters_take_no_numbers_and_stay_in_range() -> None:
+    """Load and unload parameters go through the same converter as infer parameters."""
+    from ferry.core.rest_routes import _repository_parameters
+
+    req = pb.RepositoryModelLoadRequest(model_name="m")
+    _repository_parameters(req.parameters, {"config": "{}", "version": 2, "flag": True}, "m")
+    assert req.parameters["config"].string_param == "{}" and req.parameters["version"].int64_param == 2
+    for value, message in (
+        (1.5, "repository: parameter 'p' must be a boolean, integer or string, got float"),
+        (2**63, "repository: parameter 'p' is out of the int64 range"),
+        ("\ud800", "repository: parameter 'p' holds a lone UTF-16 surrogate escape"),
+    ):
+        with pytest.raises(InvalidArgument, match=re.escape(message)):
+            _repository_parameters(pb.RepositoryModelLoadRequest().parameters, {"p": value}, "m")
