@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import aiohttp
 import grpc
 import numpy as np
 
@@ -87,8 +88,6 @@ class RestStub:
     """``ModelInfer`` over HTTP on one aiohttp session (one keep-alive connection pool)."""
 
     def __init__(self, address: str, binary: bool) -> None:
-        import aiohttp
-
         self.base = f"http://{address}"
         self.binary = binary
         self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
@@ -97,8 +96,6 @@ class RestStub:
         self._bodies: dict[int, tuple[pb.ModelInferRequest, bytes, dict[str, str]]] = {}
 
     async def ModelInfer(self, request: pb.ModelInferRequest, timeout: float = 30.0) -> pb.ModelInferResponse:
-        import aiohttp
-
         prepared = self._bodies.get(id(request))
         if prepared is None or prepared[0] is not request:
             prepared = self._bodies[id(request)] = (request, *encode_request(request, self.binary))

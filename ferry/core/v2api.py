@@ -17,6 +17,7 @@ import grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
+from ferry.core.grpcserver import _abort_code as error_status
 from ferry.core.guard import current_request_id
 
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -84,8 +85,6 @@ async def stream_answers(
     control pushes back on the client), so a stream's requests batch like unary calls. Answers
     come as they finish, each with its request's id; a failed request becomes that answer's
     ``error_message`` (the one mapping the error interceptor uses) and the stream goes on."""
-    from ferry.core.grpcserver import _abort_code as error_status
-
     answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
     slots = asyncio.Semaphore(max(1, max_inflight))
     tasks: set[asyncio.Task[None]] = set()
