@@ -86,6 +86,25 @@ class LSTMText(nn.Module):
         return self.head(h[-1])
 
 
+class LSTMTextStep(nn.Module):
+    """An ``LSTMText`` that reads its text a piece at a time: tokens ``[batch, n]`` and the state
+    ``(h, c)`` in, logits and the new state out. The state is batch-first (``[batch, layers,
+    hidden]``, where the LSTM's own is layers-first), so a server keeping each sequence's state
+    (Triton's sequence batching) can stack the states of different sequences into one batch.
+    Fed a text piece by piece from zero state, it gives the logits ``LSTMText`` gives the whole."""
+
+    def __init__(self, text: LSTMText) -> None:
+        super().__init__()
+        self.text = text
+
+    def forward(
+        self, tokens: torch.Tensor, h_in: torch.Tensor, c_in: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        state = (h_in.transpose(0, 1).contiguous(), c_in.transpose(0, 1).contiguous())
+        _, (h, c) = self.text.lstm(self.text.embed(tokens), state)
+        return self.text.head(h[-1]), h.transpose(0, 1), c.transpose(0, 1)
+
+
 class EmbeddingBagText(nn.Module):
     """A bag-of-tokens text classifier: mean of token embeddings, then a linear head."""
 

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from google.protobuf import json_format
+
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import model_config_pb2 as mc
 from ferry.core.datatypes import config_name
 from ferry.core.modelconfig import ModelSpec, spec_from_config
+from ferry.core.sequencing import SequencePolicy
 
 
 def metadata_proto(spec: ModelSpec, versions: Sequence[int]) -> pb.ModelMetadataResponse:
@@ -34,7 +37,9 @@ def config_proto(spec: ModelSpec) -> mc.ModelConfig:
         cfg.input.add(name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims))
     for t in spec.outputs:
         cfg.output.add(name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims))
-    if spec.batching is not None:
+    if spec.sequence is not None:
+        _sequence_proto(spec.sequence, cfg.sequence_batching)
+    elif spec.batching is not None:
         b = spec.batching
         db = cfg.dynamic_batching
         db.preferred_batch_size.extend(b.preferred_batch_sizes)
@@ -74,4 +79,30 @@ def spec_from_config_proto(config: mc.ModelConfig) -> ModelSpec:
     }
     if config.platform:
         doc["platform"] = config.platform
+    if config.WhichOneof("scheduling_choice") == "sequence_batching":
+        doc["sequence_batching"] = json_format.MessageToDict(
+            config.sequence_batching, preserving_proto_field_name=True
+        )
     return spec_from_config(config.name, doc)
+
+
+def _sequence_proto(policy: SequencePolicy, out: mc.ModelSequenceBatching) -> None:
+    out.max_sequence_idle_microseconds = policy.idle_us
+    if policy.strategy == "direct":
+        out.direct.max_queue_delay_microseconds = policy.max_queue_delay_us
+    else:
+        out.oldest.max_candidate_sequences = policy.max_sequences
+        out.oldest.preferred_batch_size.extend(policy.preferred_batch_sizes)
+        out.oldest.max_queue_delay_microseconds = policy.max_queue_delay_us
+    for s in policy.states:
+        state = out.state.add(
+            input_name=s.input_name,
+            output_name=s.output_name,
+            data_type=_proto_datatype(s.datatype),
+            dims=list(s.dims),
+        )
+        initial = state.initial_state.add(name="initial", data_type=state.data_type, dims=list(s.dims))
+        if s.data_file:
+            initial.data_file = s.data_file
+        else:
+            initial.zero_data = True

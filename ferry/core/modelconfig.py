@@ -16,6 +16,7 @@ from typing import Any
 
 from ferry.core.datatypes import from_config
 from ferry.core.errors import InvalidArgument
+from ferry.core.sequencing import SequencePolicy, parse_policy, policy_to_config
 from ferry.core.warmup import WarmupSample, parse_samples
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -71,6 +72,7 @@ class ModelSpec:
     response_cache: bool = True
     parameters: dict[str, str] = field(default_factory=dict)
     warmup: tuple[WarmupSample, ...] = ()  # config.json's model_warmup (ferry.core.warmup)
+    sequence: SequencePolicy | None = None  # config.json's sequence_batching (ferry.core.sequencing)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -119,6 +121,20 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
                 default_priority_level=max(1, int(db.get("default_priority_level", 1))),
             )
         )
+    sequence = base.sequence
+    if "sequence_batching" in config:
+        if "dynamic_batching" in config:
+            raise InvalidArgument(f"{where}: dynamic_batching and sequence_batching exclude each other")
+        sequence = parse_policy(config["sequence_batching"], where)
+        inputs, outputs = _without_states(sequence, inputs, outputs, where)
+        batching = (
+            BatchingPolicy(
+                max_queue_delay_us=sequence.max_queue_delay_us,
+                preferred_batch_sizes=sequence.preferred_batch_sizes,
+            )
+            if max_batch > 0
+            else None
+        )
     policy = version_policy_of(config) if config.get("version_policy") else base.version_policy
     cache = config.get("response_cache", {"enable": base.response_cache})
     return replace(
@@ -134,7 +150,37 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
         response_cache=bool(cache.get("enable", True)),
         parameters={str(k): str(v) for k, v in config.get("parameters", base.parameters).items()},
         warmup=parse_samples(config["model_warmup"], where) if "model_warmup" in config else base.warmup,
+        sequence=sequence,
     )
+
+
+def _without_states(
+    policy: SequencePolicy,
+    inputs: tuple[TensorSpec, ...],
+    outputs: tuple[TensorSpec, ...],
+    where: str,
+) -> tuple[tuple[TensorSpec, ...], tuple[TensorSpec, ...]]:
+    """The tensors clients see: the graph's (or the config's) less the states the server feeds and
+    keeps. A state the graph lists must agree with it in datatype and dims."""
+    for state in policy.states:
+        for tensors, name in ((inputs, state.input_name), (outputs, state.output_name)):
+            found = next((t for t in tensors if t.name == name), None)
+            if found is None:
+                continue
+            dims_agree = len(found.dims) == len(state.dims) and all(
+                g in (-1, d) for g, d in zip(found.dims, state.dims, strict=True)
+            )
+            if found.datatype != state.datatype or not dims_agree:
+                raise InvalidArgument(
+                    f"{where}: state tensor {name!r} is {state.datatype} {list(state.dims)} in "
+                    f"sequence_batching but {found.datatype} {list(found.dims)} in the model"
+                )
+    kept_in, kept_out = policy.state_inputs(), policy.state_outputs()
+    served_in = tuple(t for t in inputs if t.name not in kept_in)
+    served_out = tuple(t for t in outputs if t.name not in kept_out)
+    if not served_in or not served_out:
+        raise InvalidArgument(f"{where}: the states leave clients no input or no output")
+    return served_in, served_out
 
 
 def version_policy_of(config: dict[str, Any] | None) -> VersionPolicy:
@@ -160,7 +206,9 @@ def spec_to_config(spec: ModelSpec) -> dict[str, Any]:
         "instance_count": spec.instances,
         "response_cache": {"enable": spec.response_cache},
     }
-    if spec.batching is not None:
+    if spec.sequence is not None:
+        config["sequence_batching"] = policy_to_config(spec.sequence)
+    elif spec.batching is not None:
         b = spec.batching
         config["dynamic_batching"] = {
             "max_queue_delay_microseconds": b.max_queue_delay_us,

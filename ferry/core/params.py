@@ -31,6 +31,19 @@ def int_param(params: Mapping[str, Any], key: str, where: str = "", digits: bool
     raise InvalidArgument(f"{_prefix(where)}parameter {key!r} must be an integer")
 
 
+def bool_param(params: Mapping[str, Any], key: str, where: str = "") -> bool:
+    """A flag; absent is False. A JSON body's ``"true"``/``"false"`` counts as the flag it names."""
+    if key not in params:
+        return False
+    p = params[key]
+    kind = p.WhichOneof("parameter_choice")
+    if kind == "bool_param":
+        return bool(p.bool_param)
+    if kind == "string_param" and p.string_param.lower() in ("true", "false"):
+        return bool(p.string_param.lower() == "true")
+    raise InvalidArgument(f"{_prefix(where)}parameter {key!r} must be a bool")
+
+
 def string_param(params: Mapping[str, Any], key: str, where: str = "") -> str | None:
     """A string parameter, or None when absent."""
     if key not in params:

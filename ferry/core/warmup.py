@@ -151,20 +151,22 @@ def check(
             raise InvalidArgument(f"{here} input {name!r} is over {MAX_ELEMENTS} elements")
 
 
-def _read_row(path: Path, spec: WarmupInput, where: str) -> np.ndarray:
-    """One row of ``spec`` from its data file; the file must hold exactly that."""
-    count = int(np.prod(spec.dims))
+def read_row(path: Path, datatype: str, dims: tuple[int, ...], where: str) -> np.ndarray:
+    """One ``datatype`` tensor of ``dims`` from a data file that must hold exactly that (raw
+    little-endian; BYTES as length-prefixed strings). Also reads sequence models' initial states."""
+    shown = f"{path.parent.name}/{path.name}"
+    count = int(np.prod(dims))
     if path.is_symlink() or not path.is_file():
-        raise InvalidArgument(f"{where}: {WARMUP_DIR}/{spec.file} is missing (or not a plain file)")
+        raise InvalidArgument(f"{where}: {shown} is missing (or not a plain file)")
     data = path.read_bytes()
-    if spec.datatype != "BYTES":
-        dtype = numpy_dtype(spec.datatype).newbyteorder("<")
+    if datatype != "BYTES":
+        dtype = numpy_dtype(datatype).newbyteorder("<")
         if len(data) != count * dtype.itemsize:
             raise InvalidArgument(
-                f"{where}: {WARMUP_DIR}/{spec.file} has {len(data)} bytes, {spec.datatype} {list(spec.dims)} "
+                f"{where}: {shown} has {len(data)} bytes, {datatype} {list(dims)} "
                 f"needs {count * dtype.itemsize}"
             )
-        return np.frombuffer(data, dtype=dtype).astype(numpy_dtype(spec.datatype)).reshape(spec.dims)
+        return np.frombuffer(data, dtype=dtype).astype(numpy_dtype(datatype)).reshape(dims)
     items: list[str] = []
     at = 0
     while at + 4 <= len(data):
@@ -172,15 +174,13 @@ def _read_row(path: Path, spec: WarmupInput, where: str) -> np.ndarray:
         items.append(data[at + 4 : at + 4 + length].decode("utf-8", errors="replace"))
         at += 4 + length
     if len(items) != count or at != len(data):
-        raise InvalidArgument(
-            f"{where}: {WARMUP_DIR}/{spec.file} does not hold exactly {count} length-prefixed strings"
-        )
-    return np.array(items, dtype=object).reshape(spec.dims)
+        raise InvalidArgument(f"{where}: {shown} does not hold exactly {count} length-prefixed strings")
+    return np.array(items, dtype=object).reshape(dims)
 
 
 def _row(spec: WarmupInput, model_dir: Path, rng: np.random.Generator, where: str) -> np.ndarray:
     if spec.source == "input_data_file":
-        return _read_row(model_dir / WARMUP_DIR / spec.file, spec, where)
+        return read_row(model_dir / WARMUP_DIR / spec.file, spec.datatype, spec.dims, where)
     if spec.datatype == "BYTES":
         if spec.source == "zero_data":
             return np.full(spec.dims, "", dtype=object)

@@ -10,8 +10,9 @@ status in one place.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -20,14 +21,16 @@ from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
-from ferry.core.errors import FerryError, Unimplemented
+from ferry.core.errors import FerryError, InvalidArgument, Unimplemented
 from ferry.core.params import int_param
+from ferry.core.sequencing import sequence_control
 from ferry.core.v2api import CallInfo, stream_answers
 from ferry.core.validation import accept_request
 from services.inference.load_params import config_param, version_param
 from services.inference.metrics import WorkerMetrics
 from services.inference.repository import Repository, Version
 from services.inference.runner import default_providers
+from services.inference.sequences import Answer
 from services.inference.shm import (
     ShmLimits,
     ShmRegistry,
@@ -112,9 +115,7 @@ class WorkerDataPlane:
         try:
             version = self.repo.resolve(request.model_name, request.model_version)
             admitted = self._admit(version, request, call.time_remaining)
-            outputs, queue_ns, timings = await version.batcher.submit(
-                admitted.inputs, admitted.rows, admitted.priority, admitted.timeout_s
-            )
+            outputs, queue_ns, timings = await self._run(admitted, request.parameters)
             response = self._respond(request, admitted, outputs)
             total = time.perf_counter_ns() - start
             version.stats.record_request(
@@ -129,6 +130,27 @@ class WorkerDataPlane:
             # Unknown names stay out of the label set, so clients cannot grow it without bound.
             self.metrics.observe(request.model_name if version else "_unknown", err.code.name, total)
             raise
+
+    async def _run(self, admitted: Admitted, params: Mapping[str, Any]) -> Answer:
+        """The batcher's answer; a sequence model's request is fed its sequence's state, in turn."""
+        version = admitted.version
+
+        def submit(inputs: dict[str, np.ndarray]) -> Awaitable[Answer]:
+            return version.batcher.submit(inputs, admitted.rows, admitted.priority, admitted.timeout_s)
+
+        if version.sequences is None:  # sequence controls mean nothing here and are ignored, as in Triton
+            return await submit(admitted.inputs)
+        control = sequence_control(params)
+        if control is None:
+            raise InvalidArgument(
+                f"model {version.model!r} is a sequence model: each request needs a sequence_id, and "
+                "the first of a sequence sequence_start"
+            )
+        if version.spec.max_batch_size > 0 and admitted.rows != 1:
+            raise InvalidArgument(
+                f"model {version.model!r}: a sequence request carries one row, got {admitted.rows}"
+            )
+        return await version.sequences.run(control, lambda state: submit({**admitted.inputs, **state}))
 
     def _admit(
         self, version: Version, request: pb.ModelInferRequest, time_remaining: float | None

@@ -27,16 +27,17 @@ class WorkerMetrics:
 
 
 class LoadGauges:
-    """``ferry_worker_queue_depth{model}``, ``ferry_worker_in_flight`` and
-    ``ferry_worker_queue_time_seconds{model}``, computed at scrape time.
+    """``ferry_worker_queue_depth{model}``, ``ferry_worker_in_flight``,
+    ``ferry_worker_queue_time_seconds{model}`` and ``ferry_worker_live_sequences{model}`` (a sequence
+    model's held states), computed at scrape time from the serving versions.
 
     Queue time is a gauge of how long the oldest waiting request of a model has waited (0 when
     its queue is empty): unlike a histogram it answers "is it backing up now", which is what a
     scaler needs; the per-request queue times are in ModelStatistics.
     """
 
-    def __init__(self, batchers: Callable[[], Iterable[tuple[str, Any]]]) -> None:
-        self._batchers = batchers
+    def __init__(self, versions: Callable[[], Iterable[tuple[str, Any]]]) -> None:
+        self._versions = versions
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         depth = GaugeMetricFamily(
@@ -48,10 +49,17 @@ class LoadGauges:
             labels=["model"],
         )
         in_flight = GaugeMetricFamily("ferry_worker_in_flight", "Requests in the worker's queues or running")
+        live = GaugeMetricFamily(
+            "ferry_worker_live_sequences", "Sequences whose state a sequence model holds", labels=["model"]
+        )
         depths: dict[str, int] = {}
         waits: dict[str, float] = {}
+        sequences: dict[str, int] = {}
         total = 0
-        for model, batcher in list(self._batchers()):
+        for model, version in list(self._versions()):
+            batcher = version.batcher
+            if version.sequences is not None:
+                sequences[model] = sequences.get(model, 0) + len(version.sequences)
             queued = batcher.depth
             depths[model] = depths.get(model, 0) + queued
             waits[model] = max(waits.get(model, 0.0), batcher.oldest_wait_s())
@@ -60,6 +68,9 @@ class LoadGauges:
             depth.add_metric([model], depths[model])
             wait.add_metric([model], waits[model])
         in_flight.add_metric([], total)
+        for model in sorted(sequences):
+            live.add_metric([model], sequences[model])
+        yield live
         yield depth
         yield wait
         yield in_flight

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ferry.core import warmup
 from ferry.core.classify import read_labels
 from ferry.core.cpus import cpu_limit
@@ -36,6 +38,7 @@ from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_o
 from ferry.core.store import Store
 from services.inference.batcher import Batcher
 from services.inference.runner import OrtRunner, provider_list
+from services.inference.sequences import Sequences, check_graph, initial_states
 from services.inference.settings import WorkerSettings
 from services.inference.stats import ModelStats
 
@@ -55,6 +58,22 @@ class Version:
     batcher: Batcher
     stats: ModelStats
     labels: tuple[str, ...] = ()  # labels.txt beside the versions, for class_count outputs
+    sequences: Sequences | None = None  # a sequence model's live sequences
+
+    async def close(self) -> None:
+        """Stop serving: live sequences are dropped, queued requests finish or fail."""
+        if self.sequences is not None:
+            self.sequences.close()
+        await self.batcher.close()
+
+
+@dataclass
+class Built:
+    """A version ready to serve, built off the event loop."""
+
+    runner: OrtRunner
+    spec: ModelSpec
+    initial: dict[str, np.ndarray]  # a sequence model's initial states, else empty
 
 
 @dataclass
@@ -155,7 +174,7 @@ class Repository:
             return
         state.status[number] = (LOADING, "")
         try:
-            runner, spec = await asyncio.get_running_loop().run_in_executor(
+            built = await asyncio.get_running_loop().run_in_executor(
                 None, self._build, state.name, number, config
             )
         except Exception as err:
@@ -167,10 +186,11 @@ class Repository:
             state.status[number] = (UNAVAILABLE, reason)
             state.failed_mtime[number] = mtime
             return
-        self._install(state, number, runner, spec)
+        self._install(state, number, built)
 
-    def _install(self, state: ModelState, number: int, runner: OrtRunner, spec: ModelSpec) -> Version | None:
-        """Serve ``runner`` as this version; returns the version it replaced, for its caller to close."""
+    def _install(self, state: ModelState, number: int, built: Built) -> Version | None:
+        """Serve ``built`` as this version; returns the version it replaced, for its caller to close."""
+        runner, spec = built.runner, built.spec
         stats = state.stats.setdefault(number, ModelStats())
         batcher = Batcher(
             f"{state.name}:{number}",
@@ -182,13 +202,14 @@ class Repository:
         )
         old = state.ready.get(number)
         labels = read_labels(self.store.version_dir(state.name, number), self.store.model_dir(state.name))
-        state.ready[number] = Version(state.name, number, spec, runner, batcher, stats, labels)
+        sequences = Sequences(state.name, spec.sequence, built.initial) if spec.sequence is not None else None
+        state.ready[number] = Version(state.name, number, spec, runner, batcher, stats, labels, sequences)
         state.status[number] = (READY, "")
         state.failed_mtime.pop(number, None)
         log.info("model %s version %s ready on %s", state.name, number, runner.providers)
         return old
 
-    def _build(self, name: str, number: int, config: dict[str, Any] | None) -> tuple[OrtRunner, ModelSpec]:
+    def _build(self, name: str, number: int, config: dict[str, Any] | None) -> Built:
         s = self.settings
         instances = s.instances or int((config or {}).get("instance_count", 1))
         runner = OrtRunner(
@@ -211,16 +232,22 @@ class Repository:
                 raise InvalidArgument(
                     f"the config gives {t.name!r} datatype {t.datatype} but the graph's is {graph[t.name]}"
                 )
+        initial: dict[str, np.ndarray] = {}
+        if spec.sequence is not None:
+            check_graph(spec.sequence, runner.input_names, runner.output_names)
+            where = f"config of model {name!r}"
+            batched = spec.max_batch_size > 0
+            initial = initial_states(spec.sequence, batched, self.store.model_dir(name), where)
         if s.warmup:
-            _warm(runner, spec, number, self.store.model_dir(name))
-        return runner, spec
+            _warm(runner, spec, number, self.store.model_dir(name), initial)
+        return Built(runner, spec, initial)
 
     async def _unload_version(self, state: ModelState, number: int) -> None:
         version = state.ready.pop(number, None)
         if version is None:
             return
         state.status[number] = (UNLOADING, "")
-        await version.batcher.close()
+        await version.close()
         state.status.pop(number, None)
         log.info("model %s version %s unloaded", state.name, number)
 
@@ -335,10 +362,10 @@ class Repository:
                         "the model keeps its previous config"
                     ) from err
             state.wanted, state.override = True, (dict(config or {}) if override else None)
-            for number, (runner, spec) in built.items():
-                old = self._install(state, number, runner, spec)
+            for number, ready in built.items():
+                old = self._install(state, number, ready)
                 if old is not None:
-                    await old.batcher.close()
+                    await old.close()
             for number in sorted(set(state.ready) - set(built)):
                 await self._unload_version(state, number)
             log.warning(
@@ -385,7 +412,9 @@ def parse_version(text: str) -> int:
 MUST_PASS = ("1", "true", "yes")
 
 
-def _warm(runner: OrtRunner, spec: ModelSpec, number: int, model_dir: Path) -> None:
+def _warm(
+    runner: OrtRunner, spec: ModelSpec, number: int, model_dir: Path, states: dict[str, np.ndarray]
+) -> None:
     """Run the config's ``model_warmup`` samples (``ferry.core.warmup``), or zeros twice.
 
     A sample that does not fit the model fails the load with the reason. Zeros or empty
@@ -402,6 +431,10 @@ def _warm(runner: OrtRunner, spec: ModelSpec, number: int, model_dir: Path) -> N
         tensors = [(t.name, t.datatype, tuple(t.dims)) for t in spec.inputs]
         samples = (warmup.zeros_sample(tensors, spec.max_batch_size > 0),)
     runs = [(warmup.feeds(x, model_dir, where, seed=i), x.count) for i, x in enumerate(samples)]
+    for feeds, _ in runs:  # a sequence model is also fed its states, as at a sequence's start
+        rows = max(1, next(iter(feeds.values())).shape[0]) if spec.max_batch_size > 0 and feeds else 1
+        for name, value in states.items():
+            feeds[name] = np.repeat(value, rows, axis=0) if spec.max_batch_size > 0 else value
     started = time.monotonic()
     try:
         made = runner.warmup(runs)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Any
 
 import onnxruntime as ort
 from prometheus_client import REGISTRY
@@ -20,7 +19,7 @@ from ferry.core.telemetry import start_metrics_server
 from ferry.core.v2api import V2Servicer
 from services.inference.dataplane import WorkerDataPlane
 from services.inference.metrics import LoadGauges, WorkerMetrics
-from services.inference.repository import Repository
+from services.inference.repository import Repository, Version
 from services.inference.runner import fallback_problem
 from services.inference.settings import WorkerSettings
 
@@ -28,11 +27,11 @@ SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
 log = logging.getLogger("ferry.worker")
 
 
-def _batchers(repo: Repository) -> Iterator[tuple[str, Any]]:
-    """Every serving batcher, read from the metrics thread: copies, so a reload meanwhile is harmless."""
+def _versions(repo: Repository) -> Iterator[tuple[str, Version]]:
+    """Every serving version, read from the metrics thread: copies, so a reload meanwhile is harmless."""
     for name, state in list(repo.models.items()):
         for version in list(state.ready.values()):
-            yield name, version.batcher
+            yield name, version
 
 
 async def serve(settings: WorkerSettings) -> None:
@@ -66,13 +65,13 @@ async def serve(settings: WorkerSettings) -> None:
         # of being cut off by the server's shutdown.
         plane.ready = False
         await asyncio.sleep(settings.drain_delay_s)
-        for _, batcher in _batchers(repo):
-            batcher.flush()
+        for _, version in _versions(repo):
+            version.batcher.flush()
         if http is not None:
             await http.stop(settings.grace_s)
 
     handle.on_stop.append(on_stop)
-    REGISTRY.register(LoadGauges(lambda: _batchers(repo)))
+    REGISTRY.register(LoadGauges(lambda: _versions(repo)))
     metrics_port = start_metrics_server(settings.metrics_port, settings.host)
     http = await start_rest(settings, plane, port.guard)
     extra: dict[str, object] = {"metrics_port": metrics_port}
