@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
 import subprocess
 import sys
 import time
 from typing import Any
 
 from benchmarks.stats import latency_summary
+from ferry.core.netutil import free_port
 
 WIDTH = 64
 
@@ -60,12 +60,6 @@ def serve_uvicorn(port: int) -> None:
 SERVERS = {"aiohttp": serve_aiohttp, "uvicorn": serve_uvicorn}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 async def _wait_up(port: int, deadline: float) -> None:
     while True:
         try:
@@ -104,7 +98,7 @@ async def drive(url: str, body: bytes, concurrency: int, requests: int, seconds:
 
 
 async def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    ports = {name: _free_port() for name in SERVERS}
+    ports = {name: free_port() for name in SERVERS}
     procs = {
         name: subprocess.Popen(
             [sys.executable, "-c", f"from benchmarks.http_servers import SERVERS; SERVERS[{name!r}]({port})"]
