@@ -14,6 +14,13 @@
 A merged call that fails for a reason other than the transport (a worker
 rejecting something the gateway could not see) is re-run request by request,
 so one bad request still fails alone.
+
+A request of a sequence (``sequence_id`` and friends in its parameters) takes none of
+that path: no cache, no single-flight, no batch. It goes upstream alone, its parameters
+intact, one at a time per sequence, to the worker that holds the sequence's state
+(``gateway.sequences``): a ``sequence_start`` picks one by rendezvous hashing over the
+healthy workers that have the version, later requests follow the pin, and when that
+worker is gone they fail with UNAVAILABLE instead of running where the state is not.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ import grpc
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import translate
 from ferry.core.errors import (
+    DeadlineExceeded,
     FailedPrecondition,
     FerryError,
     Internal,
@@ -44,7 +52,17 @@ from gateway import metrics
 from gateway.cache import ResultCache, SingleFlight, cache_key, cache_opt_out, cached_answer, request_digest
 from gateway.coalescer import Batcher, Pending, Prepared, as_raw_request, merge, prepare, split
 from gateway.discovery import Discovery
-from gateway.upstream import Upstream
+from gateway.hedging import is_sequence
+from gateway.sequences import (
+    SequenceOrder,
+    SequenceRef,
+    StickyMap,
+    WaitedTooLong,
+    ranked,
+    rendezvous,
+    sequence_of,
+)
+from gateway.upstream import Upstream, WorkerLost
 
 log = logging.getLogger("ferry.gateway.dataplane")
 
@@ -105,6 +123,7 @@ class DataPlane:
         coalesce: bool = True,
         max_batch: int = 64,
         upstream_per_worker: int = 2,
+        sequences: StickyMap | None = None,
     ) -> None:
         self.discovery = discovery
         self.upstream = upstream
@@ -117,6 +136,9 @@ class DataPlane:
         self.in_flight = 0
         metrics.IN_FLIGHT.set_function(lambda: self.in_flight)
         self.cache_counters: dict[tuple[str, str], CacheCounters] = defaultdict(CacheCounters)
+        self.sequences = sequences if sequences is not None else StickyMap()
+        self.sequence_order = SequenceOrder()
+        metrics.SEQUENCES.set_function(lambda: len(self.sequences))
 
     async def infer(
         self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
@@ -151,6 +173,8 @@ class DataPlane:
     async def _infer(
         self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
     ) -> pb.ModelInferResponse | bytes:
+        if is_sequence(request.parameters):
+            return await self._sequence(request, deadline, request_id)
         model = request.model_name
         pinned = bool(request.model_version)
         routed = await self._route(model, request.model_version)
@@ -158,6 +182,8 @@ class DataPlane:
             # no worker has it ready: let a worker answer, so the caller sees the worker's own words
             return await self._forward_unknown(request, deadline, request_id)
         version, candidates, spec = routed
+        if spec.sequence is not None:  # a stateful model: nothing shared, nothing merged
+            return await self._alone(request, deadline, request_id)
         item = prepare(spec, request)
         digest = ckey = None
         looked_up = False
@@ -198,6 +224,115 @@ class DataPlane:
             out.CopyFrom(response)
         out.id = request.id
         return out
+
+    # -- sequences -----------------------------------------------------------------------------
+    async def _sequence(
+        self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        """A request of a sequence: alone, uncached, after the sequence's earlier requests, on the
+        worker that holds the sequence's state."""
+        seq = sequence_of(request.model_name, request.parameters)
+        if seq is None:  # an id of 0 or "" names no sequence (as in Triton): alone, for the worker
+            return await self._alone(request, deadline, request_id)
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            async with self.sequence_order.turn(seq.key, timeout):
+                if seq.start:
+                    return await self._sequence_start(seq, request, deadline, request_id)
+                return await self._sequence_next(seq, request, deadline, request_id)
+        except WaitedTooLong:
+            raise DeadlineExceeded(
+                f"deadline exceeded while an earlier request of {seq.describe()} was still running"
+            ) from None
+
+    async def _sequence_start(
+        self, seq: SequenceRef, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        """Pick the sequence's worker afresh: the first by rendezvous hashing among the healthy,
+        non-ejected workers that have the version ready. A start holds no state yet, so one
+        whose worker failed at the transport goes to the next choice, within the attempts."""
+        self.sequences.drop(seq.key)
+        model = seq.model
+        try:
+            version, candidates = self.discovery.route(model, request.model_version)
+        except NotFound:
+            return await self._forward_unknown(request, deadline, request_id)
+        router = self.upstream.router
+        now = router.clock()
+        live = [a for a in candidates if router.endpoint(a).available(now)] or candidates
+        choices = ranked(seq.key, live)[: max(1, self.upstream.policy.attempts)]
+        if not choices:
+            raise Unavailable(f"no healthy worker has model {model!r} version {version} ready")
+        request.model_version = version
+        for n, address in enumerate(choices):
+            try:
+                answer = await self.upstream.infer_on(address, request, deadline, request_id)
+            except WorkerLost as err:
+                time_left = None if deadline is None else deadline - time.monotonic()
+                if n + 1 == len(choices) or (
+                    time_left is not None and time_left <= self.upstream.policy.min_time_left_s
+                ):
+                    raise Unavailable(
+                        f"{seq.describe()} could not start: worker {address} failed: {err.message}"
+                    ) from err
+                metrics.RETRIES.labels("unavailable").inc()
+                log.info("sequence start: next worker", extra={"worker": address, "rid": request_id})
+                continue
+            if not seq.end:
+                self.sequences.put(seq.key, address, answer.model_version or version)
+            return answer
+        raise Unavailable(f"no healthy worker has model {model!r} version {version} ready")  # not reached
+
+    async def _sequence_next(
+        self, seq: SequenceRef, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        """Follow the pin; without one (another replica started the sequence, or this gateway
+        restarted), the rendezvous choice over every worker that serves the model, healthy or
+        not, which is where a start with the same workers went. Never another worker."""
+        pin = self.sequences.get(seq.key)
+        if pin is not None:
+            address = pin.address
+            if not request.model_version:
+                request.model_version = pin.version
+        else:
+            chosen = rendezvous(seq.key, self.discovery.holders(seq.model))
+            if chosen is None:  # no worker lists the model: let a worker word it
+                return await self._alone(request, deadline, request_id)
+            address = chosen
+        if self._gone(address):
+            metrics.SEQUENCES_LOST.labels(seq.model).inc()
+            raise Unavailable(seq.lost(address))
+        try:
+            answer = await self.upstream.infer_on(address, request, deadline, request_id)
+        except WorkerLost as err:
+            metrics.SEQUENCES_LOST.labels(seq.model).inc()
+            raise Unavailable(f"{seq.lost(address)} ({err.message})") from err
+        if seq.end:
+            self.sequences.drop(seq.key)
+        else:
+            self.sequences.put(seq.key, address, answer.model_version or request.model_version)
+        return answer
+
+    def _gone(self, address: str) -> bool:
+        """The worker no longer serves: not listed, not healthy, or ejected."""
+        worker = self.discovery.workers.get(address)
+        if worker is None or not worker.serving:
+            return True
+        router = self.upstream.router
+        return not router.endpoint(address).available(router.clock())
+
+    async def _alone(
+        self, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        """Upstream as it came: no cache, no merge; ``Upstream`` neither retries nor hedges a
+        request with sequence parameters."""
+        try:
+            version, _candidates = self.discovery.route(request.model_name, request.model_version)
+        except NotFound:
+            return await self._forward_unknown(request, deadline, request_id)
+        pinned = bool(request.model_version)
+        request.model_version = version
+        return await self.upstream.infer(request, deadline, request_id, pinned)
 
     async def _route(self, model: str, asked: str) -> tuple[str, list[str], ModelSpec] | None:
         """The version a request runs on, the workers that have it and its signature; None when no

@@ -319,6 +319,15 @@ class Discovery:
     def candidates(self, model: str, version: str) -> list[str]:
         return [w.address for w in self.healthy() if w.ready(model, version)]
 
+    def holders(self, model: str) -> list[str]:
+        """Every known worker that serves ``model``, healthy or not: those whose last index listed
+        it, and those whose index was never read (down since before this gateway started). The
+        set a continuation of a sequence this gateway has no record of is hashed over, so gateway
+        replicas agree on it while the workers stay the same."""
+        return [
+            w.address for w in self.workers.values() if model in w.models or (not w.models and not w.index_ok)
+        ]
+
     def no_worker_message(self) -> str:
         return (
             f"no healthy worker: 0 of {len(self.workers)} known workers are serving "

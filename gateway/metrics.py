@@ -56,6 +56,12 @@ RATE_LIMIT_LOCAL = Gauge(
     "ferry_gateway_rate_limit_local",
     "1 while Redis is unreachable and this replica counts API-key rate limits on its own",
 )
+SEQUENCES = Gauge("ferry_gateway_sequences", "Live sequences this gateway has pinned to a worker")
+SEQUENCES_LOST = Counter(
+    "ferry_gateway_sequences_lost_total",
+    "Requests of a sequence refused because the worker holding its state is gone",
+    ["model"],
+)
 REJECTED = Counter("ferry_gateway_overload_rejections_total", "Requests refused because the gateway was full")
 
 # The children the request path touches on every call, kept (see ``Labelled``).

@@ -36,6 +36,7 @@ from gateway.near_cache import NearCache
 from gateway.ratelimit import SharedLimiter
 from gateway.redis_url import parse_redis_url
 from gateway.router import RetryPolicy, Router
+from gateway.sequences import StickyMap
 from gateway.settings import GatewaySettings
 from gateway.upstream import Upstream
 
@@ -171,6 +172,7 @@ async def serve(settings: GatewaySettings) -> None:
         coalesce=settings.coalesce,
         max_batch=settings.coalesce_max_batch,
         upstream_per_worker=settings.upstream_per_worker,
+        sequences=StickyMap(settings.max_sequences, settings.sequence_idle_s),
     )
     api = GatewayApi(discovery, dataplane, upstream, default_timeout_s=settings.default_timeout_s)
     servicer = V2Servicer(api)

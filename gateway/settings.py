@@ -96,6 +96,17 @@ class GatewaySettings(SecuritySettings, RestSettings):
     )
     max_message_bytes: int = max_message_bytes_field()
     upstream_per_worker: int = Field(1, description="concurrent upstream batches per worker and model")
+    # Sequences (sequence_id): each one sticks to the worker that holds its state.
+    sequence_idle_s: float = Field(
+        300.0,
+        gt=0,
+        description="a sequence's pin to its worker is forgotten after this long without a request",
+    )
+    max_sequences: int = Field(
+        65536,
+        ge=1,
+        description="sequences pinned to a worker at once; beyond, the least recently used is forgotten",
+    )
     # Security.
     worker_tls: bool = Field(False, description="talk TLS to workers")
     worker_ca: str | None = Field(None, description="CA bundle that worker certificates chain to")

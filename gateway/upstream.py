@@ -12,7 +12,9 @@ and the retry budget allow:
 - the hedge delay passed with no answer (hedging, off by default).
 
 Losers are cancelled. Inference is idempotent, so a batch may run twice; requests
-of a sequence (``sequence_id``) never run anywhere but where they were sent.
+of a sequence (``sequence_id``) never run anywhere but where they were sent: the
+data plane names their worker (``infer_on``), and a failure of that worker is
+``WorkerLost``, never a retry elsewhere.
 When the gateway chose the version (the caller named none) and the worker says
 that version is gone, the version is re-resolved and the call retried: a rollout
 must not fail requests. The decisions themselves live in ``gateway.hedging``.
@@ -67,6 +69,18 @@ def worker_failed(err: grpc.aio.AioRpcError) -> bool:
     return broken_connection(err) and error_reason(err) != ModelUnavailable.reason
 
 
+class WorkerLost(Unavailable):
+    """The one worker a call had to run on failed, or its connection did (``infer_on``)."""
+
+    def __init__(self, address: str, message: str) -> None:
+        super().__init__(message)
+        self.address = address
+
+
+def _model_infer(worker: Any, request: Any, timeout: float | None, metadata: Any) -> Awaitable[Any]:
+    return worker.stub.ModelInfer(request, timeout=timeout, metadata=metadata)
+
+
 @dataclass
 class _Attempt:
     address: str
@@ -108,11 +122,37 @@ class Upstream:
             request,
             deadline,
             request_id,
-            lambda w, req, timeout, md: w.stub.ModelInfer(req, timeout=timeout, metadata=md),
+            _model_infer,
             pinned=pinned,
             grey=not sequence,
             once=sequence,
         )
+
+    async def infer_on(
+        self, address: str, request: pb.ModelInferRequest, deadline: float | None, request_id: str
+    ) -> pb.ModelInferResponse:
+        """One attempt on the worker at ``address`` and on no other: no retry, no hedge, no per-try
+        budget (a sequence's state lives there). ``WorkerLost`` when that worker or its connection
+        fails (UNAVAILABLE, a broken connection); any other error is the worker's own answer."""
+        worker = self.discovery.workers.get(address)
+        if worker is None:
+            raise WorkerLost(address, f"worker {address} is no longer known")
+        timeout = None if deadline is None else deadline - time.monotonic()
+        if timeout is not None and timeout <= 0:
+            raise DeadlineExceeded("deadline exceeded before the request reached a worker")
+        self.budget.request()
+        metrics.TRIES.labels("first").inc()
+        try:
+            answer: pb.ModelInferResponse = await self._attempt(
+                worker, address, request, timeout, (("x-request-id", request_id),), _model_infer
+            )
+        except grpc.aio.AioRpcError as err:
+            if worker_failed(err):
+                self.discovery.suspect(address)
+                raise WorkerLost(address, translate(err).message) from err
+            raise translate(err) from err
+        metrics.WINS.labels("first").inc()
+        return answer
 
     async def call(
         self,
