@@ -10,6 +10,8 @@ against this table.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from collections.abc import Callable
 from typing import Any
 
@@ -148,6 +150,14 @@ def endpoints(api: V2Api) -> list[Endpoint]:
     async def cuda_register(call: HttpCall) -> Reply:
         doc = _body(call, "register")
         request = pb.CudaSharedMemoryRegisterRequest(name=call.params["region"])
+        raw = doc.get("raw_handle")
+        if raw is not None:  # Triton's form: {"b64": "<the base64 of the cudaIpcMemHandle_t>"}
+            encoded = raw.get("b64") if isinstance(raw, dict) else None
+            try:
+                text = encoded if isinstance(encoded, str) else ""
+                request.raw_handle = base64.b64decode(text, validate=True)
+            except (binascii.Error, ValueError):
+                raise InvalidArgument('raw_handle must be {"b64": "<base64>"}') from None
         if isinstance(doc.get("device_id"), int):
             request.device_id = doc["device_id"]
         if isinstance(doc.get("byte_size"), int):

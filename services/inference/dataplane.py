@@ -10,7 +10,7 @@ status in one place.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,12 +26,16 @@ from ferry.core.params import int_param
 from ferry.core.sequencing import sequence_control
 from ferry.core.v2api import CallInfo, stream_answers
 from ferry.core.validation import accept_request
+from services.inference.cuda_ipc import DeviceMemory, load_runtime
 from services.inference.load_params import config_param, version_param
 from services.inference.metrics import WorkerMetrics
 from services.inference.repository import Repository, Version
-from services.inference.runner import default_providers
 from services.inference.sequences import Answer
 from services.inference.shm import (
+    CUDA,
+    SYSTEM,
+    CudaRegion,
+    Region,
     ShmLimits,
     ShmRegistry,
     TensorRef,
@@ -70,7 +74,10 @@ class WorkerDataPlane:
         self.metrics = metrics
         self.ready = False
         settings = repo.settings
-        self.shm = ShmRegistry(ShmLimits(settings.shm_max_regions, settings.shm_max_region_bytes))
+        cuda: Callable[[], DeviceMemory | str] | str = (
+            load_runtime if settings.cuda_shm else "it is off; start the worker with --cuda-shm"
+        )
+        self.shm = ShmRegistry(ShmLimits(settings.shm_max_regions, settings.shm_max_region_bytes), cuda)
         self.stream_max_inflight = settings.stream_max_inflight
 
     # -- health and metadata ----------------------------------------------------------------
@@ -82,7 +89,8 @@ class WorkerDataPlane:
         return self.ready
 
     async def server_metadata(self) -> pb.ServerMetadataResponse:
-        return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=EXTENSIONS)
+        offered = EXTENSIONS + ([] if isinstance(self.shm.cuda(), str) else ["cuda_shared_memory"])
+        return pb.ServerMetadataResponse(name="ferry", version=ferry.__version__, extensions=offered)
 
     async def model_ready(self, request: pb.ModelReadyRequest, call: CallInfo) -> bool:
         return self.repo.is_ready(request.name, request.version)
@@ -224,13 +232,14 @@ class WorkerDataPlane:
     async def unload(self, request: pb.RepositoryModelUnloadRequest, call: CallInfo) -> None:
         await self.repo.unload(request.model_name, version_param(request.parameters))
 
-    # -- system shared memory (Triton's extension); CUDA shared memory is not offered ---------
+    # -- shared memory (Triton's system and CUDA extensions) ----------------------------------
 
     async def shm_status(
         self, request: pb.SystemSharedMemoryStatusRequest, call: CallInfo
     ) -> pb.SystemSharedMemoryStatusResponse:
         response = pb.SystemSharedMemoryStatusResponse()
-        for region in self.shm.status(request.name):
+        for region in self.shm.status(request.name, SYSTEM):
+            assert isinstance(region, Region)
             response.regions[region.name].CopyFrom(
                 pb.SystemSharedMemoryStatusResponse.RegionStatus(
                     name=region.name, key=region.key, offset=region.offset, byte_size=region.byte_size
@@ -242,28 +251,41 @@ class WorkerDataPlane:
         self.shm.register(request.name, request.key, request.offset, request.byte_size)
 
     async def shm_unregister(self, request: pb.SystemSharedMemoryUnregisterRequest, call: CallInfo) -> None:
-        self.shm.unregister(request.name)
+        self.shm.unregister(request.name, SYSTEM)
 
     async def cuda_shm_status(
         self, request: pb.CudaSharedMemoryStatusRequest, call: CallInfo
     ) -> pb.CudaSharedMemoryStatusResponse:
-        """No CUDA region can be registered, so the list is truly empty and a named one unknown."""
-        if request.name:
-            raise Unimplemented(_cuda_refusal(f"no CUDA shared memory region {request.name!r}"))
-        return pb.CudaSharedMemoryStatusResponse()
+        """Where CUDA shared memory is not offered nothing is registered, so the list is truly empty
+        and a named region is refused with the reason."""
+        cuda = self.shm.cuda()
+        if request.name and isinstance(cuda, str):
+            raise Unimplemented(f"no CUDA shared memory region {request.name!r}: {_cuda_refusal(cuda)}")
+        response = pb.CudaSharedMemoryStatusResponse()
+        for region in self.shm.status(request.name, CUDA) if not isinstance(cuda, str) else []:
+            assert isinstance(region, CudaRegion)
+            response.regions[region.name].CopyFrom(
+                pb.CudaSharedMemoryStatusResponse.RegionStatus(
+                    name=region.name, device_id=region.device_id, byte_size=region.byte_size
+                )
+            )
+        return response
 
     async def cuda_shm_register(self, request: pb.CudaSharedMemoryRegisterRequest, call: CallInfo) -> None:
-        raise Unimplemented(_cuda_refusal(f"cannot register CUDA shared memory region {request.name!r}"))
+        cuda = self.shm.cuda()
+        if isinstance(cuda, str):
+            raise Unimplemented(
+                f"cannot register CUDA shared memory region {request.name!r}: {_cuda_refusal(cuda)}"
+            )
+        self.shm.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
 
     async def cuda_shm_unregister(
         self, request: pb.CudaSharedMemoryUnregisterRequest, call: CallInfo
     ) -> None:
-        """Nothing is registered, so unregistering is the spec's no-op (clients call it to start clean)."""
+        """Where nothing can be registered, unregistering is the spec's no-op (clients call it to
+        start clean)."""
+        self.shm.unregister(request.name, CUDA)
 
 
-def _cuda_refusal(what: str) -> str:
-    if "CUDAExecutionProvider" not in default_providers():
-        why = "this worker has no CUDA device (ONNX Runtime offers no CUDA provider here)"
-    else:
-        why = "Ferry does not implement CUDA IPC registration yet"
-    return f"{what}: CUDA shared memory is not supported: {why}; use system shared memory"
+def _cuda_refusal(reason: str) -> str:
+    return f"CUDA shared memory is not offered on this worker ({reason}); use system shared memory"

@@ -55,6 +55,11 @@ class WorkerSettings(SecuritySettings, RestSettings):
     shm_max_region_bytes: int = Field(
         1 << 30, ge=1, description="largest system shared-memory region a caller may register"
     )
+    cuda_shm: bool = Field(
+        False,
+        description="offer Triton's CUDA shared memory (clients' device memory by CUDA IPC) when the CUDA "
+        "runtime and a device are present; off, registering answers UNIMPLEMENTED",
+    )
     stream_max_inflight: int = Field(
         256, ge=1, description="requests of one ModelStreamInfer stream in flight at once"
     )

@@ -1,5 +1,6 @@
-"""Triton's system shared-memory extension: regions a client on this host registers, and the
-tensors that travel through them instead of through the gRPC message.
+"""Triton's shared-memory extensions: regions a client on this host registers (POSIX shm objects, or
+device memory through ``cuda_ipc``), and the tensors that travel through them instead of through
+the gRPC message.
 
 Why it exists: a client on the worker's own host can hand over a 16 MB input by writing it
 into a POSIX shared-memory object and naming it, which skips serialising it into protobuf,
@@ -19,7 +20,7 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,13 @@ from ferry.core.errors import (
     InvalidArgument,
     NotFound,
     ResourceExhausted,
+    Unimplemented,
 )
 from ferry.core.params import int_param
+from services.inference.cuda_ipc import HANDLE_BYTES, DeviceMemory
 
 SHM_ROOT = Path("/dev/shm")
+SYSTEM, CUDA = "system", "cuda"
 MAX_KEY_CHARS = 255  # NAME_MAX: the longest file name /dev/shm holds
 MAX_NAME_CHARS = 128
 REGION, OFFSET, BYTE_SIZE = "shared_memory_region", "shared_memory_offset", "shared_memory_byte_size"
@@ -99,6 +103,13 @@ def check_register(
     size, which only the file knows); returns the file name to open."""
     check_name(name)
     file_name = check_key(key)
+    check_room(name, byte_size, registered, limits)
+    return file_name
+
+
+def check_room(name: str, byte_size: int, registered: Collection[str], limits: ShmLimits) -> None:
+    """A new region of ``byte_size`` fits the worker's limits; system and CUDA regions share one
+    namespace and one count, as in Triton."""
     if name in registered:
         raise AlreadyExists(f"shared memory region {name!r} is already registered; unregister it first")
     if byte_size <= 0:
@@ -113,7 +124,6 @@ def check_register(
             f"cannot register shared memory region {name!r}: {len(registered)} regions are registered, "
             f"the worker's limit is {limits.max_regions}"
         )
-    return file_name
 
 
 def check_span(what: str, region: str, region_bytes: int, offset: int, byte_size: int) -> None:
@@ -160,6 +170,8 @@ def fixed_byte_size(what: str, datatype: str, shape: Collection[int]) -> int | N
 class Region:
     """One registered region: ``byte_size`` bytes from ``offset`` of a mapped shm object."""
 
+    kind = SYSTEM
+
     def __init__(self, name: str, key: str, offset: int, byte_size: int, mapped: mmap.mmap) -> None:
         self.name, self.key, self.offset, self.byte_size = name, key, offset, byte_size
         self._map = mapped
@@ -174,6 +186,25 @@ class Region:
 
     def close(self) -> None:
         self._map.close()
+
+
+class CudaRegion:
+    """``byte_size`` bytes of a client's device allocation, opened from its CUDA IPC handle."""
+
+    kind = CUDA
+
+    def __init__(self, name: str, device_id: int, byte_size: int, address: int, cuda: DeviceMemory) -> None:
+        self.name, self.device_id, self.byte_size = name, device_id, byte_size
+        self._address, self._cuda = address, cuda
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self._cuda.read(self.device_id, self._address + offset, size)
+
+    def write(self, offset: int, data: bytes) -> None:
+        self._cuda.write(self.device_id, self._address + offset, data)
+
+    def close(self) -> None:
+        self._cuda.close(self.device_id, self._address)
 
 
 def map_object(file_name: str, key: str, offset: int, byte_size: int) -> mmap.mmap:
@@ -202,11 +233,23 @@ def map_object(file_name: str, key: str, offset: int, byte_size: int) -> mmap.mm
 
 
 class ShmRegistry:
-    """The worker's registered system shared-memory regions, by name."""
+    """The worker's registered shared-memory regions, system and CUDA, by name.
 
-    def __init__(self, limits: ShmLimits) -> None:
+    ``cuda`` says whether CUDA regions are offered here: the runtime, loaded on first use (a host
+    without CUDA pays nothing), or the reason they are not."""
+
+    def __init__(self, limits: ShmLimits, cuda: Callable[[], DeviceMemory | str] | str = "") -> None:
         self.limits = limits
-        self._regions: dict[str, Region] = {}
+        self._regions: dict[str, AnyRegion] = {}
+        self._cuda_source = cuda
+        self._cuda: DeviceMemory | str | None = None
+
+    def cuda(self) -> DeviceMemory | str:
+        """The CUDA runtime, or why CUDA shared memory is not offered."""
+        if self._cuda is None:
+            source = self._cuda_source
+            self._cuda = source() if callable(source) else (source or "CUDA shared memory is off")
+        return self._cuda
 
     def register(self, name: str, key: str, offset: int, byte_size: int) -> None:
         file_name = check_register(name, key, byte_size, self._regions.keys(), self.limits)
@@ -214,28 +257,57 @@ class ShmRegistry:
             name, key, offset, byte_size, map_object(file_name, key, offset, byte_size)
         )
 
-    def unregister(self, name: str) -> None:
-        """An empty name unregisters every region; an unknown one is not an error (the spec's rule)."""
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        what = f"CUDA shared memory region {name!r}"
+        cuda = self.cuda()
+        if isinstance(cuda, str):
+            raise Unimplemented(f"cannot register {what}: CUDA shared memory is not offered here: {cuda}")
+        check_name(name)
+        check_room(name, byte_size, self._regions.keys(), self.limits)
+        if len(raw_handle) != HANDLE_BYTES:
+            raise InvalidArgument(
+                f"{what}: raw_handle must be a {HANDLE_BYTES}-byte cudaIpcMemHandle_t, "
+                f"got {len(raw_handle)} bytes"
+            )
+        devices = cuda.device_count()
+        if not 0 <= device_id < devices:
+            raise InvalidArgument(f"{what}: device_id {device_id} is not one of the {devices} devices here")
+        address, room = cuda.open(raw_handle, device_id, what)
+        if byte_size > room:
+            cuda.close(device_id, address)
+            raise InvalidArgument(
+                f"{what}: byte_size {byte_size} runs past the end of the device allocation ({room} bytes)"
+            )
+        self._regions[name] = CudaRegion(name, device_id, byte_size, address, cuda)
+
+    def unregister(self, name: str, kind: str = SYSTEM) -> None:
+        """An empty name unregisters every region of the kind; an unknown one is not an error (the
+        spec's rule)."""
         for n in [name] if name else list(self._regions):
-            region = self._regions.pop(n, None)
-            if region is not None:
+            region = self._regions.get(n)
+            if region is not None and region.kind == kind:
+                del self._regions[n]
                 region.close()
 
-    def status(self, name: str) -> list[Region]:
+    def status(self, name: str, kind: str = SYSTEM) -> list[AnyRegion]:
         if not name:
-            return list(self._regions.values())
-        return [self._get(name, "status")]
+            return [r for r in self._regions.values() if r.kind == kind]
+        region = self._get(name, "status")
+        if region.kind != kind:
+            raise NotFound(f"status: shared memory region {name!r} is not a {kind} region")
+        return [region]
 
     def close(self) -> None:
-        self.unregister("")
+        self.unregister("", SYSTEM)
+        self.unregister("", CUDA)
 
-    def _get(self, name: str, what: str) -> Region:
+    def _get(self, name: str, what: str) -> AnyRegion:
         region = self._regions.get(name)
         if region is None:
             raise NotFound(f"{what}: shared memory region {name!r} is not registered")
         return region
 
-    def check(self, ref: TensorRef, what: str) -> Region:
+    def check(self, ref: TensorRef, what: str) -> AnyRegion:
         region = self._get(ref.region, what)
         check_span(what, ref.region, region.byte_size, ref.offset, ref.byte_size)
         return region
@@ -251,6 +323,9 @@ class ShmRegistry:
                 f"{len(data)} bytes of the result"
             )
         region.write(ref.offset, data)
+
+
+AnyRegion = Region | CudaRegion
 
 
 # --- requests and responses -----------------------------------------------------------------------
