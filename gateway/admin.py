@@ -41,7 +41,7 @@ class AdminServicer(admin_pb2_grpc.GatewayAdminServicer):
     ) -> admin_pb2.CacheStatsResponse:
         if self.cache is None:
             return admin_pb2.CacheStatsResponse(enabled=False, backend="none", breaker_state="closed")
-        s = self.cache.stats
+        s, near = self.cache.stats, self.cache.near
         return admin_pb2.CacheStatsResponse(
             enabled=True,
             backend=self.cache.backend.name,
@@ -53,4 +53,8 @@ class AdminServicer(admin_pb2_grpc.GatewayAdminServicer):
             stores=s.stores,
             too_large=s.too_large,
             single_flight_shared=self.dataplane.flights.shared,
+            near_hits=s.near_hits,
+            near_entries=len(near) if near is not None else 0,
+            near_bytes=near.bytes if near is not None else 0,
+            near_evictions=near.evictions if near is not None else 0,
         )

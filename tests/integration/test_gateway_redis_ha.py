@@ -165,7 +165,11 @@ def test_a_version_rollout_never_serves_an_old_answer_from_any_replicas_near_cac
             for s in range(seeds):
                 wait_until(lambda a=gw.address, s=s: is_hit(infer(a, s)), 20, "a v1 answer in the cache")
         for gw, port in zip(replicas, ports, strict=True):  # and answer them from there, not Redis
+            before = cache_stats(gw.address)
             assert all(is_hit(infer(gw.address, s)) for s in range(seeds))
+            after = cache_stats(gw.address)
+            assert after.hits - before.hits == after.near_hits - before.near_hits == seeds
+            assert after.near_entries >= seeds and after.near_bytes > 0 and after.near_evictions == 0
             assert series(scrape(port), "ferry_gateway_cache_level_hits_total", level="near") >= seeds
 
         async def scenario() -> tuple[list[Load], float]:
@@ -200,6 +204,11 @@ def test_a_version_rollout_never_serves_an_old_answer_from_any_replicas_near_cac
             assert any(np.allclose(x, w, rtol=1e-4, atol=1e-5) for w in want[int(r.model_version)])
             assert not any(np.allclose(x, w, rtol=1e-4, atol=1e-5) for w in want[3 - int(r.model_version)])
     assert any(is_hit(r) for load in loads for t, r in load.responses if t > switched)
+
+
+def cache_stats(address: str) -> admin_pb2.CacheStatsResponse:
+    with grpc.insecure_channel(address) as ch:
+        return admin_pb2_grpc.GatewayAdminStub(ch).CacheStats(admin_pb2.CacheStatsRequest(), timeout=10)
 
 
 def infer(address: str, seed: int) -> pb.ModelInferResponse:

@@ -45,7 +45,7 @@ class CacheStatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class CacheStatsResponse(_message.Message):
-    __slots__ = ("enabled", "backend", "breaker_state", "hits", "misses", "errors", "skipped", "stores", "too_large", "single_flight_shared")
+    __slots__ = ("enabled", "backend", "breaker_state", "hits", "misses", "errors", "skipped", "stores", "too_large", "single_flight_shared", "near_hits", "near_entries", "near_bytes", "near_evictions")
     ENABLED_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     BREAKER_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,10 @@ class CacheStatsResponse(_message.Message):
     STORES_FIELD_NUMBER: _ClassVar[int]
     TOO_LARGE_FIELD_NUMBER: _ClassVar[int]
     SINGLE_FLIGHT_SHARED_FIELD_NUMBER: _ClassVar[int]
+    NEAR_HITS_FIELD_NUMBER: _ClassVar[int]
+    NEAR_ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    NEAR_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NEAR_EVICTIONS_FIELD_NUMBER: _ClassVar[int]
     enabled: bool
     backend: str
     breaker_state: str
@@ -66,4 +70,8 @@ class CacheStatsResponse(_message.Message):
     stores: int
     too_large: int
     single_flight_shared: int
-    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., breaker_state: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., errors: _Optional[int] = ..., skipped: _Optional[int] = ..., stores: _Optional[int] = ..., too_large: _Optional[int] = ..., single_flight_shared: _Optional[int] = ...) -> None: ...
+    near_hits: int
+    near_entries: int
+    near_bytes: int
+    near_evictions: int
+    def __init__(self, enabled: _Optional[bool] = ..., backend: _Optional[str] = ..., breaker_state: _Optional[str] = ..., hits: _Optional[int] = ..., misses: _Optional[int] = ..., errors: _Optional[int] = ..., skipped: _Optional[int] = ..., stores: _Optional[int] = ..., too_large: _Optional[int] = ..., single_flight_shared: _Optional[int] = ..., near_hits: _Optional[int] = ..., near_entries: _Optional[int] = ..., near_bytes: _Optional[int] = ..., near_evictions: _Optional[int] = ...) -> None: ...
