@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Sequence
@@ -103,6 +104,7 @@ class RedisServer:
         self.port = port or free_port()
         self.extra = list(extra)
         self.proc: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
 
     @property
     def url(self) -> str:
@@ -112,7 +114,12 @@ class RedisServer:
         """Start it and return once it answers PING; stopped again if it does not in ``timeout`` s."""
         argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1"]
         argv += ["--save", "", "--appendonly", "no", *self.extra]
-        self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # its own working directory: a replica's full sync still writes dump.rdb, which must not
+        # land in the repository (or wherever the caller runs)
+        self._dir = tempfile.TemporaryDirectory(prefix="ferry-redis-")
+        self.proc = subprocess.Popen(
+            argv, cwd=self._dir.name, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), 0.2) as s:
@@ -127,3 +134,6 @@ class RedisServer:
         if self.proc and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
+        if self._dir is not None:
+            self._dir.cleanup()
+            self._dir = None
