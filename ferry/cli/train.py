@@ -38,7 +38,9 @@ def _json_arg(text: str) -> dict[str, Any]:
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="submit a training job and follow its progress")
     model = train.add_mutually_exclusive_group()
-    model.add_argument("--model", help="zoo architecture: mlp, cnn, lstm_text, embedding_bag_text")
+    model.add_argument(
+        "--model", help="zoo architecture: mlp, cnn, lstm_text, embedding_bag_text, transformer_text"
+    )
     model.add_argument("--factory", help="or a user factory package.module:function")
     train.add_argument("--params", type=_json_arg, help="model params as JSON, e.g. '{\"hidden\": [64]}'")
     data = train.add_mutually_exclusive_group()
@@ -124,6 +126,19 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
     return spec
 
 
+def model_size(spec_json: str) -> str:
+    """``model transformer_text: 412,356 parameters``: the trainer counts a zoo model's parameters
+    when it checks the spec, so the size is known before the job trains; empty for a factory."""
+    try:
+        spec = json.loads(spec_json or "{}")
+    except ValueError:
+        return ""
+    count = spec.get("model_parameters") if isinstance(spec, dict) else None
+    if not isinstance(count, int) or count <= 0:
+        return ""
+    return f"model {spec.get('model', {}).get('arch', '?')}: {count:,} parameters"
+
+
 def _bar(job: Any) -> str:
     p = job.progress
     done = (p.epoch - 1 + (p.step / p.steps_per_epoch if p.steps_per_epoch else 0)) / max(p.epochs, 1)
@@ -194,6 +209,9 @@ def _train(args: argparse.Namespace) -> int:
     with SyncTrainerClient(target.address, **target.options) as client:
         job = client.submit(spec, name=args.name)
         print(f"submitted job {job.id}", flush=True)
+        size = model_size(job.spec_json)
+        if size:
+            print(size, flush=True)
         if args.detach:
             return 0
         try:

@@ -6,7 +6,9 @@ operator's ``Limits``, derives the model's sizes from the dataset
 (``in_features``, ``in_channels``, ``vocab_size``, ``num_classes``), then builds a
 zoo model and runs two samples through it (``check_fit``), so a model that does
 not fit its data is rejected with both shapes in the message rather than failing
-later in a child process. The result is what the job record and ``spec.json`` keep.
+later in a child process. The result is what the job record and ``spec.json`` keep; the
+record's copy also has ``model_parameters``, a zoo model's parameter count (``ferry train``
+prints it at submit, before the job has trained).
 
 A factory model is different: it is someone's code. It must lie under a module
 prefix the operator allowed, and even then it is never imported here, in the
@@ -32,7 +34,7 @@ SCHEDULES = ("constant", "step", "cosine", "exponential")
 LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "l1", "smooth_l1")}
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("classification", "regression")
-TEXT_ARCHS = ("lstm_text", "embedding_bag_text")
+TEXT_ARCHS = ("lstm_text", "embedding_bag_text", "transformer_text")
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str, default: str) -> str:
@@ -144,7 +146,9 @@ def normalize_spec(
     if n_train < spec["nprocs"]:
         raise InvalidArgument(f"dataset {data.name!r} has {n_train} training samples, fewer than nprocs")
 
-    spec["model"] = _check_model(raw.get("model") or {}, data, limits.allowed_factories)
+    spec["model"], parameters = _check_model(raw.get("model") or {}, data, limits.allowed_factories)
+    if parameters:  # a zoo model's size, for whoever submitted it (ferry train prints it)
+        spec["model_parameters"] = parameters
     spec["input"] = {"name": "input", "datatype": data.datatype, "shape": data.input_shape}
     spec["output"] = {"name": "logits", "shape": [data.outputs]}
     spec["classes"] = data.classes
@@ -192,8 +196,11 @@ def _derived(arch: str, params: dict[str, Any], data: Dataset) -> dict[str, Any]
     return out
 
 
-def _check_model(raw: dict[str, Any], data: Dataset, allowed_factories: Sequence[str]) -> dict[str, Any]:
-    from ferry.zoo import ARCHITECTURES, build_model, check_factory
+def _check_model(
+    raw: dict[str, Any], data: Dataset, allowed_factories: Sequence[str]
+) -> tuple[dict[str, Any], int]:
+    """The model entry and its parameter count (0 for a factory, which is never built here)."""
+    from ferry.zoo import ARCHITECTURES, build_model, check_factory, count_parameters
 
     arch, factory = raw.get("arch", ""), raw.get("factory", "")
     params = raw.get("params") or {}
@@ -203,7 +210,7 @@ def _check_model(raw: dict[str, Any], data: Dataset, allowed_factories: Sequence
         raise InvalidArgument("give the model as an arch or a factory, not both")
     if factory:
         check_factory(factory, allowed_factories)
-        return {"factory": factory, "params": params}  # built and checked in the job's process
+        return {"factory": factory, "params": params}, 0  # built and checked in the job's process
     if arch not in ARCHITECTURES:
         raise InvalidArgument(f"unknown model {arch!r}; the zoo has {', '.join(sorted(ARCHITECTURES))}")
     import torch
@@ -216,8 +223,15 @@ def _check_model(raw: dict[str, Any], data: Dataset, allowed_factories: Sequence
         raise
     except Exception as err:
         raise InvalidArgument(f"model {arch!r} cannot be built from params {params}: {err}") from err
+    max_len = getattr(model, "max_len", None)  # transformer_text: positions it has embeddings for
+    if isinstance(max_len, int) and data.feature_shape and data.feature_shape[0] > max_len:
+        raise InvalidArgument(
+            f"model {arch!r} takes sequences up to max_len={max_len} but dataset {data.name!r} has "
+            f"sequences of length {data.feature_shape[0]} (feature shape {data.feature_shape}); "
+            "raise max_len or shorten the sequences"
+        )
     check_fit(model, data, arch)
-    return entry
+    return entry, count_parameters(model)
 
 
 def check_fit(model: Any, data: Dataset, label: str) -> None:
