@@ -19,8 +19,9 @@ from ferry.core.telemetry import start_metrics_server
 from ferry.core.v2api import V2Servicer
 from services.inference.dataplane import WorkerDataPlane
 from services.inference.metrics import LoadGauges, WorkerMetrics
+from services.inference.provider_probe import providers_that_load
 from services.inference.repository import Repository, Version
-from services.inference.runner import fallback_problem
+from services.inference.runner import CUDA, fallback_problem, provider_list
 from services.inference.settings import WorkerSettings
 
 SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
@@ -36,6 +37,13 @@ def _versions(repo: Repository) -> Iterator[tuple[str, Version]]:
 
 async def serve(settings: WorkerSettings) -> None:
     problem = fallback_problem(settings.providers, ort.get_available_providers(), settings.allow_cpu_fallback)
+    if problem is None and CUDA in settings.providers and not settings.allow_cpu_fallback:
+        # listed is not loaded: open a session now, so an empty store does not hide a broken CUDA
+        asked = provider_list(settings.providers, settings.cuda_device_id, settings.cuda_mem_limit_bytes)
+        try:
+            problem = fallback_problem(settings.providers, providers_that_load(asked), False)
+        except Exception as err:  # ONNX Runtime's own errors: a bad device id, a broken library
+            problem = f"{CUDA} was asked for but a session on it failed to open: {err}"
     if problem:
         refuse_to_start(problem)
     # A worker only reads the store; on a cluster it is a read-only mount that may still be empty.

@@ -14,6 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from services.inference.provider_probe import providers_that_load
 from services.inference.runner import OrtRunner, default_providers, provider_list
 
 CPU = "CPUExecutionProvider"
@@ -70,21 +71,11 @@ def test_a_cpu_session_runs_on_cpu(tmp_path: Path) -> None:
 
 
 def _cuda_works() -> bool:
+    """Listed is not enough: only a session that kept CUDA proves the GPU path."""
     if CUDA not in ort.get_available_providers():
         return False
-    try:  # listed is not enough: only a session that kept CUDA proves the GPU path
-        probe = helper.make_model(
-            helper.make_graph(
-                [helper.make_node("Identity", ["a"], ["b"])],
-                "probe",
-                [helper.make_tensor_value_info("a", TensorProto.FLOAT, [1])],
-                [helper.make_tensor_value_info("b", TensorProto.FLOAT, [1])],
-            ),
-            opset_imports=[helper.make_opsetid("", 17)],
-        )
-        probe.ir_version = 8
-        session = ort.InferenceSession(probe.SerializeToString(), providers=[CUDA])
-        return CUDA in session.get_providers()
+    try:
+        return providers_that_load([CUDA])[0] == CUDA
     except Exception:
         return False
 
@@ -107,3 +98,13 @@ def test_a_cuda_session_keeps_cuda_and_matches_cpu(tmp_path: Path) -> None:
 @needs_cuda
 def test_the_default_providers_pick_cuda_when_it_works() -> None:
     assert default_providers()[0] == CUDA
+
+
+def test_the_start_up_probe_reports_what_a_session_got() -> None:
+    assert providers_that_load([CPU]) == [CPU]
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_the_start_up_probe_sees_cuda_load() -> None:
+    assert providers_that_load(provider_list([CUDA, CPU]))[0] == CUDA
