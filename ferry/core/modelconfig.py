@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ferry.core.buckets import Bucketing, buckets_to_config, parse_buckets
 from ferry.core.datatypes import from_config
 from ferry.core.errors import InvalidArgument
 from ferry.core.sequencing import SequencePolicy, parse_policy, policy_to_config
@@ -73,6 +74,7 @@ class ModelSpec:
     parameters: dict[str, str] = field(default_factory=dict)
     warmup: tuple[WarmupSample, ...] = ()  # config.json's model_warmup (ferry.core.warmup)
     sequence: SequencePolicy | None = None  # config.json's sequence_batching (ferry.core.sequencing)
+    buckets: Bucketing | None = None  # config.json's sequence_buckets (ferry.core.buckets)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
@@ -135,6 +137,17 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
             if max_batch > 0
             else None
         )
+    buckets = base.buckets
+    if "sequence_buckets" in config:
+        if sequence is not None:
+            raise InvalidArgument(f"{where}: sequence_buckets and sequence_batching exclude each other")
+        buckets = parse_buckets(
+            config["sequence_buckets"],
+            [(t.name, t.datatype, t.dims) for t in inputs],
+            [(t.name, t.datatype, t.dims) for t in outputs],
+            max_batch > 0,
+            where,
+        )
     policy = version_policy_of(config) if config.get("version_policy") else base.version_policy
     cache = config.get("response_cache", {"enable": base.response_cache})
     return replace(
@@ -151,6 +164,7 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
         parameters={str(k): str(v) for k, v in config.get("parameters", base.parameters).items()},
         warmup=parse_samples(config["model_warmup"], where) if "model_warmup" in config else base.warmup,
         sequence=sequence,
+        buckets=buckets,
     )
 
 
@@ -225,6 +239,8 @@ def spec_to_config(spec: ModelSpec) -> dict[str, Any]:
         config["version_policy"] = {"specific": {"versions": list(vp.versions)}}
     else:
         config["version_policy"] = {"latest": {"num_versions": vp.num_versions}}
+    if spec.buckets is not None:
+        config["sequence_buckets"] = buckets_to_config(spec.buckets)
     if spec.parameters:
         config["parameters"] = dict(spec.parameters)
     return config

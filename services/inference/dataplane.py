@@ -18,6 +18,7 @@ import numpy as np
 
 import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core.buckets import pad_to_bucket
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
@@ -147,7 +148,10 @@ class WorkerDataPlane:
             return version.batcher.submit(inputs, admitted.rows, admitted.priority, admitted.timeout_s)
 
         if version.sequences is None:  # sequence controls mean nothing here and are ignored, as in Triton
-            return await submit(admitted.inputs)
+            buckets = version.spec.buckets
+            return await submit(
+                admitted.inputs if buckets is None else pad_to_bucket(admitted.inputs, buckets)
+            )
         control = sequence_control(params)
         if control is None:
             raise InvalidArgument(
