@@ -5,19 +5,36 @@ gate; instead it must pass ``onnx.checker`` (full check), load in ONNX Runtime,
 and have a batch dimension (a dynamic first axis) on every input, because the
 serving config batches (``max_batch_size`` > 0). Each failure is INVALID_ARGUMENT
 with the reason.
+
+A model with external data (over protobuf's 2 GiB, or saved so) comes as an uncompressed tar
+in the same stream, so the request and today's clients do not change: ``model.onnx`` and the
+files its tensors name, all at the top of the archive, regular files only, at most
+``MAX_IMPORT_FILES`` of them (their total is bounded by ``max_import_bytes``, the upload's
+limit). Every location is checked (``ferry.core.external_data``: relative, no ``..``, no
+symlink, inside the version folder, long enough) before onnx or ONNX Runtime opens it, a file
+no tensor names is refused, and nothing is published unless every check passes.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
+import shutil
+import tarfile
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
+from ferry.core import external_data
 from ferry.core.datatypes import BY_ONNX
 from ferry.core.errors import InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_from_config, spec_to_config
-from ferry.core.store import MODEL_FILE, Store, validate_name
+from ferry.core.store import CONFIG_FILE, META_FILE, MODEL_FILE, Store, validate_name
+
+MAX_IMPORT_FILES = 1024  # members of a tar upload, model.onnx included
+TAR_HINT = "; a model with external data is uploaded as a tar of model.onnx and its data files"
 
 
 def _tensor(value_info: Any, where: str, batched: bool) -> TensorSpec:
@@ -47,8 +64,64 @@ def _tensor(value_info: Any, where: str, batched: bool) -> TensorSpec:
     return TensorSpec(value_info.name, datatype, tuple(dims[1:]) if dims else ())
 
 
-def inspect_onnx(data: bytes) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
-    """Check an ONNX file; returns its inputs and outputs (dims without batch) and facts for meta."""
+def _tar(data: bytes) -> tarfile.TarFile | None:
+    if len(data) < 512 or data[257:262] != b"ustar":  # the tar magic
+        return None
+    try:
+        return tarfile.open(fileobj=io.BytesIO(data), mode="r:")
+    except tarfile.TarError:  # no valid first header: an ONNX file that happens to hold the magic
+        return None
+
+
+def unpack(data: bytes, folder: Path) -> dict[str, Path] | None:
+    """The files of a tar upload, written into ``folder``, by name, or None when ``data`` is not
+    an uncompressed POSIX (ustar, pax or GNU) tar. INVALID_ARGUMENT for any member that is not a
+    regular file at the top of the archive with a store-safe name."""
+    archive = _tar(data)
+    if archive is None:
+        return None
+    files: dict[str, Path] = {}
+    try:
+        with archive:
+            for member in archive:
+                name = member.name.removeprefix("./")
+                if member.isdir() and name.strip("/") in ("", "."):
+                    continue  # the archive's own top folder ("tar cf m.tar -C dir .")
+                where = f"the uploaded tar's {member.name!r}"
+                if len(files) >= MAX_IMPORT_FILES:
+                    raise InvalidArgument(f"the uploaded tar holds more than {MAX_IMPORT_FILES} files")
+                if member.issym() or member.islnk():
+                    raise InvalidArgument(
+                        f"{where} is a {'symlink' if member.issym() else 'hard link'}; external data "
+                        "must be regular files in the model's folder"
+                    )
+                if not member.isreg() or member.issparse():
+                    raise InvalidArgument(f"{where} is not a regular file")
+                validate_name(name, "file name in the uploaded tar (every file is at its top)")
+                if name in (META_FILE, CONFIG_FILE):
+                    raise InvalidArgument(f"{where}: {name} is written by the exporter, not uploaded")
+                if name in files:
+                    raise InvalidArgument(f"{where} appears twice")
+                source = archive.extractfile(member)
+                if source is None:  # cannot happen for a regular member; kept for the type
+                    raise InvalidArgument(f"{where} cannot be read")
+                with source, open(folder / name, "wb") as out:
+                    shutil.copyfileobj(source, out, 1024 * 1024)
+                files[name] = folder / name
+    except (tarfile.TarError, EOFError) as err:
+        raise InvalidArgument(f"the upload is a tar but cannot be read: {err}") from err
+    if MODEL_FILE not in files:
+        raise InvalidArgument(f"the uploaded tar holds no {MODEL_FILE}; it has {sorted(files)}")
+    return files
+
+
+def inspect_onnx(
+    data: bytes, folder: Path | None = None
+) -> tuple[list[TensorSpec], list[TensorSpec], dict[str, Any]]:
+    """Check an ONNX file; returns its inputs and outputs (dims without batch) and facts for meta.
+
+    ``folder`` holds ``data`` as ``model.onnx`` with its external-data files; without one, a
+    model with external data is refused."""
     import onnx
 
     if not data:
@@ -57,8 +130,14 @@ def inspect_onnx(data: bytes) -> tuple[list[TensorSpec], list[TensorSpec], dict[
         model = onnx.load_model_from_string(data)
     except Exception as err:  # protobuf DecodeError and friends
         raise InvalidArgument(f"not a valid ONNX model: cannot parse it ({err})") from err
+    refs = external_data.references(data)
+    if refs:
+        if folder is None:
+            raise InvalidArgument(f"{refs[0].where()} cannot be read from the upload alone{TAR_HINT}")
+        external_data.check(refs, folder)
+    path = str(folder / MODEL_FILE) if refs and folder is not None else None
     try:
-        onnx.checker.check_model(model, full_check=True)
+        onnx.checker.check_model(path or model, full_check=True)
     except Exception as err:  # ValidationError, InferenceError
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise InvalidArgument(f"not a valid ONNX model: {reason}") from err
@@ -71,7 +150,7 @@ def inspect_onnx(data: bytes) -> tuple[list[TensorSpec], list[TensorSpec], dict[
     try:
         import onnxruntime as ort
 
-        ort.InferenceSession(data, providers=["CPUExecutionProvider"])
+        ort.InferenceSession(path or data, providers=["CPUExecutionProvider"])
     except Exception as err:  # ORT's own error types
         raise InvalidArgument(f"ONNX Runtime cannot load the model: {err}") from err
     facts = {
@@ -90,7 +169,8 @@ def import_onnx(
     config_json: str = "",
     source: str = "",
 ) -> tuple[int, dict[str, Any]]:
-    """Validate ``data`` and publish it as the next version of ``model_name``; returns (version, meta)."""
+    """Validate ``data`` (an ONNX file, or a tar of one with its external data) and publish it as
+    the next version of ``model_name``; returns (version, meta)."""
     validate_name(model_name, "model name")
     overrides: dict[str, Any] = {}
     if config_json:
@@ -100,20 +180,38 @@ def import_onnx(
             raise InvalidArgument(f"config_json is not JSON: {err}") from err
         if not isinstance(overrides, dict):
             raise InvalidArgument("config_json must be a JSON object")
-    inputs, outputs, facts = inspect_onnx(data)
-    outputs = [TensorSpec(t.name, t.datatype, t.dims) for t in outputs]
-    spec = ModelSpec(model_name, tuple(inputs), tuple(outputs), max_batch_size=max_batch_size)
-    config = {**spec_to_config(spec), **overrides, "name": model_name}
-    spec_from_config(model_name, config)  # the merged config must still be a valid config
-    meta = {
-        "format": 1,
-        "created_unix_ms": int(time.time() * 1000),
-        "source": {"kind": "import", "origin": source, "sha256": hashlib.sha256(data).hexdigest()},
-        "precision": "as uploaded",
-        "onnx": facts,
-        "files": {"model_bytes": len(data)},
-        "parity": None,
-    }
-    version = store.publish_version(model_name, {MODEL_FILE: data}, meta, config)
+    with tempfile.TemporaryDirectory(prefix="ferry-import-") as tmp:
+        folder = Path(tmp)
+        unpacked = unpack(data, folder)
+        files: dict[str, Path | bytes] = {MODEL_FILE: data} if unpacked is None else {**unpacked}
+        model = data if unpacked is None else unpacked[MODEL_FILE].read_bytes()
+        try:
+            inputs, outputs, facts = inspect_onnx(model, folder)
+        except InvalidArgument as err:
+            hint = TAR_HINT if "external data" in err.message and unpacked is None else ""
+            raise InvalidArgument(err.message + hint) from err
+        external = external_data.check_model(model, folder)
+        unreferenced = sorted(set(files) - {MODEL_FILE} - set(external))
+        if unreferenced:
+            raise InvalidArgument(
+                f"the uploaded tar holds files no tensor of the model names: {unreferenced}"
+            )
+        outputs = [TensorSpec(t.name, t.datatype, t.dims) for t in outputs]
+        spec = ModelSpec(model_name, tuple(inputs), tuple(outputs), max_batch_size=max_batch_size)
+        config = {**spec_to_config(spec), **overrides, "name": model_name}
+        spec_from_config(model_name, config)  # the merged config must still be a valid config
+        sizes: dict[str, Any] = {"model_bytes": len(model)}
+        if external:
+            sizes["external_data"] = external
+        meta = {
+            "format": 1,
+            "created_unix_ms": int(time.time() * 1000),
+            "source": {"kind": "import", "origin": source, "sha256": hashlib.sha256(data).hexdigest()},
+            "precision": "as uploaded",
+            "onnx": facts,
+            "files": sizes,
+            "parity": None,
+        }
+        version = store.publish_version(model_name, files, meta, config)
     meta["version"] = version
     return version, meta

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from ferry.core import external_data
 from ferry.core.classify import LABELS_FILE, write_labels
 from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
@@ -121,6 +122,32 @@ def export_onnx(ckpt: Checkpoint, example: np.ndarray, path: Path, opset: int) -
     else:
         torch_to_onnx(ckpt.module, example, path, opset, names, axes)
     return path
+
+
+def with_external_data(served: Path, folder: Path, threshold: int) -> tuple[Path, dict[str, int]]:
+    """The served model as it is published, and its external-data files by name with their sizes.
+
+    A model whose graph and weights together are at most ``threshold`` bytes, all inline, is
+    published as it is. A larger one (or one whose data is already external: torch writes a
+    model over 2 GiB that way, a file per tensor) is written again into ``folder`` as
+    ``model.onnx`` with every tensor of 1 KiB or more in one ``model.onnx.data`` beside it."""
+    present = external_data.check_model_file(served)
+    if not present and served.stat().st_size <= threshold:
+        return served, {}
+    import onnx
+
+    model = onnx.load(str(served))  # with its external data, if any
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / MODEL_FILE
+    onnx.save_model(
+        model,
+        str(out),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=external_data.DATA_FILE,
+        size_threshold=1024,
+    )
+    return out, external_data.check_model_file(out)
 
 
 def check_onnx(path: Path) -> None:
@@ -237,11 +264,17 @@ class ExportPipeline:
                 s["detail"] = f"{fp32.stat().st_size} bytes"
             with stage("precision", opts.precision) as s:
                 served = self._precision(ckpt, opts, fp32, work)
-                s["detail"] = f"{served.stat().st_size} bytes"
+                threshold = self.settings.external_data_threshold_bytes
+                served, external = with_external_data(served, work / "published", threshold)
+                s["detail"] = f"{served.stat().st_size} bytes" + "".join(
+                    f", external data {name} {size} bytes" for name, size in external.items()
+                )
             with stage("parity", f"{opts.precision}, batch 1 and {opts.parity_batch}") as s:
                 report = self._gate(ckpt, opts, samples, fp32, served)
                 s["detail"] = "passed" if report["passed"] else f"failed: {report['failure']}"
             meta = self._meta(ckpt, opts, report, raw, fp32, served, stages)
+            if external:
+                meta["files"]["external_data"] = external
             if not report["passed"]:
                 return ExportResult(model_name, failure=str(report["failure"]), meta=meta)
             with stage("package") as s:
@@ -251,6 +284,7 @@ class ExportPipeline:
                 meta["stages_s"] = stages
                 config = self._config(model_name, ckpt, opts)
                 files: dict[str, Path | bytes] = {MODEL_FILE: served}
+                files.update({name: served.parent / name for name in external})
                 if ckpt.class_names:
                     files[LABELS_FILE] = write_labels(work, ckpt.class_names)
                 s["detail"] = str(meta["latency_ms"])

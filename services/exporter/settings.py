@@ -58,5 +58,14 @@ class ExporterSettings(SecuritySettings):
         description="torch intra-op threads (0: one per CPU of cpu_limit if limited, else torch decides)",
     )
     cpu_limit: float = cpu_limit_field()
-    max_import_bytes: int = Field(512 * 1024 * 1024, description="largest ONNX file ImportOnnx accepts")
+    max_import_bytes: int = Field(
+        512 * 1024 * 1024,
+        description="largest upload ImportOnnx accepts (an ONNX file, or a tar of one and its external data)",
+    )
+    external_data_threshold_bytes: int = Field(
+        2_000_000_000,
+        ge=0,
+        description="a served model over this many bytes (graph and weights) is published as model.onnx "
+        "plus model.onnx.data (ONNX external data); the default is just under protobuf's 2 GiB limit",
+    )
     max_message_bytes: int = max_message_bytes_field()

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
+from ferry.core import external_data
 from ferry.core.datatypes import BY_ORT
 from ferry.core.errors import FailedPrecondition
 from ferry.core.modelconfig import DEFAULT_MAX_BATCH_SIZE, BatchingPolicy, ModelSpec, TensorSpec
@@ -75,7 +76,8 @@ def provider_list(
 
 
 class OrtRunner:
-    """``instances`` ORT sessions of one model file."""
+    """``instances`` ORT sessions of one model file (and its external-data files, checked first:
+    ``ferry.core.external_data``)."""
 
     def __init__(
         self,
@@ -97,9 +99,14 @@ class OrtRunner:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         model_bytes = Path(path).read_bytes()
-        self.sessions = [
-            ort.InferenceSession(model_bytes, options, providers=providers) for _ in range(instances)
-        ]
+        # Every external-data location is checked before ONNX Runtime opens any (INVALID_ARGUMENT
+        # naming the tensor); such a model loads from its path, so ORT finds the files beside it.
+        try:
+            self.external_files = external_data.check_model(model_bytes, Path(path).parent)
+        except external_data.UnreadableModel:  # not a protobuf: ONNX Runtime says so below
+            self.external_files = {}
+        source: bytes | str = str(path) if self.external_files else model_bytes
+        self.sessions = [ort.InferenceSession(source, options, providers=providers) for _ in range(instances)]
         if require is not None:
             problem = fallback_problem(require, self.sessions[0].get_providers(), False)
             if problem:
