@@ -22,7 +22,7 @@ from ferry.core.v2api import CallInfo, stream_answers
 from gateway.aggregate import merge_index, merge_statistics
 from gateway.dataplane import DataPlane
 from gateway.discovery import READY, Discovery, Worker, latest_ready
-from gateway.upstream import Upstream
+from gateway.upstream import Upstream, call_metadata
 
 EXTENSIONS = ["model_repository", "statistics", "ferry_gateway", "ferry_result_cache"]
 FANOUT_TIMEOUT_S = 10.0
@@ -89,7 +89,7 @@ class GatewayApi:
         except NotFound:
             worker = self.discovery.authority(model)  # let a worker word the error
             try:
-                return await invoke(worker, request, FANOUT_TIMEOUT_S, (("x-request-id", rid),))
+                return await invoke(worker, request, FANOUT_TIMEOUT_S, call_metadata(rid))
             except grpc.aio.AioRpcError as err:
                 raise translate(err) from err
         return await self.upstream.call(model, resolved, request, deadline, rid, invoke)

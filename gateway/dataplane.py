@@ -31,12 +31,13 @@ import time
 from collections import defaultdict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import cast
+from typing import Any, cast
 
 import grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import translate
+from ferry.core import tracing
 from ferry.core.errors import (
     DeadlineExceeded,
     FailedPrecondition,
@@ -62,7 +63,7 @@ from gateway.sequences import (
     rendezvous,
     sequence_of,
 )
-from gateway.upstream import Upstream, WorkerLost
+from gateway.upstream import Upstream, WorkerLost, call_metadata
 
 log = logging.getLogger("ferry.gateway.dataplane")
 
@@ -100,6 +101,7 @@ class Job:
     request_id: str
     pinned: bool
     looked_up: bool = False  # the in-process cache already said miss
+    trace: Any = None  # the request's tracing context (None when tracing is off)
 
 
 def _parses(value: bytes) -> bool:
@@ -192,13 +194,14 @@ class DataPlane:
             ckey = cache_key(model, version, digest)
             if self.cache.first_level:  # the LRU backend, or the near cache in front of Redis
                 t0 = time.perf_counter_ns()
-                value = self.cache.get_local(ckey)
+                with tracing.span("gateway.cache.local"):
+                    value = self.cache.get_local(ckey)
                 if value is not None or self.cache.local:  # a near miss still asks Redis
                     self._count_lookup(model, version, value is not None, time.perf_counter_ns() - t0)
                 if value is not None:
                     return cached_answer(value, request.id)
                 looked_up = self.cache.local
-        job = Job(model, digest, deadline, request_id, pinned, looked_up)
+        job = Job(model, digest, deadline, request_id, pinned, looked_up, tracing.current())
         concurrency = self.upstream_per_worker * max(1, len(candidates))
         key: Hashable = (model, version, pinned)
 
@@ -367,7 +370,7 @@ class DataPlane:
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             answer: pb.ModelInferResponse = await worker.stub.ModelInfer(
-                request, timeout=timeout, metadata=(("x-request-id", request_id),)
+                request, timeout=timeout, metadata=call_metadata(request_id)
             )
         except grpc.aio.AioRpcError as err:
             raise translate(err) from err
@@ -375,6 +378,13 @@ class DataPlane:
 
     # -- the batch path ------------------------------------------------------------------------
     async def _dispatch(self, key: Hashable, batch: list[Pending]) -> None:
+        """One batch's lookups and upstream call, traced as one span under its first request's
+        (linked to the others'), so every request's trace says which batch it joined."""
+        parents = [p.extra.trace for p in batch]
+        with tracing.batch_span("gateway.batch", parents, sum(p.item.rows for p in batch)):
+            await self._dispatch_batch(key, batch)
+
+    async def _dispatch_batch(self, key: Hashable, batch: list[Pending]) -> None:
         route, _signature = cast(tuple[tuple[str, str, bool], Hashable], key)
         model, version, pinned = route
         jobs: list[Job] = [p.extra for p in batch]
@@ -383,7 +393,8 @@ class DataPlane:
         if keyed and self.cache is not None:
             t0 = time.perf_counter_ns()
             keys = [cache_key(model, version, jobs[n].digest or "") for n in keyed]
-            values = await self.cache.get_many(keys)
+            with tracing.span("gateway.cache.lookup", **{"ferry.keys": len(keys)}):
+                values = await self.cache.get_many(keys)
             per = (time.perf_counter_ns() - t0) // max(1, len(keyed))
             hit_set: set[int] = set()
             for n, value in zip(keyed, values, strict=True):
@@ -406,7 +417,8 @@ class DataPlane:
         metrics.upstream_batch(model).observe(len(items))
         try:
             merged = merge(items, version)
-            response = await self.upstream.infer(merged, deadline, rid, pinned)
+            with tracing.span("gateway.upstream", **{"ferry.rows": sum(i.rows for i in items)}):
+                response = await self.upstream.infer(merged, deadline, rid, pinned)
             answers = split(response, [i.rows for i in items])
         except FerryError as err:
             if len(items) > 1 and isinstance(err, SPLITTABLE):

@@ -34,6 +34,7 @@ import grpc
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.client._channel import error_reason, translate
+from ferry.core import tracing
 from ferry.core.errors import DeadlineExceeded, FerryError, ModelUnavailable, Unavailable
 from gateway import metrics
 from gateway.discovery import Discovery
@@ -75,6 +76,11 @@ class WorkerLost(Unavailable):
     def __init__(self, address: str, message: str) -> None:
         super().__init__(message)
         self.address = address
+
+
+def call_metadata(request_id: str) -> tuple[tuple[str, str], ...]:
+    """What every call to a worker carries: the request id, and the current span when tracing."""
+    return (("x-request-id", request_id), *tracing.outgoing())
 
 
 def _model_infer(worker: Any, request: Any, timeout: float | None, metadata: Any) -> Awaitable[Any]:
@@ -144,7 +150,7 @@ class Upstream:
         metrics.TRIES.labels("first").inc()
         try:
             answer: pb.ModelInferResponse = await self._attempt(
-                worker, address, request, timeout, (("x-request-id", request_id),), _model_infer
+                worker, address, request, timeout, call_metadata(request_id), _model_infer
             )
         except grpc.aio.AioRpcError as err:
             if worker_failed(err):
@@ -171,7 +177,7 @@ class Upstream:
         attempt, never another worker (a sequence keeps its state on the worker it went to)."""
         tried: list[str] = []
         last: FerryError | None = None
-        metadata = (("x-request-id", request_id),)
+        metadata = call_metadata(request_id)
         window = self.windows.setdefault(model, LatencyWindow()) if grey else None
         budget_s = self.hedging.try_budget(window) if grey else None
         hedge_s = self.hedging.hedge_delay() if grey else None

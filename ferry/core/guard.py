@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
+from ferry.core import tracing
 from ferry.core.auth import RULES, ApiKey, Buckets, KeyRing, bearer, decide, is_open, target_of
 from ferry.core.errors import FerryError, ResourceExhausted
 from ferry.core.interceptors import WrappingInterceptor
@@ -161,6 +162,7 @@ class GuardInterceptor(WrappingInterceptor):
 def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
     rule = RULES.get(method)
     path = rule.target if rule else None
+    span_name = method.rsplit("/", 1)[-1]
     audited = bool(rule and rule.audit)
 
     class Call:
@@ -210,7 +212,8 @@ def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
             call = Call(context)
             err: BaseException | None = None
             try:
-                return await fn(await admitted(call, request, streaming_in), context)
+                with tracing.server_span(span_name, context.invocation_metadata()):
+                    return await fn(await admitted(call, request, streaming_in), context)
             except BaseException as exc:
                 err = exc
                 raise
@@ -224,8 +227,9 @@ def _wrap(handler: Handler, method: str, guard: Guard) -> Handler:
             call = Call(context)
             err: BaseException | None = None
             try:
-                async for item in fn(await admitted(call, request, streaming_in), context):
-                    yield item
+                with tracing.server_span(span_name, context.invocation_metadata()):
+                    async for item in fn(await admitted(call, request, streaming_in), context):
+                        yield item
             except BaseException as exc:
                 err = exc
                 raise

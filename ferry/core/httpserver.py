@@ -27,6 +27,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ferry.core import tracing
 from ferry.core.auth import RULES
 from ferry.core.errors import FerryError, InvalidArgument, ResourceExhausted, http_status
 from ferry.core.grpcserver import _abort_code as error_status
@@ -129,6 +130,7 @@ def _handler(
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     rule = RULES.get(endpoint.rpc)
     audited = rule is not None and rule.audit
+    span_name = endpoint.rpc.rsplit("/", 1)[-1]
 
     async def handle(request: web.Request) -> web.Response:
         request_id = request_id_of([("x-request-id", request.headers.get("x-request-id", ""))])
@@ -136,11 +138,12 @@ def _handler(
         target = ""
         err: BaseException | None = None
         try:
-            body = await _read(request, limits)
-            call = HttpCall(request, body, dict(request.match_info), request_id)
-            target = endpoint.target(call) if endpoint.target else ""
-            await guard.admit(key, endpoint.rpc, target)
-            return _respond(await endpoint.handler(call), request_id)
+            with tracing.server_span(span_name, request.headers):
+                body = await _read(request, limits)
+                call = HttpCall(request, body, dict(request.match_info), request_id)
+                target = endpoint.target(call) if endpoint.target else ""
+                await guard.admit(key, endpoint.rpc, target)
+                return _respond(await endpoint.handler(call), request_id)
         except BaseException as caught:
             err = caught
             raise

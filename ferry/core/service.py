@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 
 import grpc
 
+from ferry.core import tracing
+from ferry.core.errors import FerryError
 from ferry.core.grpcserver import ServerHandle, build_server
 from ferry.core.guard import Limiter
-from ferry.core.security import SecurePort, SecuritySettings, secure_port
+from ferry.core.security import SecurePort, SecuritySettings, refuse_to_start, secure_port
 from ferry.core.settings import settings_from_argv
 from ferry.core.telemetry import setup_logging
 
@@ -37,7 +39,14 @@ def run(
     if check is not None:
         check(settings)
     setup_logging(settings.log_level, service)
-    asyncio.run(serve(settings))
+    try:
+        tracing.configure(service)
+    except FerryError as err:
+        refuse_to_start(err.message)
+    try:
+        asyncio.run(serve(settings))
+    finally:
+        tracing.shutdown()
     return 0
 
 

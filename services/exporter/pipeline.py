@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from ferry.core import external_data
+from ferry.core import external_data, tracing
 from ferry.core.classify import LABELS_FILE, write_labels
 from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
@@ -236,11 +236,13 @@ class ExportPipeline:
             notify(name, "started", detail, 0.0)
             t0 = time.perf_counter()
             done = {"detail": ""}
-            yield done
+            with tracing.span(f"export.{name}", **{"ferry.detail": detail}):
+                yield done
             stages[name] = round(time.perf_counter() - t0, 4)
             notify(name, "done", done["detail"], stages[name])
 
-        with tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp, ExitStack() as cleanup:
+        span = tracing.span("export", **{"ferry.job": job_id, "ferry.model": model_name})
+        with span, tempfile.TemporaryDirectory(prefix="ferry-export-") as tmp, ExitStack() as cleanup:
             work = Path(tmp)
             with stage("load", f"job {job_id}, checkpoint {opts.checkpoint}") as s:
                 ckpt = self._load(job_id, opts.checkpoint)

@@ -136,6 +136,7 @@ class Batcher:
         # keeps reading calls meanwhile and the next batch is formed when this one finishes.
         self._inline_below_ns = INLINE_BELOW_NS if slots == 1 else 0
         self._run_ns_avg: float | None = None
+        self._runs = 0
         self._forming = FormingBatch(asyncio.get_running_loop())
         self._executor = ThreadPoolExecutor(max_workers=slots, thread_name_prefix=f"ort-{label}")
         self._wakeup = asyncio.Event()
@@ -361,7 +362,15 @@ class Batcher:
             )
         if infer_ns:
             self._stats.record_execution(total, input_ns, infer_ns, output_ns)
-        timings = {"queue_start": start_ns, "input": input_ns, "infer": infer_ns, "output": output_ns}
+        self._runs += 1
+        timings = {
+            "queue_start": start_ns,
+            "input": input_ns,
+            "infer": infer_ns,
+            "output": output_ns,
+            "batch": self._runs,  # which run it was, and its rows: what a trace says it joined
+            "rows": total,
+        }
         for pending, result in zip(chosen, results, strict=True):
             if pending.future.done():
                 continue

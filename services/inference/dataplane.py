@@ -18,6 +18,7 @@ import numpy as np
 
 import ferry
 from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.core import tracing
 from ferry.core.buckets import pad_to_bucket
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
@@ -126,6 +127,8 @@ class WorkerDataPlane:
             admitted = self._admit(version, request, call.time_remaining)
             outputs, queue_ns, timings = await self._run(admitted, request.parameters)
             response = self._respond(request, admitted, outputs)
+            if tracing.enabled():
+                _trace_batch(version.model, queue_ns, timings)
             total = time.perf_counter_ns() - start
             version.stats.record_request(
                 admitted.rows, queue_ns, timings["input"], timings["infer"], timings["output"], total
@@ -289,6 +292,17 @@ class WorkerDataPlane:
         """Where nothing can be registered, unregistering is the spec's no-op (clients call it to
         start clean)."""
         self.shm.unregister(request.name, CUDA)
+
+
+def _trace_batch(model: str, queue_ns: int, timings: dict[str, int]) -> None:
+    """The request's wait in the queue and its batch's run, as spans under the call's span: the
+    batcher's own task timed them (on the perf counter), outside this request's context."""
+    to_wall = time.time_ns() - time.perf_counter_ns()
+    run_start = timings["queue_start"]
+    run_ns = timings["input"] + timings["infer"] + timings["output"]
+    batch = {"ferry.model": model, "ferry.batch.id": timings["batch"], "ferry.batch.size": timings["rows"]}
+    tracing.record("worker.queue", to_wall + run_start - queue_ns, to_wall + run_start, **batch)
+    tracing.record("worker.run", to_wall + run_start, to_wall + run_start + run_ns, **batch)
 
 
 def _cuda_refusal(reason: str) -> str:

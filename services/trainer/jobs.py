@@ -32,6 +32,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from ferry.core import tracing
 from ferry.core.cpus import cpu_limit
 from ferry.core.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted, Unavailable
 from ferry.core.store import CheckpointFiles, Store, atomic_write_json, validate_name
@@ -255,7 +256,8 @@ class JobManager:
     async def _run(self, record: JobRecord) -> None:
         job_id = record.id
         try:
-            await self._run_process(record)
+            with tracing.span("train", **{"ferry.job": job_id, "ferry.attempt": record.attempts + 1}):
+                await self._run_process(record)
         except Exception as err:
             log.exception("job %s could not run", job_id)
             if not record.terminal and not self._stopping:

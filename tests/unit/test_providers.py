@@ -14,7 +14,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from services.inference.provider_probe import providers_that_load
+from services.inference.provider_probe import PROBE_MODEL, providers_that_load
 from services.inference.runner import OrtRunner, default_providers, provider_list
 
 CPU = "CPUExecutionProvider"
@@ -108,3 +108,12 @@ def test_the_start_up_probe_reports_what_a_session_got() -> None:
 @needs_cuda
 def test_the_start_up_probe_sees_cuda_load() -> None:
     assert providers_that_load(provider_list([CUDA, CPU]))[0] == CUDA
+
+
+def test_the_probe_model_is_the_one_node_graph_it_says() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "probe", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="")
+    model.ir_version = 8
+    assert model.SerializeToString() == PROBE_MODEL
