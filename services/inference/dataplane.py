@@ -23,7 +23,7 @@ from ferry.core.buckets import pad_to_bucket
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
-from ferry.core.errors import FerryError, InvalidArgument, Unimplemented
+from ferry.core.errors import FerryError, InvalidArgument, ModelUnavailable, Unimplemented
 from ferry.core.params import int_param
 from ferry.core.sequencing import sequence_control
 from ferry.core.v2api import CallInfo, stream_answers
@@ -113,7 +113,11 @@ class WorkerDataPlane:
     ) -> pb.ModelStatisticsResponse:
         response = pb.ModelStatisticsResponse()
         for model, number, stats in self.repo.statistics(request.name, request.version):
-            response.model_stats.append(stats.to_proto(model, number))
+            entry = stats.to_proto(model, number)
+            booked = self.repo.memory.of(model, number)
+            if booked is not None:  # loaded: what it holds, by the memory book's measure
+                entry.memory_usage.add(type="CPU", id=0, byte_size=booked)
+            response.model_stats.append(entry)
         return response
 
     # -- inference ----------------------------------------------------------------------------
@@ -123,7 +127,11 @@ class WorkerDataPlane:
         start = time.perf_counter_ns()
         version: Version | None = None
         try:
-            version = self.repo.resolve(request.model_name, request.model_version)
+            try:
+                version = self.repo.resolve(request.model_name, request.model_version)
+            except ModelUnavailable:  # evicted to make room: this request waits for it to load again
+                version = await self.repo.reload_evicted(request.model_name, request.model_version)
+            self.repo.memory.used(version.model, time.monotonic())
             admitted = self._admit(version, request, call.time_remaining)
             outputs, queue_ns, timings = await self._run(admitted, request.parameters)
             response = self._respond(request, admitted, outputs)

@@ -32,11 +32,13 @@ from ferry.core.errors import (
     InvalidArgument,
     ModelUnavailable,
     NotFound,
+    ResourceExhausted,
 )
 from ferry.core.grpcserver import incident
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
 from services.inference.batcher import Batcher
+from services.inference.memory import MemoryBook, version_bytes
 from services.inference.runner import OrtRunner, provider_list
 from services.inference.sequences import Sequences, check_graph, initial_states
 from services.inference.settings import WorkerSettings
@@ -74,6 +76,7 @@ class Built:
     runner: OrtRunner
     spec: ModelSpec
     initial: dict[str, np.ndarray]  # a sequence model's initial states, else empty
+    booked: int = 0  # bytes it holds, by the memory book's measure (services.inference.memory)
 
 
 @dataclass
@@ -87,6 +90,8 @@ class ModelState:
     failed_mtime: dict[int, float] = field(default_factory=dict)
     stats: dict[int, ModelStats] = field(default_factory=dict)
     override: dict[str, Any] | None = None  # a RepositoryModelLoad config, in force over config.json
+    evicted: bool = False  # unloaded to make room (--evict lru): loads again on its next request
+    errors: dict[int, FerryError] = field(default_factory=dict)  # why each version last failed to load
 
 
 class Repository:
@@ -102,6 +107,7 @@ class Repository:
             settings.cuda_mem_limit_bytes,
             settings.cudnn_conv_algo_search,
         )
+        self.memory = MemoryBook(settings.memory_budget_bytes, settings.evict == "lru")
         # Sized by the pod's CPU quota, not the node's cores that ORT would count.
         self._intra_threads = settings.intra_op_threads or cpu_limit(settings.cpu_limit)
         self._require = None if settings.allow_cpu_fallback else list(settings.providers)
@@ -149,7 +155,7 @@ class Repository:
         available = self.store.list_versions(name)
         config: dict[str, Any] | None = None
         target: set[int] = set()
-        if state.wanted and available:
+        if state.wanted and available and not state.evicted:
             try:
                 config = state.override if state.override is not None else self.store.read_config(name)
             except (OSError, ValueError) as err:
@@ -174,11 +180,15 @@ class Repository:
             return
         state.status[number] = (LOADING, "")
         try:
+            need = version_bytes(self.store.version_dir(state.name, number), self._instances(config))
+            for victim in self.memory.make_room(state.name, number, need, time.monotonic()):
+                await self._evict(victim, f"to make room for model {state.name!r} version {number}")
             built = await asyncio.get_running_loop().run_in_executor(
                 None, self._build, state.name, number, config
             )
         except Exception as err:
             if isinstance(err, FerryError):
+                state.errors[number] = err
                 reason = f"failed to load: {err.message}"
                 log.warning("model %s version %s %s", state.name, number, reason)
             else:  # the kind and an incident id; the library's own text goes to the log only
@@ -206,12 +216,41 @@ class Repository:
         state.ready[number] = Version(state.name, number, spec, runner, batcher, stats, labels, sequences)
         state.status[number] = (READY, "")
         state.failed_mtime.pop(number, None)
+        state.errors.pop(number, None)
+        self.memory.book(state.name, number, built.booked)
         log.info("model %s version %s ready on %s", state.name, number, runner.providers)
         return old
 
+    def _instances(self, config: dict[str, Any] | None) -> int:
+        return max(1, self.settings.instances or int((config or {}).get("instance_count", 1)))
+
+    async def _evict(self, name: str, why: str) -> None:
+        """Unload every version of ``name``; it loads again on its next request."""
+        state = self.models[name]
+        numbers = sorted(state.ready)
+        for number in numbers:
+            await self._unload_version(state, number)
+            state.status[number] = (UNAVAILABLE, f"evicted {why}; it loads again on its next request")
+        state.evicted = True
+        log.warning("model %s evicted %s (versions %s)", name, why, numbers)
+
+    async def reload_evicted(self, name: str, version: str = "") -> Version:
+        """The version a request to an evicted model goes to, once that model has loaded again
+        (the request waits for the load); a model that was not evicted answers as ``resolve``."""
+        state = self.models.get(name)
+        if state is not None and state.evicted:
+            async with self._lock:
+                if state.evicted:
+                    state.evicted = False
+                    for number in list(state.status):
+                        if state.status[number][0] == UNAVAILABLE:
+                            state.status.pop(number)
+                    await self._sync_model(name)
+        return self.resolve(name, version)
+
     def _build(self, name: str, number: int, config: dict[str, Any] | None) -> Built:
         s = self.settings
-        instances = s.instances or int((config or {}).get("instance_count", 1))
+        instances = self._instances(config)
         runner = OrtRunner(
             self.store.model_file(name, number),
             providers=self._providers,
@@ -240,13 +279,14 @@ class Repository:
             initial = initial_states(spec.sequence, batched, self.store.model_dir(name), where)
         if s.warmup:
             _warm(runner, spec, number, self.store.model_dir(name), initial)
-        return Built(runner, spec, initial)
+        return Built(runner, spec, initial, version_bytes(self.store.version_dir(name, number), instances))
 
     async def _unload_version(self, state: ModelState, number: int) -> None:
         version = state.ready.pop(number, None)
         if version is None:
             return
         state.status[number] = (UNLOADING, "")
+        self.memory.release(state.name, number)
         await version.close()
         state.status.pop(number, None)
         log.info("model %s version %s unloaded", state.name, number)
@@ -328,8 +368,12 @@ class Repository:
         else:
             state.excluded.clear()
             state.failed_mtime.clear()
+        state.evicted = False
         await self.sync(only=name)
         failed = {v: r for v, (st, r) in state.status.items() if st == UNAVAILABLE and (version in (None, v))}
+        over = [e for v, e in state.errors.items() if v in failed and isinstance(e, ResourceExhausted)]
+        if over:
+            raise ResourceExhausted(f"model {name!r}: {over[0].message}")
         if failed:
             raise FailedPrecondition(
                 f"model {name!r}: " + "; ".join(f"version {v} {r}" for v, r in failed.items())
@@ -350,7 +394,12 @@ class Repository:
                 (set(policy.select(available)) | (state.pinned & set(available))) - state.excluded
             )
             built = {}
+            need = {
+                n: version_bytes(self.store.version_dir(name, n), self._instances(config)) for n in targets
+            }
             for number in targets:
+                for victim in self.memory.make_room(name, number, need[number], time.monotonic()):
+                    await self._evict(victim, f"to make room for model {name!r} version {number}")
                 try:
                     built[number] = await asyncio.get_running_loop().run_in_executor(
                         None, self._build, name, number, config

@@ -55,6 +55,17 @@ class WorkerSettings(SecuritySettings, RestSettings):
     shm_max_region_bytes: int = Field(
         1 << 30, ge=1, description="largest system shared-memory region a caller may register"
     )
+    memory_budget_bytes: int = Field(
+        0,
+        ge=0,
+        description="memory the loaded versions may hold, booked as their model files per instance "
+        "(0 = no budget); a load past it is RESOURCE_EXHAUSTED, or evicts with evict=lru",
+    )
+    evict: Literal["none", "lru"] = Field(
+        "none",
+        description="lru: a load past memory_budget_bytes first unloads the least recently used "
+        "models, which load again on their next request",
+    )
     cuda_shm: bool = Field(
         False,
         description="offer Triton's CUDA shared memory (clients' device memory by CUDA IPC) when the CUDA "
