@@ -23,6 +23,11 @@ was raised locally or three hops away.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import os
+from collections.abc import Iterator
+
 import grpc
 
 # The trailing-metadata key that carries an error's ``reason``: a decision a caller acts on
@@ -71,6 +76,34 @@ class ModelUnavailable(Unavailable):
 
 class ResourceExhausted(FerryError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# A write that failed for want of space: the disk (ENOSPC) or the writer's quota (EDQUOT).
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def store_full(err: BaseException, where: str | os.PathLike[str]) -> ResourceExhausted | None:
+    """The RESOURCE_EXHAUSTED for a write into the store at ``where`` that failed with ENOSPC or
+    EDQUOT, or None for any other error. The one place a full disk gets its message."""
+    if not isinstance(err, OSError) or err.errno not in DISK_FULL_ERRNOS:
+        return None
+    name = errno.errorcode[err.errno]
+    return ResourceExhausted(
+        f"the store at {os.fspath(where)} is full: {err.strerror or os.strerror(err.errno)} ({name}); "
+        "nothing was kept, free space and retry"
+    )
+
+
+@contextlib.contextmanager
+def store_full_is_exhausted(where: str | os.PathLike[str]) -> Iterator[None]:
+    """Turn ENOSPC / EDQUOT raised inside the block into ``store_full``'s ResourceExhausted."""
+    try:
+        yield
+    except OSError as err:
+        full = store_full(err, where)
+        if full is None:
+            raise
+        raise full from err
 
 
 class DeadlineExceeded(FerryError):

@@ -10,7 +10,11 @@
 Every write lands beside its target and is renamed into place, so a reader sees
 the old file or the new one, never half of one. A version folder appears in one
 rename of a complete staging folder (``.staging-*``, see ``Store.publish_version``),
-which is why a worker that scans during an export never loads a partial version. Names that become paths
+which is why a worker that scans during an export never loads a partial version. Files are
+fsynced before their rename and folders after it. What a killed writer leaves (staging folders,
+``.*.tmp`` files) no reader takes for data; the next publish of that model sweeps its debris.
+A write that finds the disk full (ENOSPC, EDQUOT) is RESOURCE_EXHAUSTED naming the store
+(``ferry.core.errors.store_full``), and nothing partial stays. Names that become paths
 are validated before they touch the file system.
 """
 
@@ -27,12 +31,13 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ferry.core.errors import InvalidArgument, NotFound
+from ferry.core.errors import InvalidArgument, NotFound, store_full_is_exhausted
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 MODEL_FILE = "model.onnx"
 CONFIG_FILE = "config.json"
 META_FILE = "meta.json"
+STAGING_PREFIX = ".staging-"  # a version being written; never a version to any reader
 
 
 class CheckpointFiles:
@@ -56,28 +61,71 @@ def validate_name(name: str, what: str = "name") -> str:
     return name
 
 
-def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None) -> None:
-    """Write ``data`` to ``path`` so that readers never see a partial file. The file is new
-    (mkstemp makes it 0600); ``mode`` sets its permissions exactly, whatever the umask, while it
-    is still empty."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and new names in ``folder`` durable, not only the files' data."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        with os.fdopen(fd, "wb") as f:
-            if mode is not None:
-                os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())
+def write_synced(path: Path, source: Path | bytes) -> None:
+    """Write a new file inside a staging folder (the bytes, or a copy of ``source``) and fsync it,
+    so the folder's rename into place publishes data that is on disk."""
+    if isinstance(source, bytes):
+        with open(path, "wb") as out:
+            out.write(source)
+            out.flush()
+            os.fsync(out.fileno())
+        return
+    shutil.copyfile(source, path)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _lock_folder(fd: int, wait: bool) -> bool:
+    """flock a staging folder (open as ``fd``): True when held. A file system without flock on
+    folders (some network mounts) answers False, and the folder is then never swept."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:  # BlockingIOError: someone holds it
+        return False
+    return True
+
+
+def atomic_write_bytes(path: Path, data: bytes, mode: int | None = None, *, root: Path | None = None) -> None:
+    """Write ``data`` to ``path`` so that readers never see a partial file: a temporary name
+    beside it, fsync, rename, fsync of the folder. The file is new (mkstemp makes it 0600);
+    ``mode`` sets its permissions exactly, whatever the umask, while it is still empty. A full
+    disk is RESOURCE_EXHAUSTED naming ``root`` (default: the file's folder)."""
+    with store_full_is_exhausted(root or path.parent):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                if mode is not None:
+                    os.fchmod(f.fileno(), mode)
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+            raise
+        fsync_dir(path.parent)
+
+
+def json_bytes(value: Any) -> bytes:
+    return (json.dumps(value, indent=2, sort_keys=True) + "\n").encode()
+
+
+def atomic_write_json(path: Path, value: Any, *, root: Path | None = None) -> None:
+    atomic_write_bytes(path, json_bytes(value), root=root)
 
 
 def read_json(path: Path) -> Any:
@@ -139,7 +187,7 @@ class Store:
         return read_json(path) if path.is_file() else None
 
     def write_config(self, model: str, config: dict[str, Any]) -> None:
-        atomic_write_json(self.model_dir(model) / CONFIG_FILE, config)
+        atomic_write_json(self.model_dir(model) / CONFIG_FILE, config, root=self.root)
 
     def read_meta(self, model: str, version: int) -> dict[str, Any] | None:
         path = self.version_dir(model, version) / META_FILE
@@ -180,25 +228,51 @@ class Store:
             if name == META_FILE:
                 raise InvalidArgument(f"{META_FILE} is written from meta, not passed as a file")
         folder = self.model_dir(model)
-        folder.mkdir(parents=True, exist_ok=True)
-        staged = Path(tempfile.mkdtemp(dir=folder, prefix=".staging-"))
-        try:
-            for name, source in files.items():
-                if isinstance(source, bytes):
-                    (staged / name).write_bytes(source)
-                else:
-                    shutil.copyfile(source, staged / name)
-            atomic_write_json(staged / META_FILE, meta)
-            with self._model_lock(model):
-                if config is not None:
-                    self.write_config(model, config)
-                taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
-                version = max(taken, default=0) + 1
-                os.rename(staged, folder / str(version))
-        except BaseException:
-            shutil.rmtree(staged, ignore_errors=True)
-            raise
+        with store_full_is_exhausted(self.root):
+            folder.mkdir(parents=True, exist_ok=True)
+            with self._model_lock(model):  # a sweeper never sees it before its owner's lock
+                self._sweep_staging(folder)
+                staged = Path(tempfile.mkdtemp(dir=folder, prefix=STAGING_PREFIX))
+                held = os.open(staged, os.O_RDONLY | os.O_DIRECTORY)
+                _lock_folder(held, wait=True)  # released by the kernel when this process dies
+            try:
+                for name, source in files.items():
+                    write_synced(staged / name, source)
+                write_synced(staged / META_FILE, json_bytes(meta))
+                fsync_dir(staged)
+                with self._model_lock(model):
+                    if config is not None:
+                        self.write_config(model, config)
+                    taken = [int(p.name) for p in folder.iterdir() if p.name.isdigit()]
+                    version = max(taken, default=0) + 1
+                    os.rename(staged, folder / str(version))
+                    fsync_dir(folder)
+            except BaseException:
+                shutil.rmtree(staged, ignore_errors=True)
+                raise
+            finally:
+                os.close(held)
         return version
+
+    @staticmethod
+    def _sweep_staging(folder: Path) -> None:
+        """Remove what killed publishers left in a model's folder (called under its lock): staging
+        folders whose writer's lock is gone, half-deleted versions, config temporaries. Readers
+        ignore all of them anyway; this only gives the space back."""
+        for p in folder.iterdir():
+            if p.name.startswith(STAGING_PREFIX):
+                fd = os.open(p, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    dead = _lock_folder(fd, wait=False)  # a live publisher still holds its own
+                finally:
+                    os.close(fd)
+                if dead:
+                    shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(".deleting-"):
+                shutil.rmtree(p, ignore_errors=True)
+            elif p.name.startswith(f".{CONFIG_FILE}.") and p.name.endswith(".tmp"):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
 
     def delete_version(self, model: str, version: int) -> None:
         path = self.version_dir(model, version)

@@ -9,8 +9,11 @@
 
 The file names are defined once, in ``ferry.core.store.CheckpointFiles``. Tags are
 ``epoch-0001``, ``epoch-0002``... and ``final``. Nothing is pickled. A checkpoint
-is written into a ``.staging-*`` folder and renamed into place, so a reader (or a
-resume after SIGKILL) never sees half of one.
+is written into a ``.staging-*`` folder, each file fsynced, and renamed into place (the
+job folder fsynced after), so a reader (or a resume after SIGKILL) never sees half of one.
+Rewriting an existing tag moves the old one to ``.staging-old-<tag>-<pid>`` first; a kill
+between the two renames leaves the old one there, and ``remove_staging`` puts it back. A full
+disk is RESOURCE_EXHAUSTED naming the store, with the staging folder removed.
 """
 
 from __future__ import annotations
@@ -26,9 +29,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from ferry.core.store import CheckpointFiles, atomic_write_json
+from ferry.core.errors import DISK_FULL_ERRNOS, store_full_is_exhausted
+from ferry.core.store import CheckpointFiles, fsync_dir, json_bytes, write_synced
 
 FINAL = "final"
+STAGING = ".staging-"
+OLD = f"{STAGING}old-"  # a complete checkpoint moved aside while its tag is rewritten
 SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes", "class_names")
 
 
@@ -50,10 +56,16 @@ def last_epoch_tag(job_dir: Path) -> str:
 
 
 def remove_staging(job_dir: Path) -> None:
-    """Drop half-written checkpoints a killed process left behind."""
-    if job_dir.is_dir():
-        for p in job_dir.glob(".staging-*"):
-            shutil.rmtree(p, ignore_errors=True)
+    """Drop half-written checkpoints a killed process left behind (call it when no job process
+    writes there). An old checkpoint moved aside for a rewrite that never landed is put back."""
+    if not job_dir.is_dir():
+        return
+    for p in sorted(job_dir.glob(f"{OLD}*")):
+        tag = p.name[len(OLD) :].rpartition("-")[0]
+        if tag and not (job_dir / tag).exists():
+            os.rename(p, job_dir / tag)
+    for p in job_dir.glob(f"{STAGING}*"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -87,30 +99,48 @@ def save_checkpoint(
     loop_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write one complete checkpoint and rename it into ``job_dir/tag``."""
-    job_dir.mkdir(parents=True, exist_ok=True)
-    staged = Path(tempfile.mkdtemp(dir=job_dir, prefix=f".staging-{tag}-"))
-    try:
-        weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(weights, str(staged / CheckpointFiles.WEIGHTS))
-        atomic_write_json(
-            staged / CheckpointFiles.SPEC, {k: spec[k] for k in ("job", *SPEC_KEYS) if k in spec}
-        )
-        atomic_write_json(staged / CheckpointFiles.METRICS, metrics)
-        if optimizer is not None:
-            tensors, meta = _flatten_optimizer(optimizer.state_dict())
-            save_file(tensors, str(staged / CheckpointFiles.OPTIMIZER))
-            atomic_write_json(staged / CheckpointFiles.STATE, {"optimizer": meta, "loop": loop_state or {}})
-        target = job_dir / tag
-        if target.exists():  # a resumed run rewrites the epoch it re-ran
-            trash = job_dir / f".staging-old-{tag}-{os.getpid()}"
-            os.rename(target, trash)
+    with store_full_is_exhausted(job_dir.parent.parent):  # checkpoints/<job>/ is in the store's root
+        job_dir.mkdir(parents=True, exist_ok=True)
+        staged = Path(tempfile.mkdtemp(dir=job_dir, prefix=f"{STAGING}{tag}-"))
+        try:
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            _save_tensors(weights, staged / CheckpointFiles.WEIGHTS)
+            picked = {k: spec[k] for k in ("job", *SPEC_KEYS) if k in spec}
+            write_synced(staged / CheckpointFiles.SPEC, json_bytes(picked))
+            write_synced(staged / CheckpointFiles.METRICS, json_bytes(metrics))
+            if optimizer is not None:
+                tensors, meta = _flatten_optimizer(optimizer.state_dict())
+                _save_tensors(tensors, staged / CheckpointFiles.OPTIMIZER)
+                state = {"optimizer": meta, "loop": loop_state or {}}
+                write_synced(staged / CheckpointFiles.STATE, json_bytes(state))
+            fsync_dir(staged)
+            target = job_dir / tag
+            trash = job_dir / f"{OLD}{tag}-{os.getpid()}"
+            if target.exists():  # a resumed run rewrites the epoch it re-ran
+                os.rename(target, trash)
+            os.rename(staged, target)
+            fsync_dir(job_dir)
             shutil.rmtree(trash, ignore_errors=True)
-        os.rename(staged, target)
-        return target
-    except BaseException:
-        with contextlib.suppress(OSError):
-            shutil.rmtree(staged)
+            return target
+        except BaseException:
+            with contextlib.suppress(OSError):
+                shutil.rmtree(staged)
+            raise
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    try:
+        save_file(tensors, str(path))
+    except Exception as err:  # SafetensorError carries the Rust io error's "(os error N)" in its text
+        code = next((n for n in DISK_FULL_ERRNOS if f"(os error {n})" in str(err)), 0)
+        if code:
+            raise OSError(code, os.strerror(code), str(path)) from err
         raise
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def load_weights(folder: Path) -> dict[str, torch.Tensor]:

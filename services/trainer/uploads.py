@@ -2,13 +2,17 @@
 
 Nothing is kept from an upload that fails: over the size limit (RESOURCE_EXHAUSTED),
 a checksum that does not match, or content that is not a usable dataset
-(INVALID_ARGUMENT). The stored file is ``datasets/<name>.npz`` or ``.csv``, which a
-job names with ``dataset.upload``.
+(INVALID_ARGUMENT), or a disk that fills up on the way (RESOURCE_EXHAUSTED, "the store at
+... is full"). The stored file is ``datasets/<name>.npz`` or ``.csv``, which a job names with
+``dataset.upload``; it appears in one rename of the fsynced temporary. The temporary
+(``.upload-*.tmp``) is flocked while it is written, so the next upload removes the ones a
+killed trainer left, and only those.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import tempfile
@@ -19,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from ferry.core.errors import AlreadyExists, InvalidArgument, ResourceExhausted
-from ferry.core.store import Store, validate_name
+from ferry.core.errors import AlreadyExists, InvalidArgument, ResourceExhausted, store_full
+from ferry.core.store import Store, fsync_dir, validate_name
 from ferry.core.uploads import drain
 from ferry.datasets import UPLOAD_FORMATS, read_upload
 
@@ -34,13 +38,35 @@ class UploadResult:
     classes: int = 0
 
 
+TMP_PREFIX = ".upload-"
+
+
+def _sweep(folder: Path) -> None:
+    """Remove the temporaries of uploads that died with their trainer (no lock held on them)."""
+    for p in folder.glob(f"{TMP_PREFIX}*.tmp"):
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            continue  # an upload in progress
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
 async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: int) -> UploadResult:
     """Consume ``DatasetChunk`` messages and store the dataset they carry."""
     name = fmt = expected = ""
     overwrite = False
     digest = hashlib.sha256()
     size = 0
-    fd, tmp_name = tempfile.mkstemp(dir=store.datasets_dir, prefix=".upload-", suffix=".tmp")
+    _sweep(store.datasets_dir)
+    fd, tmp_name = tempfile.mkstemp(dir=store.datasets_dir, prefix=TMP_PREFIX, suffix=".tmp")
+    fcntl.flock(fd, fcntl.LOCK_EX)  # no await since mkstemp: a sweep never sees it unlocked
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -61,7 +87,20 @@ async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: in
                         f"dataset upload exceeds the size limit of {max_bytes} bytes; nothing was kept"
                     )
                 digest.update(chunk.data)
-                out.write(chunk.data)
+                try:
+                    out.write(chunk.data)
+                except OSError as err:
+                    if (full := store_full(err, store.root)) is None:
+                        raise
+                    await drain(chunks, size, max_bytes)
+                    raise full from err
+            try:
+                out.flush()
+                os.fsync(out.fileno())
+            except OSError as err:  # buffered data meets the full disk here
+                if (full := store_full(err, store.root)) is None:
+                    raise
+                raise full from err
         if not name:
             raise InvalidArgument("the upload named no dataset (set name in the first chunk)")
         actual = digest.hexdigest()
@@ -82,6 +121,7 @@ async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: in
                 with contextlib.suppress(FileNotFoundError):
                     p.unlink()
         os.replace(tmp, target)
+        fsync_dir(store.datasets_dir)
         classes = len(np.unique(y)) if y.dtype.kind in "iu" else 0
         return UploadResult(name, size, actual, list(x.shape), classes)
     finally:
