@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.client.inference import set_parameter
 from ferry.core import codec
 from ferry.core.errors import DeadlineExceeded, InvalidArgument, Unavailable
 from ferry.core.modelconfig import ModelSpec, TensorSpec
@@ -34,22 +35,15 @@ class Clock:
 
 
 def params(**values: Any) -> dict[str, pb.InferParameter]:
-    out: dict[str, pb.InferParameter] = {}
+    """Request parameters; a ``__u`` suffix sends an int as uint64 (tritonclient sends int64)."""
+    request = pb.ModelInferRequest()
     for name, value in values.items():
-        kind, _, raw = name.partition("__")
-        p = pb.InferParameter()
-        if isinstance(value, bool):
-            p.bool_param = value
-        elif isinstance(value, str):
-            p.string_param = value
-        elif isinstance(value, float):
-            p.double_param = value
-        elif raw == "u":
-            p.uint64_param = value
+        key, _, kind = name.partition("__")
+        if kind == "u":
+            request.parameters[key].uint64_param = value
         else:
-            p.int64_param = value
-        out[kind] = p
-    return out
+            set_parameter(request.parameters, key, value)
+    return dict(request.parameters)
 
 
 # -- the controls -----------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
+from ferry.client.inference import set_parameter
 from ferry.core.configproto import config_proto, spec_from_config_proto
 from ferry.core.errors import InvalidArgument, ResourceExhausted
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_from_config, spec_to_config
@@ -82,15 +83,10 @@ def test_a_state_that_disagrees_with_the_graph_is_refused() -> None:
 
 
 def params(**values: Any) -> dict[str, pb.InferParameter]:
-    out = {}
-    for k, v in values.items():
-        if isinstance(v, bool):
-            out[k] = pb.InferParameter(bool_param=v)
-        elif isinstance(v, int):
-            out[k] = pb.InferParameter(int64_param=v)
-        else:
-            out[k] = pb.InferParameter(string_param=v)
-    return out
+    request = pb.ModelInferRequest()
+    for key, value in values.items():
+        set_parameter(request.parameters, key, value)
+    return dict(request.parameters)
 
 
 def test_controls_keep_the_id_type_and_zero_names_no_sequence() -> None:
