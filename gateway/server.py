@@ -65,6 +65,11 @@ def channel_factory(settings: GatewaySettings):  # type: ignore[no-untyped-def]
         *WORKER_CHANNEL_OPTIONS,
         ("grpc.keepalive_time_ms", settings.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", settings.keepalive_timeout_ms),
+        # grpcio times a keepalive ping out by this (60 s by default), not by keepalive_timeout_ms,
+        # and stops pinging an idle connection after 2 pings without data: without these two, a
+        # frozen worker's health Watch never ends and it stays in rotation
+        ("grpc.http2.ping_timeout_ms", settings.keepalive_timeout_ms),
+        ("grpc.http2.max_pings_without_data", 0),
     ]
     if settings.worker_server_name:
         options.append(("grpc.ssl_target_name_override", settings.worker_server_name))
