@@ -37,10 +37,12 @@ test: protos-check docs-check lint
 
 # The unit and integration tests again in a random order (pytest-randomly; the seed is printed,
 # and `make test-random SEED=N` replays one): no test may depend on another having run first.
-# The e2e tests each start whole stacks of their own, and twice the suite would not fit CI's time.
+# The e2e tests each start whole stacks of their own, and twice the suite would not fit CI's time;
+# for the same reason the slowest tests that start all their servers themselves (marker `solo`)
+# run in the file-order pass only: they share nothing another test could leave behind.
 test-random: $(STAMP)
 	@seed=$${SEED:-$$(date +%s)}; echo "random order, seed $$seed (replay: make test-random SEED=$$seed)"; \
-	$(PY) -m pytest -q -p no:cacheprovider -p randomly --randomly-seed=$$seed tests/unit tests/integration
+	$(PY) -m pytest -q -p no:cacheprovider -p randomly --randomly-seed=$$seed -m "not solo" tests/unit tests/integration
 
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit

@@ -7,7 +7,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.support.procs import REPO
+
+pytestmark = pytest.mark.solo  # slow; its own servers: the file-order pass only
 
 BENCH = [sys.executable, "-m", "ferry.cli.main", "bench"]
 

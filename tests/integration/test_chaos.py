@@ -13,10 +13,13 @@ import asyncio
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from benchmarks import chaos
 from ferry._proto.inference import grpc_service_pb2 as pb
 from tests.support.deps import require_binary
+
+pytestmark = pytest.mark.solo  # slow; its own servers: the file-order pass only
 
 SEED = 20261203  # a fixed schedule, so a failure replays: python -m benchmarks.chaos --seed 20261203 ...
 # Failed requests allowed: none. Measured on the 2-vCPU development machine (docs/benchmarks.md, "Chaos

@@ -40,6 +40,8 @@ from services.trainer import checkpoints as ckpt
 from tests.support.deps import in_ci, require_module
 from tests.support.procs import ServiceProcess
 
+pytestmark = pytest.mark.solo  # slow; its own servers: the file-order pass only
+
 onnx = require_module("onnx")
 ort = require_module("onnxruntime")
 safetensors_torch = require_module("safetensors.torch")

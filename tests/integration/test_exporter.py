@@ -195,6 +195,7 @@ def test_server_answers_while_an_export_runs(exporter: ServiceProcess) -> None:
     assert report.published and len(answered) == 1
 
 
+@pytest.mark.solo  # a minute long (the gated factory's own bound); the file-order pass only
 def test_export_stops_when_its_client_disconnects(
     exporter: ServiceProcess, store: Store, tmp_path: Path
 ) -> None:

@@ -15,6 +15,8 @@ from ferry.client.trainer import SyncTrainerClient, state_name
 from tests.support.deps import require_module
 from tests.support.procs import ServiceProcess
 
+pytestmark = pytest.mark.solo  # slow; its own servers: the file-order pass only
+
 torch = require_module("torch")
 safetensors_torch = require_module("safetensors.torch")
 
