@@ -23,7 +23,7 @@ from ferry.core.buckets import pad_to_bucket
 from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
-from ferry.core.errors import FerryError, InvalidArgument, ModelUnavailable, Unimplemented
+from ferry.core.errors import FerryError, InvalidArgument, ModelUnavailable
 from ferry.core.params import int_param
 from ferry.core.sequencing import sequence_control
 from ferry.core.v2api import CallInfo, stream_answers
@@ -131,7 +131,8 @@ class WorkerDataPlane:
                 version = self.repo.resolve(request.model_name, request.model_version)
             except ModelUnavailable:  # evicted to make room: this request waits for it to load again
                 version = await self.repo.reload_evicted(request.model_name, request.model_version)
-            self.repo.memory.used(version.model, time.monotonic())
+            if self.repo.memory.evict:  # the least-recently-used order is all it is kept for
+                self.repo.memory.used(version.model, time.monotonic())
             admitted = self._admit(version, request, call.time_remaining)
             outputs, queue_ns, timings = await self._run(admitted, request.parameters)
             response = self._respond(request, admitted, outputs)
@@ -273,11 +274,10 @@ class WorkerDataPlane:
     ) -> pb.CudaSharedMemoryStatusResponse:
         """Where CUDA shared memory is not offered nothing is registered, so the list is truly empty
         and a named region is refused with the reason."""
-        cuda = self.shm.cuda()
-        if request.name and isinstance(cuda, str):
-            raise Unimplemented(f"no CUDA shared memory region {request.name!r}: {_cuda_refusal(cuda)}")
+        if request.name:
+            self.shm.offered_cuda(f"no CUDA shared memory region {request.name!r}")
         response = pb.CudaSharedMemoryStatusResponse()
-        for region in self.shm.status(request.name, CUDA) if not isinstance(cuda, str) else []:
+        for region in self.shm.status(request.name, CUDA):
             assert isinstance(region, CudaRegion)
             response.regions[region.name].CopyFrom(
                 pb.CudaSharedMemoryStatusResponse.RegionStatus(
@@ -287,11 +287,6 @@ class WorkerDataPlane:
         return response
 
     async def cuda_shm_register(self, request: pb.CudaSharedMemoryRegisterRequest, call: CallInfo) -> None:
-        cuda = self.shm.cuda()
-        if isinstance(cuda, str):
-            raise Unimplemented(
-                f"cannot register CUDA shared memory region {request.name!r}: {_cuda_refusal(cuda)}"
-            )
         self.shm.register_cuda(request.name, request.raw_handle, request.device_id, request.byte_size)
 
     async def cuda_shm_unregister(
@@ -311,7 +306,3 @@ def _trace_batch(model: str, queue_ns: int, timings: dict[str, int]) -> None:
     batch = {"ferry.model": model, "ferry.batch.id": timings["batch"], "ferry.batch.size": timings["rows"]}
     tracing.record("worker.queue", to_wall + run_start - queue_ns, to_wall + run_start, **batch)
     tracing.record("worker.run", to_wall + run_start, to_wall + run_start + run_ns, **batch)
-
-
-def _cuda_refusal(reason: str) -> str:
-    return f"CUDA shared memory is not offered on this worker ({reason}); use system shared memory"

@@ -257,11 +257,18 @@ class ShmRegistry:
             name, key, offset, byte_size, map_object(file_name, key, offset, byte_size)
         )
 
-    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
-        what = f"CUDA shared memory region {name!r}"
+    def offered_cuda(self, what: str) -> DeviceMemory:
+        """The CUDA runtime, or UNIMPLEMENTED saying ``what`` cannot be done here, and why."""
         cuda = self.cuda()
         if isinstance(cuda, str):
-            raise Unimplemented(f"cannot register {what}: CUDA shared memory is not offered here: {cuda}")
+            raise Unimplemented(
+                f"{what}: CUDA shared memory is not offered on this worker ({cuda}); use system shared memory"
+            )
+        return cuda
+
+    def register_cuda(self, name: str, raw_handle: bytes, device_id: int, byte_size: int) -> None:
+        what = f"CUDA shared memory region {name!r}"
+        cuda = self.offered_cuda(f"cannot register {what}")
         check_name(name)
         check_room(name, byte_size, self._regions.keys(), self.limits)
         if len(raw_handle) != HANDLE_BYTES:

@@ -138,7 +138,10 @@ def test_cuda_and_system_regions_share_names_and_the_count() -> None:
 
 def test_where_cuda_is_not_offered_registering_says_why() -> None:
     reg = ShmRegistry(ShmLimits(4, 1 << 20), "it is off; start the worker with --cuda-shm")
-    with pytest.raises(Unimplemented, match="not offered here: it is off; start the worker with --cuda-shm"):
+    with pytest.raises(
+        Unimplemented,
+        match=re.escape("not offered on this worker (it is off; start the worker with --cuda-shm)"),
+    ):
         reg.register_cuda("gpu", handle(1), 0, 64)
     reg.unregister("", CUDA)  # the spec's no-op
 
