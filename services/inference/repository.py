@@ -76,7 +76,7 @@ class Built:
     runner: OrtRunner
     spec: ModelSpec
     initial: dict[str, np.ndarray]  # a sequence model's initial states, else empty
-    booked: int = 0  # bytes it holds, by the memory book's measure (services.inference.memory)
+    booked: int  # bytes it holds, by the memory book's measure (services.inference.memory)
 
 
 @dataclass
@@ -180,11 +180,9 @@ class Repository:
             return
         state.status[number] = (LOADING, "")
         try:
-            need = version_bytes(self.store.version_dir(state.name, number), self._instances(config))
-            for victim in self.memory.make_room(state.name, number, need, time.monotonic()):
-                await self._evict(victim, f"to make room for model {state.name!r} version {number}")
+            need = await self._make_room(state.name, number, config)
             built = await asyncio.get_running_loop().run_in_executor(
-                None, self._build, state.name, number, config
+                None, self._build, state.name, number, config, need
             )
         except Exception as err:
             if isinstance(err, FerryError):
@@ -224,6 +222,14 @@ class Repository:
     def _instances(self, config: dict[str, Any] | None) -> int:
         return max(1, self.settings.instances or int((config or {}).get("instance_count", 1)))
 
+    async def _make_room(self, name: str, number: int, config: dict[str, Any] | None) -> int:
+        """Evict what the memory budget asks before ``name`` ``number`` loads; returns the bytes
+        it will be booked at. RESOURCE_EXHAUSTED when it cannot fit."""
+        need = version_bytes(self.store.version_dir(name, number), self._instances(config))
+        for victim in self.memory.make_room(name, number, need, time.monotonic()):
+            await self._evict(victim, f"to make room for model {name!r} version {number}")
+        return need
+
     async def _evict(self, name: str, why: str) -> None:
         """Unload every version of ``name``; it loads again on its next request."""
         state = self.models[name]
@@ -242,13 +248,13 @@ class Repository:
             async with self._lock:
                 if state.evicted:
                     state.evicted = False
-                    for number in list(state.status):
-                        if state.status[number][0] == UNAVAILABLE:
+                    for number in list(state.status):  # the evicted ones; a failed load keeps its reason
+                        if state.status[number][0] == UNAVAILABLE and number not in state.failed_mtime:
                             state.status.pop(number)
                     await self._sync_model(name)
         return self.resolve(name, version)
 
-    def _build(self, name: str, number: int, config: dict[str, Any] | None) -> Built:
+    def _build(self, name: str, number: int, config: dict[str, Any] | None, booked: int) -> Built:
         s = self.settings
         instances = self._instances(config)
         runner = OrtRunner(
@@ -279,7 +285,7 @@ class Repository:
             initial = initial_states(spec.sequence, batched, self.store.model_dir(name), where)
         if s.warmup:
             _warm(runner, spec, number, self.store.model_dir(name), initial)
-        return Built(runner, spec, initial, version_bytes(self.store.version_dir(name, number), instances))
+        return Built(runner, spec, initial, booked)
 
     async def _unload_version(self, state: ModelState, number: int) -> None:
         version = state.ready.pop(number, None)
@@ -394,15 +400,11 @@ class Repository:
                 (set(policy.select(available)) | (state.pinned & set(available))) - state.excluded
             )
             built = {}
-            need = {
-                n: version_bytes(self.store.version_dir(name, n), self._instances(config)) for n in targets
-            }
             for number in targets:
-                for victim in self.memory.make_room(name, number, need[number], time.monotonic()):
-                    await self._evict(victim, f"to make room for model {name!r} version {number}")
+                need = await self._make_room(name, number, config)
                 try:
                     built[number] = await asyncio.get_running_loop().run_in_executor(
-                        None, self._build, name, number, config
+                        None, self._build, name, number, config, need
                     )
                 except Exception as err:
                     reason = err.message if isinstance(err, FerryError) else incident(err, "failed to build")
