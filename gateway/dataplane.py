@@ -380,6 +380,9 @@ class DataPlane:
     async def _dispatch(self, key: Hashable, batch: list[Pending]) -> None:
         """One batch's lookups and upstream call, traced as one span under its first request's
         (linked to the others'), so every request's trace says which batch it joined."""
+        if not tracing.enabled():
+            await self._dispatch_batch(key, batch)
+            return
         parents = [p.extra.trace for p in batch]
         with tracing.batch_span("gateway.batch", parents, sum(p.item.rows for p in batch)):
             await self._dispatch_batch(key, batch)

@@ -107,18 +107,19 @@ def bucket_for(length: int, sizes: Sequence[int]) -> int | None:
     return sizes[at] if at < len(sizes) else None
 
 
-def pad_to_bucket(inputs: Mapping[str, np.ndarray], bucketing: Bucketing) -> dict[str, np.ndarray]:
-    """``inputs`` with the sequence axis of the bucketed ones padded at the end to the bucket.
+def pad_to_bucket(inputs: dict[str, np.ndarray], bucketing: Bucketing) -> dict[str, np.ndarray]:
+    """``inputs`` with the sequence axis of the bucketed ones padded at the end to the bucket (a
+    new dict; ``inputs`` itself when nothing is padded).
 
     All of a request's bucketed inputs share its length (token ids and their mask); a request whose
     bucketed inputs disagree, or which is longer than the largest bucket, is left as it came."""
     lengths = {v.shape[1] for n, v in inputs.items() if n in bucketing.inputs and v.ndim > 1}
     if len(lengths) != 1:
-        return dict(inputs)
+        return inputs
     (length,) = lengths
     target = bucket_for(length, bucketing.sizes)
     if target is None or target == length:
-        return dict(inputs)
+        return inputs
     out = dict(inputs)
     for name in bucketing.inputs:
         value = inputs[name]
