@@ -28,7 +28,7 @@ from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from ferry.core.sequencing import sequence_control
+from ferry.core.sequencing import sequence_control, shown_id
 
 # A sequence's identity: (model, "int" | "str", id). An int64 7 and a uint64 7 are one sequence;
 # the string "7" is another.
@@ -54,8 +54,7 @@ class SequenceRef:
     def describe(self) -> str:
         """``sequence 7 of model 'm'`` (a string id is quoted: ``sequence '7' of model 'm'``)."""
         _, kind, ident = self.key
-        shown = str(ident) if kind == "int" else repr(ident)
-        return f"sequence {shown} of model {self.model!r}"
+        return f"sequence {shown_id((kind, ident))} of model {self.model!r}"
 
     def lost(self, address: str) -> str:
         """Why a request of this sequence cannot run: the worker that held its state is gone."""

@@ -76,8 +76,13 @@ class SequenceControl:
     end: bool
 
     def shown(self) -> str:
-        kind, value = self.key
-        return str(value) if kind == "int" else repr(value)
+        return shown_id(self.key)
+
+
+def shown_id(key: tuple[str, int | str]) -> str:
+    """A sequence id as messages give it: ``7``, or ``'7'`` for a string id."""
+    kind, value = key
+    return str(value) if kind == "int" else repr(value)
 
 
 def _count(raw: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int) -> int:
