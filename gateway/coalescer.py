@@ -32,6 +32,7 @@ from ferry.core import codec
 from ferry.core.errors import Internal
 from ferry.core.forming import FormingBatch
 from ferry.core.modelconfig import ModelSpec
+from ferry.core.textinput import TRUNCATED, TRUNCATED_ROWS, add_truncation, split_truncation
 from ferry.core.validation import accept_request
 from gateway.cache import NEUTRAL_PARAMETERS, _param_repr
 
@@ -144,6 +145,11 @@ def split(response: pb.ModelInferResponse, rows: Sequence[int]) -> list[pb.Model
     for o in outs:
         for k in response.parameters:
             o.parameters[k].CopyFrom(response.parameters[k])
+    if TRUNCATED_ROWS in response.parameters:  # rows of the merged batch: each member gets its own
+        own = split_truncation(response.parameters[TRUNCATED_ROWS].string_param, bounds)
+        for o, rows_cut in zip(outs, own, strict=True):
+            del o.parameters[TRUNCATED], o.parameters[TRUNCATED_ROWS]
+            add_truncation(o.parameters, rows_cut)
     raw = response.raw_output_contents
     for n, tensor in enumerate(response.outputs):
         shape = list(tensor.shape)

@@ -13,13 +13,16 @@ from ferry._proto.inference import model_config_pb2 as mc
 from ferry.core.datatypes import config_name
 from ferry.core.modelconfig import ModelSpec, spec_from_config
 from ferry.core.sequencing import SequencePolicy
+from ferry.core.textinput import CONFIG_KEY as TEXT_KEY
+from ferry.core.textinput import PROTO_PARAMETER as TEXT_PARAMETER
+from ferry.core.textinput import from_proto_parameter, to_proto_parameter
 
 
 def metadata_proto(spec: ModelSpec, versions: Sequence[int]) -> pb.ModelMetadataResponse:
     resp = pb.ModelMetadataResponse(
         name=spec.name, platform=spec.platform, versions=[str(v) for v in versions]
     )
-    for src, dst in ((spec.inputs, resp.inputs), (spec.outputs, resp.outputs)):
+    for src, dst in ((spec.served_inputs(), resp.inputs), (spec.outputs, resp.outputs)):
         for t in src:
             dst.add(name=t.name, datatype=t.datatype, shape=spec.full_shape(t))
     return resp
@@ -33,8 +36,12 @@ def config_proto(spec: ModelSpec) -> mc.ModelConfig:
     cfg = mc.ModelConfig(
         name=spec.name, platform=spec.platform, backend="onnxruntime", max_batch_size=spec.max_batch_size
     )
-    for t in spec.inputs:
-        cfg.input.add(name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims))
+    # A model that takes text takes its texts or its token ids: each input is then optional.
+    alternatives = spec.text is not None
+    for t in spec.served_inputs():
+        cfg.input.add(
+            name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims), optional=alternatives
+        )
     for t in spec.outputs:
         cfg.output.add(name=t.name, data_type=_proto_datatype(t.datatype), dims=list(t.dims))
     if spec.sequence is not None:
@@ -60,6 +67,8 @@ def config_proto(spec: ModelSpec) -> mc.ModelConfig:
     cfg.model_transaction_policy.decoupled = False
     for k, v in spec.parameters.items():
         cfg.parameters[k].string_value = v
+    if spec.text is not None:
+        cfg.parameters[TEXT_PARAMETER].string_value = to_proto_parameter(spec.text)
     return cfg
 
 
@@ -71,12 +80,17 @@ def spec_from_config_proto(config: mc.ModelConfig) -> ModelSpec:
             {"name": t.name, "data_type": mc.DataType.Name(t.data_type), "dims": list(t.dims)} for t in items
         ]
 
-    doc = {
-        "input": tensors(config.input),
+    text = config.parameters[TEXT_PARAMETER].string_value if TEXT_PARAMETER in config.parameters else ""
+    text_entry = from_proto_parameter(text) if text else None
+    text_name = (text_entry or {}).get("input")
+    doc: dict[str, Any] = {
+        "input": [t for t in tensors(config.input) if t["name"] != text_name],
         "output": tensors(config.output),
         "max_batch_size": config.max_batch_size,
         "response_cache": {"enable": config.response_cache.enable},
     }
+    if text_entry is not None:
+        doc[TEXT_KEY] = text_entry
     if config.platform:
         doc["platform"] = config.platform
     if config.WhichOneof("scheduling_choice") == "sequence_batching":

@@ -18,6 +18,8 @@ from ferry.core.buckets import Bucketing, buckets_to_config, parse_buckets
 from ferry.core.datatypes import from_config
 from ferry.core.errors import InvalidArgument
 from ferry.core.sequencing import SequencePolicy, parse_policy, policy_to_config
+from ferry.core.textinput import CONFIG_KEY as TEXT_KEY
+from ferry.core.textinput import TextInput, parse_text
 from ferry.core.warmup import WarmupSample, parse_samples
 
 DEFAULT_MAX_BATCH_SIZE = 64
@@ -75,9 +77,29 @@ class ModelSpec:
     warmup: tuple[WarmupSample, ...] = ()  # config.json's model_warmup (ferry.core.warmup)
     sequence: SequencePolicy | None = None  # config.json's sequence_batching (ferry.core.sequencing)
     buckets: Bucketing | None = None  # config.json's sequence_buckets (ferry.core.buckets)
+    text: TextInput | None = None  # config.json's text: a raw-text input (ferry.core.textinput)
 
     def input(self, name: str) -> TensorSpec | None:
         return next((t for t in self.inputs if t.name == name), None)
+
+    def text_tensor(self) -> TensorSpec | None:
+        """The BYTES input of raw texts, one per row, when the model takes text."""
+        return None if self.text is None else TensorSpec(self.text.input, "BYTES", (1,))
+
+    def for_text(self) -> ModelSpec:
+        """The signature a request of raw texts is checked against: the text input alone."""
+        cached = self.__dict__.get("_for_text")
+        if cached is None:
+            tensor = self.text_tensor()
+            assert tensor is not None
+            cached = replace(self, inputs=(tensor,), text=None)
+            object.__setattr__(self, "_for_text", cached)  # a private cache on a frozen instance
+        return cached
+
+    def served_inputs(self) -> tuple[TensorSpec, ...]:
+        """Every input a client may send: the graph's, then the text input."""
+        tensor = self.text_tensor()
+        return self.inputs if tensor is None else (*self.inputs, tensor)
 
     def output_names(self) -> list[str]:
         return [t.name for t in self.outputs]
@@ -148,6 +170,11 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
             max_batch > 0,
             where,
         )
+    text = base.text
+    if config.get(TEXT_KEY) is not None:
+        if sequence is not None:
+            raise InvalidArgument(f"{where}: a text input and sequence_batching exclude each other")
+        text = parse_text(config[TEXT_KEY], [(t.name, t.datatype, t.dims) for t in inputs], where)
     policy = version_policy_of(config) if config.get("version_policy") else base.version_policy
     cache = config.get("response_cache", {"enable": base.response_cache})
     return replace(
@@ -165,6 +192,7 @@ def spec_from_config(name: str, config: dict[str, Any], derived: ModelSpec | Non
         warmup=parse_samples(config["model_warmup"], where) if "model_warmup" in config else base.warmup,
         sequence=sequence,
         buckets=buckets,
+        text=text,
     )
 
 
@@ -241,6 +269,8 @@ def spec_to_config(spec: ModelSpec) -> dict[str, Any]:
         config["version_policy"] = {"latest": {"num_versions": vp.num_versions}}
     if spec.buckets is not None:
         config["sequence_buckets"] = buckets_to_config(spec.buckets)
+    if spec.text is not None:
+        config[TEXT_KEY] = spec.text.to_config()
     if spec.parameters:
         config["parameters"] = dict(spec.parameters)
     return config

@@ -89,10 +89,26 @@ def _fast(
     return max(rows, 1), arrays
 
 
+def signature_for(spec: ModelSpec, request: pb.ModelInferRequest) -> ModelSpec:
+    """The signature ``request`` is checked against: a model that takes text takes either its
+    texts alone (``spec.for_text()``) or its token ids, never both."""
+    text = spec.text
+    if text is None or not any(t.name == text.input for t in request.inputs):
+        return spec
+    if len(request.inputs) > 1:
+        ids = ", ".join(repr(t.name) for t in spec.inputs)
+        raise InvalidArgument(
+            f"model {spec.name!r}: send the texts ({text.input!r}) alone, or the token ids ({ids}); not both"
+        )
+    return spec.for_text()
+
+
 def accept_request(spec: ModelSpec, request: pb.ModelInferRequest) -> tuple[int, dict[str, np.ndarray]]:
     """``validate_request`` and ``decode_inputs`` together: the request's rows and its inputs as
     arrays, or ``InvalidArgument`` naming the first problem. A valid raw request, the hot path,
-    is checked and decoded in one pass over its inputs."""
+    is checked and decoded in one pass over its inputs. For a model that takes text, the
+    signature is the one ``signature_for`` picks."""
+    spec = signature_for(spec, request)
     fast = _fast(spec, request, decode=True)
     if fast is not None:
         return fast[0], cast(dict[str, np.ndarray], fast[1])
@@ -112,6 +128,7 @@ def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> int:
     request takes a fast path; anything it does not accept goes through the full
     checks below, which raise the error naming the problem.
     """
+    spec = signature_for(spec, request)
     fast = _fast(spec, request, decode=False)
     if fast is not None:
         return fast[0]
@@ -121,15 +138,20 @@ def validate_request(spec: ModelSpec, request: pb.ModelInferRequest) -> int:
     for tensor in request.inputs:
         expected = spec.input(tensor.name)
         if expected is None:
-            known = ", ".join(t.name for t in spec.inputs)
+            known = ", ".join(t.name for t in spec.served_inputs())
             raise InvalidArgument(f"model {spec.name!r} has no input {tensor.name!r} (inputs: {known})")
         if tensor.name in seen:
             raise InvalidArgument(f"input {tensor.name!r} appears more than once")
         seen.add(tensor.name)
         if tensor.datatype != expected.datatype:
+            hint = (
+                f"; send raw texts as input {spec.text.input!r}"
+                if spec.text and tensor.datatype == "BYTES"
+                else ""
+            )
             raise InvalidArgument(
                 f"input {tensor.name!r}: datatype {tensor.datatype or '(empty)'} does not match the model's "
-                f"{expected.datatype}"
+                f"{expected.datatype}{hint}"
             )
         shape = list(tensor.shape)
         full = spec.full_shape(expected)

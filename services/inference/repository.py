@@ -17,7 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +37,8 @@ from ferry.core.errors import (
 from ferry.core.grpcserver import incident
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
+from ferry.core.text import TOKENIZER_FILE, TextEncoder, read_tokenizer
+from ferry.core.textinput import parse_text
 from services.inference.batcher import Batcher
 from services.inference.memory import MemoryBook, version_bytes
 from services.inference.runner import OrtRunner, provider_list
@@ -61,6 +63,7 @@ class Version:
     stats: ModelStats
     labels: tuple[str, ...] = ()  # labels.txt beside the versions, for class_count outputs
     sequences: Sequences | None = None  # a sequence model's live sequences
+    encoder: TextEncoder | None = None  # a model that takes text: its tokenizer
 
     async def close(self) -> None:
         """Stop serving: live sequences are dropped, queued requests finish or fail."""
@@ -77,6 +80,7 @@ class Built:
     spec: ModelSpec
     initial: dict[str, np.ndarray]  # a sequence model's initial states, else empty
     booked: int  # bytes it holds, by the memory book's measure (services.inference.memory)
+    encoder: TextEncoder | None = None
 
 
 @dataclass
@@ -211,7 +215,9 @@ class Repository:
         old = state.ready.get(number)
         labels = read_labels(self.store.version_dir(state.name, number), self.store.model_dir(state.name))
         sequences = Sequences(state.name, spec.sequence, built.initial) if spec.sequence is not None else None
-        state.ready[number] = Version(state.name, number, spec, runner, batcher, stats, labels, sequences)
+        state.ready[number] = Version(
+            state.name, number, spec, runner, batcher, stats, labels, sequences, built.encoder
+        )
         state.status[number] = (READY, "")
         state.failed_mtime.pop(number, None)
         state.errors.pop(number, None)
@@ -277,6 +283,7 @@ class Repository:
                 raise InvalidArgument(
                     f"the config gives {t.name!r} datatype {t.datatype} but the graph's is {graph[t.name]}"
                 )
+        spec, encoder = _text(spec, self.store.version_dir(name, number), self.store.model_dir(name))
         initial: dict[str, np.ndarray] = {}
         if spec.sequence is not None:
             check_graph(spec.sequence, runner.input_names, runner.output_names)
@@ -285,7 +292,7 @@ class Repository:
             initial = initial_states(spec.sequence, batched, self.store.model_dir(name), where)
         if s.warmup:
             _warm(runner, spec, number, self.store.model_dir(name), initial)
-        return Built(runner, spec, initial, booked)
+        return Built(runner, spec, initial, booked, encoder)
 
     async def _unload_version(self, state: ModelState, number: int) -> None:
         version = state.ready.pop(number, None)
@@ -461,6 +468,36 @@ def parse_version(text: str) -> int:
 
 
 MUST_PASS = ("1", "true", "yes")
+
+
+def _text(spec: ModelSpec, version_dir: Path, model_dir: Path) -> tuple[ModelSpec, TextEncoder | None]:
+    """A version takes text when its config has a ``text`` entry or its folder (else its model's)
+    holds ``tokenizer.json``; the tokenizer is read here, so a missing or corrupt one fails the load
+    with the reason while the other versions keep serving."""
+    path = next(
+        (d / TOKENIZER_FILE for d in (version_dir, model_dir) if (d / TOKENIZER_FILE).is_file()), None
+    )
+    if spec.text is None and path is None:
+        return spec, None
+    if spec.text is None:
+        inputs = [(t.name, t.datatype, t.dims) for t in spec.inputs]
+        spec = replace(spec, text=parse_text({}, inputs, f"model {spec.name!r} (it has {TOKENIZER_FILE})"))
+    assert spec.text is not None
+    if spec.sequence is not None:
+        raise InvalidArgument("a text input and sequence_batching exclude each other")
+    if spec.max_batch_size <= 0:
+        raise InvalidArgument(
+            "a model that takes text must batch (max_batch_size > 0): texts come one per row"
+        )
+    if path is None:
+        raise InvalidArgument(f"the config gives the model a text input but {TOKENIZER_FILE} is missing")
+    encoder = TextEncoder(read_tokenizer(path), spec.text.max_length)
+    if not spec.text.mask and encoder.pad_id != 0:
+        raise InvalidArgument(
+            f"{TOKENIZER_FILE} pads with id {encoder.pad_id}, but the model has no attention-mask input and "
+            "reads padding as id 0"
+        )
+    return spec, encoder
 
 
 def _warm(
