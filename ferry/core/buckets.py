@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import InvalidArgument
+from ferry.core.params import config_int
 
 MAX_BUCKETS = 64
 SMALLEST_DEFAULT = 8
@@ -62,12 +63,7 @@ def parse_buckets(
     if isinstance(raw, Mapping):
         pad = raw.get("pad_value", 0)
         if "max_length" in raw:
-            length = raw["max_length"]
-            if not isinstance(length, int) or isinstance(length, bool) or not 1 <= length <= 1 << 20:
-                raise InvalidArgument(
-                    f"{where}: max_length must be an integer in [1, 1048576], got {length!r}"
-                )
-            sizes: object = list(default_sizes(length))
+            sizes: object = list(default_sizes(config_int(raw, "max_length", where, 1, 1 << 20, 0)))
         else:
             sizes = raw.get("sizes")
     else:

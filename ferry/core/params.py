@@ -3,7 +3,8 @@
 v2 parameters are a oneof (bool, int64, uint64, string, double); clients differ in which
 they send for the same thing (tritonclient sends ``priority`` as int64, a JSON body may carry
 ``"5"``). Every reader here names the parameter in its error, so a bad one is
-INVALID_ARGUMENT with a message, never a crash.
+INVALID_ARGUMENT with a message, never a crash. ``config_int`` does the same for the integer
+entries of ``config.json``.
 """
 
 from __future__ import annotations
@@ -52,3 +53,17 @@ def string_param(params: Mapping[str, Any], key: str, where: str = "") -> str | 
     if p.WhichOneof("parameter_choice") != "string_param":
         raise InvalidArgument(f"{_prefix(where)}parameter {key!r} must be a string")
     return str(p.string_param)
+
+
+def config_int(
+    raw: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int, digits: bool = False
+) -> int:
+    """An integer entry of a config object, in ``[low, high]``; ``default`` when absent. A bool is
+    not an integer here. With ``digits`` a string of digits counts too: protobuf's JSON form writes
+    int64 fields as strings, and a ModelConfig comes back to ``config.json`` form that way."""
+    value = raw.get(key, default)
+    if digits and isinstance(value, str) and value.lstrip("-").isdigit():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+        raise InvalidArgument(f"{where}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    return value

@@ -30,7 +30,7 @@ from typing import Any
 
 from ferry.core.datatypes import from_config
 from ferry.core.errors import InvalidArgument
-from ferry.core.params import bool_param
+from ferry.core.params import bool_param, config_int
 
 DEFAULT_IDLE_US = 1_000_000  # Triton's default for max_sequence_idle_microseconds
 DEFAULT_MAX_SEQUENCES = 1024
@@ -86,14 +86,7 @@ def shown_id(key: tuple[str, int | str]) -> str:
 
 
 def _count(raw: Mapping[str, Any], key: str, where: str, low: int, high: int, default: int) -> int:
-    value = raw.get(key, default)
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise InvalidArgument(f"{where}: {key} must be an integer, got {value!r}") from None
-    if not low <= number <= high:
-        raise InvalidArgument(f"{where}: {key} must be in [{low}, {high}], got {number}")
-    return number
+    return config_int(raw, key, where, low, high, default, digits=True)
 
 
 def _state(raw: object, where: str) -> StateSpec:

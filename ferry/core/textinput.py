@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.core.errors import InvalidArgument
+from ferry.core.params import config_int
 
 CONFIG_KEY = "text"
 PROTO_PARAMETER = "ferry.text"  # the entry as JSON in ModelConfig.parameters, for the gateway
@@ -59,13 +60,6 @@ class TextInput:
 
     def graph_inputs(self) -> tuple[str, ...]:
         return tuple(n for n in (self.ids, self.mask, self.type_ids) if n)
-
-
-def _bounded(raw: Mapping[str, Any], key: str, default: int, high: int, where: str) -> int:
-    value = raw.get(key, default)
-    if not isinstance(value, int) or isinstance(value, bool) or not 2 <= value <= high:
-        raise InvalidArgument(f"{where}: {key} must be an integer in [2, {high}], got {value!r}")
-    return value
 
 
 def parse_text(raw: object, inputs: Sequence[tuple[str, str, tuple[int, ...]]], where: str) -> TextInput:
@@ -113,8 +107,10 @@ def parse_text(raw: object, inputs: Sequence[tuple[str, str, tuple[int, ...]]], 
         ids=chosen["ids"],
         mask=chosen["mask"],
         type_ids=chosen["type_ids"],
-        max_length=_bounded(raw, "max_length", DEFAULT_MAX_LENGTH, MAX_LENGTH_LIMIT, where),
-        max_text_bytes=_bounded(raw, "max_text_bytes", DEFAULT_MAX_TEXT_BYTES, 1 << 30, where),
+        max_length=config_int(raw, "max_length", where, 2, MAX_LENGTH_LIMIT, DEFAULT_MAX_LENGTH, digits=True),
+        max_text_bytes=config_int(
+            raw, "max_text_bytes", where, 2, 1 << 30, DEFAULT_MAX_TEXT_BYTES, digits=True
+        ),
     )
 
 

@@ -28,13 +28,13 @@ import struct
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
 from ferry.core.codec import numpy_dtype
 from ferry.core.datatypes import from_config
 from ferry.core.errors import InvalidArgument
+from ferry.core.params import config_int
 
 SOURCES = ("zero_data", "random_data", "input_data_file")
 WARMUP_DIR = "warmup"
@@ -59,13 +59,6 @@ class WarmupSample:
     batch_size: int
     count: int
     inputs: tuple[tuple[str, WarmupInput], ...]
-
-
-def _int(raw: Mapping[str, Any], key: str, where: str, low: int, high: int) -> int:
-    value = raw.get(key, 0)
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise InvalidArgument(f"{where}: {key} must be an integer in [{low}, {high}], got {value!r}")
-    return value
 
 
 def _input(name: str, raw: object, where: str) -> WarmupInput:
@@ -111,8 +104,8 @@ def parse_samples(raw: object, where: str) -> tuple[WarmupSample, ...]:
         samples.append(
             WarmupSample(
                 name,
-                _int(item, "batch_size", here, 0, 1 << 20),
-                max(1, _int(item, "count", here, 0, MAX_COUNT)),
+                config_int(item, "batch_size", here, 0, 1 << 20, 0),
+                max(1, config_int(item, "count", here, 0, MAX_COUNT, 0)),
                 tuple((str(k), _input(str(k), v, here)) for k, v in sorted(inputs.items())),
             )
         )

@@ -56,7 +56,7 @@ def test_states_leave_the_served_signature_and_the_config_round_trips() -> None:
         ({"state": [STATE, STATE]}, "two states share an input_name"),
         (
             {"state": [STATE], "max_sequence_idle_microseconds": 0},
-            "max_sequence_idle_microseconds must be in",
+            "max_sequence_idle_microseconds must be an integer in [1, 86400000000], got 0",
         ),
         ({"state": [STATE], "oldest": {"max_candidate_sequences": "many"}}, "must be an integer"),
         ({"state": [{**STATE, "initial_state": [{"data_file": "../x"}]}]}, "must be a plain file name"),
