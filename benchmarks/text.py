@@ -11,7 +11,11 @@
 
 The model is a published version (``--store`` and ``--model``), or by default a random-weight
 ``transformer_text`` with a WordPiece tokenizer fitted on the corpus: the cost of text does not
-depend on what the weights learned. Each point stops after ``--seconds`` or ``--requests``.
+depend on what the weights learned. With ``--trained`` a real trainer and exporter first train
+``ferry demo --text``'s transformer and export it in fp32, fp16 and int8 (dynamic quantisation);
+each precision is served, the held-out texts are classified from strings through the worker,
+and the run reports each one's accuracy and its agreement with fp32 before the speed figures.
+Each point stops after ``--seconds`` or ``--requests``.
 """
 
 from __future__ import annotations
@@ -60,6 +64,74 @@ def build_store(root: Path, texts: Sequence[str]) -> str:
     }
     (root / "models" / "text" / "config.json").write_text(json.dumps(config))
     return "text"
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def train_and_export(root: Path, epochs: int) -> dict[str, Any]:
+    """The text demo's model trained on a real trainer and exported three ways (models
+    ``text-fp32`` ...); returns each export's gate summary."""
+    from ferry.client.exporter import SyncExporterClient
+    from ferry.client.trainer import SyncTrainerClient, state_name
+    from ferry.demo import text_spec
+
+    trainer = ServerProcess.ferry("trainer", "trainer", "--store", str(root), "--port", "0").start()
+    exporter = ServerProcess.ferry("exporter", "exporter", "--store", str(root), "--port", "0").start()
+    gates: dict[str, Any] = {}
+    try:
+        with SyncTrainerClient(trainer.address) as client:
+            began = time.monotonic()
+            job = client.submit(text_spec(epochs), name="bench-text")
+            for event in client.watch(job.id):
+                if event.kind == "epoch":
+                    p = event.job.progress
+                    print(f"  epoch {p.epoch}/{p.epochs} val_accuracy {p.metrics.get('val_accuracy', 0):.3f}")
+            job = client.get(job.id)
+            if state_name(job) != "SUCCEEDED":
+                raise SystemExit(f"training failed: {job.error}")
+            gates["train_s"] = time.monotonic() - began
+            gates["test_accuracy_torch"] = dict(job.test_metrics).get("accuracy")
+        with SyncExporterClient(exporter.address) as client:
+            for precision in PRECISIONS:
+                report = client.export(job.id, f"text-{precision}", precision=precision)
+                if not report.published:
+                    raise SystemExit(f"{precision} export failed: {report.failure}")
+                pooled = report.meta["parity"].get("pooled", {}).get("logits", {})
+                gates[precision] = {"bytes": report.meta["files"]["model_bytes"], **pooled}
+    finally:
+        exporter.stop()
+        trainer.stop()
+    return gates
+
+
+async def held_out_accuracy(address: str, texts: Sequence[str], truth: Sequence[int]) -> dict[str, Any]:
+    """Each precision's predictions on the held-out texts, sent as strings in batches of 32."""
+    import tritonclient.grpc as tc
+    import tritonclient.grpc.aio as aio
+
+    client = aio.InferenceServerClient(address)
+    predicted: dict[str, np.ndarray] = {}
+    try:
+        for precision in PRECISIONS:
+            rows = []
+            for start in range(0, len(texts), 32):
+                chunk = [[t.encode()] for t in texts[start : start + 32]]
+                tensor = tc.InferInput("text", [len(chunk), 1], "BYTES")
+                tensor.set_data_from_numpy(np.array(chunk, dtype=object))
+                answer = await client.infer(f"text-{precision}", [tensor])
+                rows.append(answer.as_numpy("logits").argmax(axis=1))
+            predicted[precision] = np.concatenate(rows)
+    finally:
+        await client.close()
+    labels = np.asarray(truth)
+    return {
+        p: {
+            "accuracy": float(np.mean(predicted[p] == labels)),
+            "agreement_with_fp32": float(np.mean(predicted[p] == predicted["fp32"])),
+        }
+        for p in PRECISIONS
+    }
 
 
 def _median_ms(run: Callable[[], object], runs: int, seconds: float) -> float:
@@ -138,11 +210,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, default=3000, help="most requests per point")
     parser.add_argument("--seconds", type=float, default=8.0, help="longest time per point")
     parser.add_argument("--runs", type=int, default=200, help="most runs per in-process figure")
+    parser.add_argument("--trained", action="store_true", help="train and export the text demo's model first")
+    parser.add_argument("--epochs", type=int, default=8, help="with --trained")
     args = parser.parse_args(argv)
     texts = corpus(max(args.requests, 64))
+    accuracy: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="ferry-text-") as tmp:
         root = args.store or Path(tmp) / "store"
-        model = args.model if args.store else build_store(root, texts)
+        if args.trained:
+            gates = train_and_export(root, args.epochs)
+            print(json.dumps({"gates": gates}), flush=True)
+            model = "text-fp32"
+        else:
+            model = args.model if args.store else build_store(root, texts)
         version_dir = max(
             (p for p in (root / "models" / model).iterdir() if p.name.isdigit()), key=lambda p: int(p.name)
         )
@@ -161,6 +241,13 @@ def main(argv: list[str] | None = None) -> int:
                 "gateway", "gateway", "--workers", worker.address, "--port", "0", "--http-port", "0",
                 "--host", "127.0.0.1", "--no-cache-enabled",
             ).start()  # fmt: skip
+            if args.trained:
+                from ferry.datasets import load_dataset
+                from ferry.demo import TEXT_DATASET
+
+                data = load_dataset({**TEXT_DATASET, "seed": 0})
+                accuracy = asyncio.run(held_out_accuracy(worker.address, data.texts_test, list(data.y_test)))
+                print(json.dumps({"held_out": len(data.texts_test), "accuracy": accuracy}), flush=True)
             hops = {"worker": worker.address, "gateway": gateway.address}
             for hop, address in hops.items():
                 for kind in ("token ids", "raw text"):
@@ -179,6 +266,10 @@ def main(argv: list[str] | None = None) -> int:
             if gateway is not None:
                 gateway.stop()
             worker.stop()
+    if accuracy:
+        print("\n| precision | held-out accuracy | agreement with fp32 |\n|---|---|---|")
+        for precision, row in accuracy.items():
+            print(f"| {precision} | {row['accuracy']:.4f} | {row['agreement_with_fp32']:.4f} |")
     print("\n| in process | tokenize | ONNX Runtime | total |\n|---|---|---|---|")
     for row in local:
         print(

@@ -3,12 +3,13 @@
 v2 parameters are a oneof (bool, int64, uint64, string, double); clients differ in which
 they send for the same thing (tritonclient sends ``priority`` as int64, a JSON body may carry
 ``"5"``). Every reader here names the parameter in its error, so a bad one is
-INVALID_ARGUMENT with a message, never a crash. ``config_int`` does the same for the integer
-entries of ``config.json``.
+INVALID_ARGUMENT with a message, never a crash. ``config_int`` and ``json_object`` do the same
+for the integer entries of ``config.json`` and for JSON objects carried in a string.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,4 +67,16 @@ def config_int(
         value = int(value)
     if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
         raise InvalidArgument(f"{where}: {key} must be an integer in [{low}, {high}], got {value!r}")
+    return value
+
+
+def json_object(text: str, what: str) -> dict[str, Any]:
+    """A JSON object sent as a string (a parameter, a ``*_json`` field); ``what`` names it in the
+    error when the string is not JSON or holds something else."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise InvalidArgument(f"{what} is not valid JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"{what} must be a JSON object, not {type(value).__name__}")
     return value

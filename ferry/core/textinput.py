@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.core.errors import InvalidArgument
-from ferry.core.params import config_int
+from ferry.core.params import config_int, json_object
 
 CONFIG_KEY = "text"
 PROTO_PARAMETER = "ferry.text"  # the entry as JSON in ModelConfig.parameters, for the gateway
@@ -119,13 +119,7 @@ def to_proto_parameter(text: TextInput) -> str:
 
 
 def from_proto_parameter(value: str) -> dict[str, Any]:
-    try:
-        entry = json.loads(value)
-    except ValueError as err:
-        raise InvalidArgument(f"model config parameter {PROTO_PARAMETER!r} is not JSON: {err}") from err
-    if not isinstance(entry, dict):
-        raise InvalidArgument(f"model config parameter {PROTO_PARAMETER!r} must be a JSON object")
-    return entry
+    return json_object(value, f"model config parameter {PROTO_PARAMETER!r}")
 
 
 def check_texts(name: str, texts: Sequence[str], max_bytes: int) -> None:

@@ -6,11 +6,11 @@ gRPC and HTTP front doors refuse a bad load the same way.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
 from ferry.core.errors import InvalidArgument
+from ferry.core.params import json_object
 
 MAX_CONFIG_BYTES = 1 << 20
 
@@ -27,15 +27,7 @@ def config_param(model: str, params: Mapping[str, Any]) -> dict[str, Any] | None
         raise InvalidArgument(
             f"failed to load {model!r}: the 'config' parameter is over {MAX_CONFIG_BYTES} bytes"
         )
-    try:
-        config = json.loads(text)
-    except ValueError as err:
-        raise InvalidArgument(
-            f"failed to load {model!r}: the 'config' parameter is not valid JSON: {err}"
-        ) from err
-    if not isinstance(config, dict):
-        raise InvalidArgument(f"failed to load {model!r}: the 'config' parameter must be a JSON object")
-    return config
+    return json_object(text, f"failed to load {model!r}: the 'config' parameter")
 
 
 def version_param(params: Mapping[str, Any]) -> int | None:
