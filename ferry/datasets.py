@@ -13,26 +13,42 @@ here is numpy and scikit-learn, and deterministic given the entry's seed.
 Sources: scikit-learn's bundled ``digits`` (images ``[1, 8, 8]``, or ``[64]``
 with ``{"flatten": true}``), ``iris``, ``wine``, ``breast_cancer``; generated
 ``synthetic_classification``, ``synthetic_regression`` and ``synthetic_tokens``
-(token-id sequences for the text models); or an uploaded ``.npz`` (arrays ``x``,
-``y``) / ``.csv`` (label in the last column) under ``datasets/`` in the store.
-Tabular features are standardised with the train split's mean and deviation.
+(token-id sequences for the text models); generated text ``topics`` (``ferry.textcorpus``);
+or an uploaded ``.npz`` (arrays ``x``, ``y``) / ``.csv`` (label in the last column) under
+``datasets/`` in the store. Tabular features are standardised with the train split's mean and
+deviation.
+
+Text: ``topics``, a ``.jsonl`` upload (one object a line with the text and label keys) or a
+``.csv`` upload whose header names the text column (``text`` and ``label`` by default; the
+entry's params ``text_column`` and ``label_column`` pick others). Labels are strings, as
+written; the class names are their sorted distinct values. A text dataset keeps its texts
+(``texts_train``, ``texts_test``); its ``x`` arrays are token ids only when ``load_dataset`` is
+given a ``TextEncoder`` (the job's saved tokenizer: fitting is not reproducible, so nothing
+here fits one), padded with 0 to each split's longest row.
 """
 
 from __future__ import annotations
 
+import csv
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ferry.core.errors import InvalidArgument
 
+if TYPE_CHECKING:
+    from ferry.core.text import TextEncoder
+
 BUILTIN = ("digits", "iris", "wine", "breast_cancer")
 SYNTHETIC = ("synthetic_classification", "synthetic_regression", "synthetic_tokens")
-UPLOAD_FORMATS = ("npz", "csv")
+TEXT = ("topics",)
+UPLOAD_FORMATS = ("npz", "csv", "jsonl")
+TEXT_COLUMN, LABEL_COLUMN = "text", "label"
 
 
 @dataclass
@@ -50,6 +66,13 @@ class Dataset:
     vocab_size: int = 0  # token datasets: ids lie in [0, vocab_size)
     # Class index -> name, when the source names its classes (a served model's labels.txt).
     class_names: list[str] = field(default_factory=list)
+    # Text datasets: the raw texts of each split, row for row with y (empty for other sources).
+    texts_train: list[str] = field(default_factory=list)
+    texts_test: list[str] = field(default_factory=list)
+
+    @property
+    def is_text(self) -> bool:
+        return bool(self.texts_train)
 
     @property
     def feature_shape(self) -> list[int]:
@@ -62,11 +85,11 @@ class Dataset:
     @property
     def input_shape(self) -> list[int]:
         """The served input shape: token sequences take any length (-1)."""
-        return [-1] if self.vocab_size else self.feature_shape
+        return [-1] if self.vocab_size or self.is_text else self.feature_shape
 
 
 def dataset_names() -> list[str]:
-    return [*BUILTIN, *SYNTHETIC]
+    return [*BUILTIN, *SYNTHETIC, *TEXT]
 
 
 def _params(entry: dict[str, Any]) -> dict[str, Any]:
@@ -160,6 +183,8 @@ def read_upload(data: bytes, fmt: str) -> tuple[np.ndarray, np.ndarray]:
             raise
         except Exception as err:
             raise InvalidArgument(f"not a readable npz file: {err}") from err
+    elif fmt == "jsonl":
+        raise InvalidArgument("a jsonl dataset is text: read it with read_text_upload")
     elif fmt == "csv":
         text = data.decode("utf-8", errors="replace")
         lines = [line for line in text.splitlines() if line.strip()]
@@ -170,7 +195,10 @@ def read_upload(data: bytes, fmt: str) -> tuple[np.ndarray, np.ndarray]:
         try:
             table = np.loadtxt(lines, delimiter=",", dtype=np.float64, ndmin=2)
         except ValueError as err:
-            raise InvalidArgument(f"CSV dataset must be numeric with the label last: {err}") from err
+            raise InvalidArgument(
+                f"CSV dataset must be numeric with the label last, or text with a header row naming "
+                f"columns {TEXT_COLUMN!r} and {LABEL_COLUMN!r}: {err}"
+            ) from err
         if table.shape[1] < 2:
             raise InvalidArgument("CSV dataset needs at least one feature column and a label column")
         x, y = table[:, :-1], table[:, -1]
@@ -188,6 +216,171 @@ def read_upload(data: bytes, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
+@dataclass(frozen=True)
+class TextRows:
+    """A text upload's rows: the texts and their labels, as written."""
+
+    texts: list[str]
+    labels: list[str]
+
+
+class _Number(str):
+    """A JSON number kept as written (``7``, ``7.0``): a label may be one, a text may not."""
+
+
+def _decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8").removeprefix("\ufeff")  # a spreadsheet's byte-order mark
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise InvalidArgument(
+            f"{what} dataset is not UTF-8: invalid byte 0x{data[err.start]:02x} on line {line}"
+        ) from err
+
+
+def _csv_rows(data: bytes) -> tuple[list[str], list[tuple[int, list[str]]]]:
+    """The header and the data rows (with their line numbers) of a CSV upload."""
+    text = _decode(data, "CSV")
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as err:
+        raise InvalidArgument(f"CSV dataset is not readable CSV on line {reader.line_num}: {err}") from err
+    if not rows:
+        raise InvalidArgument("CSV dataset is empty")
+    return [c.strip() for c in rows[0][1]], rows[1:]
+
+
+def is_text_csv(data: bytes, text_column: str = TEXT_COLUMN) -> bool:
+    """Whether a CSV upload is a text one: its first row names ``text_column``."""
+    first = data.split(b"\n", 1)[0].decode("utf-8", errors="replace").removeprefix("\ufeff")
+    try:
+        header = next(csv.reader([first]))
+    except (StopIteration, csv.Error):
+        return False
+    return text_column in (c.strip() for c in header)
+
+
+def _text_value(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str) or isinstance(value, _Number):
+        kind = "number" if isinstance(value, _Number) else type(value).__name__
+        raise InvalidArgument(f"{where}: {key!r} must be a string, got {kind} {str(value)[:40]}")
+    if not value.strip():
+        raise InvalidArgument(f"{where}: {key!r} is empty")
+    return value
+
+
+def _label_value(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        shown = "empty" if isinstance(value, str) else f"{type(value).__name__} {str(value)[:40]}"
+        raise InvalidArgument(f"{where}: label {key!r} must be a string or a number, got {shown}")
+    return value.strip() if not isinstance(value, _Number) else str(value)
+
+
+def _jsonl_records(data: bytes) -> list[tuple[int, dict[str, Any]]]:
+    """The objects of a JSONL upload with their line numbers (blank lines skipped)."""
+    records = []
+    for number, line in enumerate(_decode(data, "JSONL").splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"JSONL dataset line {number}"
+        try:
+            record = json.loads(line, parse_int=_Number, parse_float=_Number)
+        except ValueError as err:
+            raise InvalidArgument(f"{where} is not JSON: {err}") from err
+        if not isinstance(record, dict):
+            raise InvalidArgument(f"{where} must be a JSON object, got {type(record).__name__}")
+        records.append((number, record))
+    return records
+
+
+def _numeric(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return False
+    return True
+
+
+def check_text_upload(data: bytes, fmt: str) -> tuple[int, int] | None:
+    """Rows and classes of a text upload, as the trainer reports an upload; None for a CSV that is
+    numeric (``read_upload`` reads those).
+
+    A file with the default names (``text`` and ``label``) is checked in full. One with other
+    names, which a job picks with ``text_column`` and ``label_column``, is checked for form only
+    (UTF-8, one JSON object a line, or CSV rows as wide as a header row, at least 2 rows), and its
+    classes are 0 until a job reads it: a CSV counts as text then when a column holds no number at
+    all, so a numeric CSV with a stray typo is still refused as one."""
+    if fmt == "jsonl":
+        records = _jsonl_records(data)
+        if all(TEXT_COLUMN in r and LABEL_COLUMN in r for _, r in records):
+            rows = read_text_upload(data, fmt)
+            return len(rows.texts), len(set(rows.labels))
+        count = len(records)
+    elif is_text_csv(data):
+        rows = read_text_upload(data, fmt)
+        return len(rows.texts), len(set(rows.labels))
+    else:
+        header, table = _csv_rows(data)
+        if _numeric(header[0]) or not table:
+            return None
+
+        def texts(c: int) -> bool:
+            return all(c >= len(row) or not _numeric(row[c]) for _, row in table)
+
+        if not any(texts(c) for c in range(len(header))):
+            return None
+        for number, row in table:
+            if len(row) != len(header):
+                raise InvalidArgument(
+                    f"CSV dataset line {number} has {len(row)} fields, the header {len(header)}"
+                )
+        count = len(table)
+    if count < 2:
+        raise InvalidArgument(f"{fmt.upper()} dataset has {count} row(s); it needs at least 2")
+    return count, 0
+
+
+def read_text_upload(
+    data: bytes, fmt: str, text_column: str = TEXT_COLUMN, label_column: str = LABEL_COLUMN
+) -> TextRows:
+    """Parse a text upload (``jsonl``, or ``csv`` with a header row); every problem is
+    INVALID_ARGUMENT naming it and its line, so a user can fix the file."""
+    texts: list[str] = []
+    labels: list[str] = []
+    if fmt == "jsonl":
+        for number, record in _jsonl_records(data):
+            where = f"JSONL dataset line {number}"
+            for key in (text_column, label_column):
+                if key not in record:
+                    raise InvalidArgument(f"{where} has no key {key!r} (it has {sorted(record)[:10]})")
+            texts.append(_text_value(record[text_column], where, text_column))
+            labels.append(_label_value(record[label_column], where, label_column))
+    elif fmt == "csv":
+        header, rows = _csv_rows(data)
+        for key in (text_column, label_column):
+            if key not in header:
+                raise InvalidArgument(
+                    f"CSV dataset line 1: the header has no column {key!r} (it has {header})"
+                )
+        t, lab = header.index(text_column), header.index(label_column)
+        for number, row in rows:
+            where = f"CSV dataset line {number}"
+            if len(row) != len(header):
+                raise InvalidArgument(f"{where} has {len(row)} fields, the header {len(header)}")
+            texts.append(_text_value(row[t], where, text_column))
+            labels.append(_label_value(row[lab], where, label_column))
+    else:
+        raise InvalidArgument(f"a text dataset is jsonl or csv, not {fmt!r}")
+    if len(texts) < 2:
+        raise InvalidArgument(f"{fmt.upper()} dataset has {len(texts)} row(s); it needs at least 2")
+    if len(set(labels)) < 2:
+        raise InvalidArgument(
+            f"{fmt.upper()} dataset has only one class ({labels[0]!r}); a classifier needs at least 2"
+        )
+    return TextRows(texts, labels)
+
+
 def find_upload(store_root: str | Path, name: str) -> Path:
     from ferry.core.store import validate_name
 
@@ -197,14 +390,34 @@ def find_upload(store_root: str | Path, name: str) -> Path:
         path = folder / f"{name}.{fmt}"
         if path.is_file():
             return path
-    raise InvalidArgument(f"unknown uploaded dataset {name!r}: the store holds no {name}.npz or {name}.csv")
+    files = [f"{name}.{fmt}" for fmt in UPLOAD_FORMATS]
+    held = f"{', '.join(files[:-1])} or {files[-1]}"
+    raise InvalidArgument(f"unknown uploaded dataset {name!r}: the store holds no {held}")
 
 
-def _uploaded(name: str, store_root: str | Path | None, task: str) -> tuple[np.ndarray, np.ndarray, str, int]:
+def _text_columns(params: dict[str, Any]) -> tuple[str, str]:
+    columns = []
+    for key, default in (("text_column", TEXT_COLUMN), ("label_column", LABEL_COLUMN)):
+        value = params.get(key, default)
+        if not isinstance(value, str) or not value:
+            raise InvalidArgument(f"dataset param {key!r} must be a non-empty string, got {value!r}")
+        columns.append(value)
+    return columns[0], columns[1]
+
+
+def _uploaded(
+    name: str, store_root: str | Path | None, task: str, params: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray, str, int] | TextRows:
     if store_root is None:
         raise InvalidArgument(f"dataset upload {name!r} needs the store")
     path = find_upload(store_root, name)
-    x, y = read_upload(path.read_bytes(), path.suffix[1:])
+    fmt, data = path.suffix[1:], path.read_bytes()
+    text_column, label_column = _text_columns(params)
+    if fmt == "jsonl" or (fmt == "csv" and is_text_csv(data, text_column)):
+        if task not in ("", "classification"):
+            raise InvalidArgument(f"text dataset upload {name!r} is a classification dataset, not {task}")
+        return read_text_upload(data, fmt, text_column, label_column)
+    x, y = read_upload(data, fmt)
     if x.dtype.kind in "iu":
         vocab = int(x.max()) + 1
         return x.astype(np.int64), y, task, vocab
@@ -231,10 +444,16 @@ def _standardise(x_train: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
     return [((a - mean) / std).astype(np.float32) for a in (x_train, *others)]
 
 
-def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Path | None = None) -> Dataset:
+def load_dataset(
+    entry: dict[str, Any],
+    seed: int | None = None,
+    store: str | Path | None = None,
+    encoder: TextEncoder | None = None,
+) -> Dataset:
     """Rebuild the dataset ``entry`` describes (see the module docstring); same entry, same arrays.
 
-    ``seed`` overrides the entry's own; ``store`` is the store root, needed for uploads.
+    ``seed`` overrides the entry's own; ``store`` is the store root, needed for uploads;
+    ``encoder`` turns a text dataset's texts into token ids (without it ``x`` has no columns).
     """
     name = str(entry.get("name") or "")
     upload = str(entry.get("upload") or "")
@@ -246,9 +465,20 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
         raise InvalidArgument(f"test_fraction must lie strictly between 0 and 1, got {test_fraction}")
     vocab = 0
     names: list[str] | None = None  # by label value; None = the values themselves, [] = unnamed
+    texts: list[str] = []
     if upload:
-        x, y, task, vocab = _uploaded(upload, store, task or "classification")
+        found = _uploaded(upload, store, task, params)
+        if isinstance(found, TextRows):
+            texts, y, task = found.texts, np.array(found.labels, dtype=object), "classification"
+            x = np.zeros((len(texts), 0), dtype=np.int64)
+        else:
+            x, y, task, vocab = found[0], found[1], found[2] or "classification", found[3]
         name = f"upload:{upload}"
+    elif name in TEXT:
+        from ferry.textcorpus import TOPICS, generate
+
+        texts, y = generate(_int_param(params, "samples", 2000, 10, 10_000_000), seed)
+        x, task, names = np.zeros((len(texts), 0), dtype=np.int64), "classification", list(TOPICS)
     elif name in BUILTIN:
         x, y, names = _sklearn(name, params)
         task = "classification"
@@ -259,7 +489,12 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
         raise InvalidArgument(
             f"unknown dataset {name!r}; built-in: {', '.join(dataset_names())}, or an uploaded one"
         )
-    if task == "classification":
+    if task == "classification" and y.dtype == object:  # text labels: sorted, as written
+        labels, y = np.unique(y, return_inverse=True)
+        y = y.astype(np.int64)
+        classes = outputs = len(labels)
+        class_names = [str(v) for v in labels.tolist()]
+    elif task == "classification":
         if y.dtype.kind == "f" and not np.all(y == np.round(y)):
             raise InvalidArgument(f"dataset {name!r} has non-integer labels; use task 'regression'")
         labels, y = np.unique(y.reshape(len(y), -1)[:, 0], return_inverse=True)
@@ -273,7 +508,13 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
     n_test = max(1, round(len(x) * test_fraction))
     test, train = order[:n_test], order[n_test:]
     x_train, x_test = x[train], x[test]
-    if x.dtype != np.int64 and name != "digits":
+    texts_train = [texts[i] for i in train.tolist()] if texts else []
+    texts_test = [texts[i] for i in test.tolist()] if texts else []
+    if texts and encoder is not None:
+        x_train = encoder.encode(texts_train, "train texts").ids
+        x_test = encoder.encode(texts_test, "test texts").ids
+        vocab = encoder.vocab_size
+    elif x.dtype != np.int64 and name != "digits":
         x_train, x_test = _standardise(x_train, x_test)
     return Dataset(
         name=name,
@@ -286,4 +527,6 @@ def load_dataset(entry: dict[str, Any], seed: int | None = None, store: str | Pa
         outputs=outputs,
         vocab_size=vocab,
         class_names=class_names,
+        texts_train=texts_train,
+        texts_test=texts_test,
     )

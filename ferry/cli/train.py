@@ -44,12 +44,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     model.add_argument("--factory", help="or a user factory package.module:function")
     train.add_argument("--params", type=_json_arg, help="model params as JSON, e.g. '{\"hidden\": [64]}'")
     data = train.add_mutually_exclusive_group()
-    data.add_argument("--dataset", help="digits, iris, wine, breast_cancer, synthetic_classification, ...")
+    data.add_argument(
+        "--dataset", help="digits, iris, wine, breast_cancer, synthetic_classification, ..., topics (text)"
+    )
     data.add_argument("--upload", help="or the name of an uploaded dataset (ferry upload)")
     train.add_argument(
         "--dataset-params", type=_json_arg, help="dataset params as JSON, e.g. '{\"flatten\": true}'"
     )
     train.add_argument("--test-fraction", type=float, help="held-out test split (default 0.2)")
+    tok = train.add_argument_group("tokenizer (text datasets: topics, a JSONL or text CSV upload)")
+    tok.add_argument("--tokenizer", choices=["wordpiece", "bpe"], help="tokenizer kind (default wordpiece)")
+    tok.add_argument("--vocab-size", type=int, help="the tokenizer's largest vocabulary (default 8000)")
+    tok.add_argument(
+        "--lowercase",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="lowercase texts (default on)",
+    )
     train.add_argument("--spec", help="a JSON file with the whole spec; flags override its fields")
     for flag, kind, hint in (
         ("--task", str, "classification | regression"),
@@ -88,11 +99,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     jobs.set_defaults(handler=_jobs)
 
     upload = sub.add_parser(
-        "upload", help="upload a dataset (.npz with x and y, or .csv with the label last)"
+        "upload",
+        help="upload a dataset (.npz with x and y, .csv with the label last or a text and a label "
+        "column, .jsonl with text and label keys)",
     )
-    upload.add_argument("file", help="the .npz or .csv file")
+    upload.add_argument("file", help="the .npz, .csv or .jsonl file")
     upload.add_argument("--name", default=None, help="dataset name (default: the file's stem)")
-    upload.add_argument("--format", default="", choices=["", "npz", "csv"], help="default: from the suffix")
+    upload.add_argument(
+        "--format", default="", choices=["", "npz", "csv", "jsonl"], help="default: from the suffix"
+    )
     upload.add_argument("--overwrite", action="store_true", help="replace a dataset of that name")
     add_connection_flags(upload, "trainer", "--trainer")
     upload.set_defaults(handler=_upload)
@@ -117,8 +132,15 @@ def build_spec_dict(args: argparse.Namespace) -> dict[str, Any]:
         dataset["params"] = args.dataset_params
     if args.test_fraction is not None:
         dataset["test_fraction"] = args.test_fraction
+    tokenizer = dict(dataset.get("tokenizer") or {})
+    for flag, key in (("tokenizer", "kind"), ("vocab_size", "vocab_size"), ("lowercase", "lowercase")):
+        if getattr(args, flag) is not None:
+            tokenizer[key] = getattr(args, flag)
+    if tokenizer:
+        dataset["tokenizer"] = tokenizer
     spec.update(model=model, dataset=dataset)
     skip = {"model", "factory", "params", "dataset", "upload", "dataset_params", "test_fraction", "spec"}
+    skip |= {"tokenizer", "vocab_size", "lowercase"}
     skip |= {"name", "detach", "json", "handler", "command", "address", "api_key", "ca_file", "state_file"}
     for key, value in vars(args).items():
         if key not in skip and value is not None:
@@ -278,5 +300,9 @@ def _upload(args: argparse.Namespace) -> int:
         f"uploaded dataset {answer.name}: {answer.size_bytes} bytes, x {list(answer.x_shape)}, "
         f"{answer.classes} classes, sha256 {answer.sha256}"
     )
-    print(f"train on it with: ferry train --upload {answer.name} --model mlp")
+    text = len(answer.x_shape) == 1  # a text dataset: [rows]
+    model = "transformer_text --tokenizer wordpiece" if text else "mlp"
+    if text and not answer.classes:  # columns other than text and label: the job names them
+        model += """ --dataset-params '{"text_column": "...", "label_column": "..."}'"""
+    print(f"train on it with: ferry train --upload {answer.name} --model {model}")
     return 0

@@ -32,7 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     demo = sub.add_parser("demo", help="start the stack, train -> export -> serve -> classify digits, stop")
     add_settings_flags(demo, UpSettings)
     demo.add_argument(
-        "--demo-epochs", type=int, default=20, help="epochs for the demo model (first run only)"
+        "--demo-epochs",
+        type=int,
+        default=None,
+        help="epochs for the demo model (first run only; default 20, or 8 with --text)",
+    )
+    demo.add_argument(
+        "--text",
+        action="store_true",
+        help="the text demo: a transformer and its tokenizer on the topics corpus, classified from strings",
     )
     demo.add_argument("--keep-running", action="store_true", help="keep the stack up after the demo")
     demo.set_defaults(handler=lambda a: _run(a, classify=True, keep_running=a.keep_running), no_demo=False)
@@ -48,14 +56,22 @@ def _say(text: str) -> None:
 
 def _run(args: argparse.Namespace, *, classify: bool, keep_running: bool) -> int:
     settings = settings_from_args(UpSettings, args)
-    return asyncio.run(_stack_main(settings, not args.no_demo, args.demo_epochs, classify, keep_running))
+    text = bool(getattr(args, "text", False))
+    return asyncio.run(
+        _stack_main(settings, not args.no_demo, args.demo_epochs, classify, keep_running, text)
+    )
 
 
 async def _stack_main(
-    settings: UpSettings, build_demo: bool, epochs: int, classify: bool, keep_running: bool
+    settings: UpSettings,
+    build_demo: bool,
+    epochs: int | None,
+    classify: bool,
+    keep_running: bool,
+    text: bool = False,
 ) -> int:
     from ferry.core.store import Store
-    from ferry.demo import DEMO_MODEL, classify_digits, ensure_demo_model
+    from ferry.demo import DIGITS, TOPICS, classify_digits, classify_texts, ensure_demo_model
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -81,18 +97,27 @@ async def _stack_main(
         if build_demo:
             store = Store(settings.store)
             addresses = stack.addresses()
+            demo = TOPICS if text else DIGITS
             version = await ensure_demo_model(
-                store, addresses["trainer"], addresses["exporter"], epochs, _say, stack.client_options()
+                store,
+                addresses["trainer"],
+                addresses["exporter"],
+                epochs,
+                _say,
+                stack.client_options(),
+                demo,
             )
             if classify:
-                result = await classify_digits(
+                classify_held_out = classify_texts if text else classify_digits
+                result = await classify_held_out(
                     addresses["gateway"], version, options=stack.client_options("infer")
                 )
+                what = "texts (sent as strings)" if text else "digits"
                 _say(
-                    f"classified {result.samples} held-out digits through the gateway: "
+                    f"classified {result.samples} held-out {what} through the gateway: "
                     f"accuracy {result.accuracy:.4f}, latency p50 {result.p50_ms:.2f} ms, "
                     f"p99 {result.p99_ms:.2f} ms, {result.samples / result.seconds:.0f} requests/s "
-                    f"(model '{DEMO_MODEL}' v{result.model_version})"
+                    f"(model '{demo.model}' v{result.model_version})"
                 )
         if keep_running:
             addresses = stack.addresses()

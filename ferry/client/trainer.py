@@ -6,6 +6,9 @@ on a private loop, with ``watch`` as a plain iterator. Specs may be given as a
 
     {"model": {"arch": "mlp", "params": {"hidden": [64]}},
      "dataset": {"name": "digits"}, "epochs": 5, "lr": 1e-3}
+
+A text job's dataset may carry its tokenizer as a dict:
+``"dataset": {"name": "topics", "tokenizer": {"kind": "wordpiece", "vocab_size": 2000}}``.
 """
 
 from __future__ import annotations
@@ -46,6 +49,8 @@ def build_spec(spec: pb.TrainSpec | Mapping[str, Any]) -> pb.TrainSpec:
     if "params" in dataset:
         dataset["params_json"] = json.dumps(dataset.pop("params"))
     try:
+        if isinstance(dataset.get("tokenizer"), Mapping):
+            dataset["tokenizer"] = pb.TrainTokenizer(**dataset["tokenizer"])
         return pb.TrainSpec(model=pb.TrainModel(**model), dataset=pb.TrainDataset(**dataset), **values)
     except (ValueError, TypeError) as err:
         raise InvalidArgument(f"bad training spec: {err}") from err
@@ -126,7 +131,8 @@ class TrainerClient:
         chunk_bytes: int = CHUNK_BYTES,
         timeout: float | None = 600,
     ) -> pb.DatasetUploadResponse:
-        """Upload ``.npz`` (x, y) or ``.csv`` (label last) bytes or a file; checksummed."""
+        """Upload ``.npz`` (x, y), ``.csv`` (label last, or text with a header) or ``.jsonl`` (text
+        and label keys) bytes or a file; checksummed."""
         if isinstance(data, str | Path):
             path = Path(data)
             fmt = fmt or path.suffix.lstrip(".").lower()

@@ -45,10 +45,13 @@ class CheckpointFiles:
     them, the exporter reads them back."""
 
     WEIGHTS: Final = "weights.safetensors"  # the model's state_dict
-    SPEC: Final = "spec.json"  # job, model entry, input, output, task, dataset, classes, class_names
+    SPEC: Final = "spec.json"  # job, model, input, output, task, dataset, classes, class_names, tokenizer
     METRICS: Final = "metrics.json"  # epoch metrics (final: plus the test evaluation)
     OPTIMIZER: Final = "optimizer.safetensors"  # optimizer tensors, to resume (epoch tags only)
     STATE: Final = "state.json"  # optimizer scalars and loop state, to resume
+    # A text job's tokenizer (ferry.core.text.TOKENIZER_FILE), fitted once per job: the job folder
+    # holds it (checkpoints/<job>/tokenizer.json) and every tag a copy, the one an export publishes.
+    TOKENIZER: Final = "tokenizer.json"
 
 
 def validate_name(name: str, what: str = "name") -> str:

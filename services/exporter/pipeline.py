@@ -6,6 +6,10 @@ version that passed its parity gate is handed to ``Store.publish_version``, whic
 stages it and publishes it in one rename, so a failed export leaves the store
 untouched and a worker never sees half a version. ``run`` blocks: the servicer
 runs it on a thread pool so the server's event loop stays responsive.
+
+A text job's version also holds its checkpoint's ``tokenizer.json``, and its ``config.json`` a
+``text`` entry (the worker takes raw UTF-8 texts on a BYTES input ``text`` and tokenizes them
+with that file, cut at the job's ``max_length``) and ``sequence_buckets`` up to the same length.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from ferry.core import external_data, tracing
 from ferry.core.classify import LABELS_FILE, write_labels
 from ferry.core.errors import Cancelled, FailedPrecondition, InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_to_config
-from ferry.core.store import MODEL_FILE, Store, validate_name
+from ferry.core.store import MODEL_FILE, CheckpointFiles, Store, validate_name
 from services.exporter import parity, precision
 from services.exporter.isolated import IsolatedModel
 from services.exporter.runtime import measure_latency, ort_outputs, ort_session, torch_outputs, torch_to_onnx
@@ -33,6 +37,7 @@ from services.exporter.samples import Samples, held_out
 from services.exporter.settings import ExporterSettings
 from services.exporter.source import Checkpoint, load_checkpoint, vocab_size
 
+TEXT_INPUT = "text"  # the BYTES input a text model's clients send their texts to
 STAGES = ("load", "export", "check", "optimize", "precision", "parity", "package", "publish")
 Progress = Callable[[str, str, str, float], None]
 
@@ -253,6 +258,7 @@ class ExportPipeline:
                     self.settings.seed,
                     vocab_size(ckpt.spec),
                     self.store.root,
+                    tokenizer=ckpt.tokenizer,
                 )
                 kind = getattr(ckpt.module, "kind", type(ckpt.module).__name__)
                 s["detail"] = f"{kind}, {len(samples)} {samples.source} samples"
@@ -289,6 +295,8 @@ class ExportPipeline:
                 files.update({name: served.parent / name for name in external})
                 if ckpt.class_names:
                     files[LABELS_FILE] = write_labels(work, ckpt.class_names)
+                if ckpt.tokenizer is not None:
+                    files[CheckpointFiles.TOKENIZER] = ckpt.tokenizer
                 s["detail"] = str(meta["latency_ms"])
             with stage("publish") as s:
                 version = self.store.publish_version(model_name, files, meta, config)
@@ -340,6 +348,8 @@ class ExportPipeline:
                     self.settings.calibration_samples,
                     self.settings.seed + 1,
                     vocab_size(ckpt.spec),
+                    self.store.root,
+                    tokenizer=ckpt.tokenizer,
                 )
                 calibration = [cal.inputs[i : i + 16] for i in range(0, len(cal), 16)]
             return precision.to_int8(
@@ -358,7 +368,11 @@ class ExportPipeline:
             outputs=(TensorSpec(ckpt.output["name"], "FP32", tuple(ckpt.output["shape"])),),
             max_batch_size=opts.max_batch_size,
         )
-        return spec_to_config(spec)
+        config = spec_to_config(spec)
+        if ckpt.tokenizer is not None:  # raw texts in, tokenized by the worker (ferry.core.textinput)
+            config["text"] = {"input": TEXT_INPUT, "max_length": ckpt.max_length}
+            config["sequence_buckets"] = {"max_length": ckpt.max_length}
+        return config
 
     def _meta(
         self,

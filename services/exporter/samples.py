@@ -3,7 +3,9 @@
 The job's own dataset comes first: ``ferry.datasets.load_dataset`` rebuilds it
 from the checkpoint's dataset entry (same entry, same split), the gate runs on its
 held-out test split and static quantisation calibrates on its train split, so
-the gate measures the model on the inputs it will see. When the dataset cannot be
+the gate measures the model on the inputs it will see. A text job's texts are tokenized with
+the checkpoint's own ``tokenizer.json`` (never a refit: fitting is not reproducible, and a refit
+would number the tokens differently from the weights). When the dataset cannot be
 rebuilt (an upload deleted since, an unknown entry), inputs of the right shape
 and dtype are drawn at random (token ids within the vocabulary for text models),
 and the report says which was used.
@@ -64,7 +66,7 @@ def _fits(spec: dict[str, Any], x: np.ndarray) -> np.ndarray | None:
 
 
 def _dataset_split(
-    spec: dict[str, Any], split: str, store_root: Path | None
+    spec: dict[str, Any], split: str, store_root: Path | None, tokenizer: Path | None
 ) -> tuple[np.ndarray, np.ndarray] | None:
     entry = spec.get("dataset")
     if not isinstance(entry, dict) or not entry:
@@ -74,7 +76,12 @@ def _dataset_split(
     except ImportError:
         return None
     try:
-        data = load_dataset(entry, store=store_root)
+        encoder = None
+        if tokenizer is not None:
+            from ferry.core.text import TextEncoder, read_tokenizer
+
+            encoder = TextEncoder(read_tokenizer(tokenizer), int(spec["tokenizer"]["max_length"]))
+        data = load_dataset(entry, store=store_root, encoder=encoder)
         x, y = (data.x_test, data.y_test) if split == "test" else (data.x_train, data.y_train)
     except Exception as err:  # a dataset that cannot be rebuilt falls back to random inputs
         log.warning("dataset unavailable, using random inputs", extra={"reason": str(err)})
@@ -90,10 +97,12 @@ def held_out(
     vocab: int | None = None,
     store_root: Path | None = None,
     split: str = "test",
+    tokenizer: Path | None = None,
 ) -> Samples:
-    """Up to ``n`` samples of the job's ``split`` (test: held out; train: calibration)."""
+    """Up to ``n`` samples of the job's ``split`` (test: held out; train: calibration);
+    ``tokenizer`` is a text job's ``tokenizer.json``."""
     rng = np.random.default_rng(seed)
-    found = _dataset_split(spec, split, store_root)
+    found = _dataset_split(spec, split, store_root, tokenizer)
     if found is not None:
         x, y = found
         if len(x) < n:  # repeat a small split rather than gate on a handful of rows

@@ -2,8 +2,9 @@
 
 This is the exporter's side of the trainer contract: ``jobs/<job>.json`` says
 whether the job finished, ``checkpoints/<job>/<tag>/`` holds ``spec.json``,
-``weights.safetensors`` and ``metrics.json``. Weights load through safetensors
-only; nothing from the store is ever unpickled.
+``weights.safetensors`` and ``metrics.json``, and for a text job ``tokenizer.json`` (the
+tokenizer the weights were trained with, published beside ``model.onnx``). Weights load through
+safetensors only; nothing from the store is ever unpickled.
 """
 
 from __future__ import annotations
@@ -36,6 +37,13 @@ class Checkpoint:
     module: Any  # the nn.Module, or a stand-in for one kept in another process (isolated.py)
     weights_sha256: str
     metrics: dict[str, Any] = field(default_factory=dict)
+    tokenizer: Path | None = None  # a text job's tokenizer.json in the checkpoint folder
+
+    @property
+    def max_length(self) -> int:
+        """A text job's token limit (specials included); 0 when the job is not text."""
+        entry = self.spec.get("tokenizer") or {}
+        return int(entry.get("max_length", 0)) if isinstance(entry, dict) else 0
 
     @property
     def input(self) -> dict[str, Any]:
@@ -120,6 +128,11 @@ def load_checkpoint(
         raise FailedPrecondition(f"checkpoint is missing its weights: {weights} does not exist")
     metrics_path = folder / CheckpointFiles.METRICS
     metrics = _read_json(metrics_path, "metrics") if metrics_path.is_file() else {}
+    tokenizer = folder / CheckpointFiles.TOKENIZER
+    if spec.get("tokenizer") and not tokenizer.is_file():
+        raise FailedPrecondition(
+            f"checkpoint of text job {job_id!r} is missing its tokenizer: {tokenizer} does not exist"
+        )
     if "factory" in spec["model"]:
         check_factory(str(spec["model"]["factory"]), allowed_factories)
     raw = weights.read_bytes()
@@ -132,6 +145,7 @@ def load_checkpoint(
         module=module,
         weights_sha256=hashlib.sha256(raw).hexdigest(),
         metrics=metrics if isinstance(metrics, dict) else {},
+        tokenizer=tokenizer if spec.get("tokenizer") else None,
     )
 
 

@@ -2,10 +2,14 @@
 
     checkpoints/<job>/<tag>/weights.safetensors   the model's state_dict
     checkpoints/<job>/<tag>/spec.json             job, model entry, input, output, task, dataset, classes,
-                                                  class_names (index -> name; empty when unnamed)
+                                                  class_names (index -> name; empty when unnamed),
+                                                  tokenizer (text jobs: kind, vocab_size, lowercase,
+                                                  max_length)
     checkpoints/<job>/<tag>/metrics.json          epoch metrics (final: plus the test evaluation)
     checkpoints/<job>/<tag>/optimizer.safetensors optimizer tensors, to resume (epoch tags only)
     checkpoints/<job>/<tag>/state.json            optimizer scalars and loop state, to resume
+    checkpoints/<job>/<tag>/tokenizer.json        text jobs: a copy of the job's tokenizer
+    checkpoints/<job>/tokenizer.json              text jobs: the tokenizer, fitted once before training
 
 The file names are defined once, in ``ferry.core.store.CheckpointFiles``. Tags are
 ``epoch-0001``, ``epoch-0002``... and ``final``. Nothing is pickled. A checkpoint
@@ -14,6 +18,10 @@ job folder fsynced after), so a reader (or a resume after SIGKILL) never sees ha
 Rewriting an existing tag moves the old one to ``.staging-old-<tag>-<pid>`` first; a kill
 between the two renames leaves the old one there, and ``remove_staging`` puts it back. A full
 disk is RESOURCE_EXHAUSTED naming the store, with the staging folder removed.
+
+A text job fits its tokenizer once (``prepare_tokenizer``, before any rank reads the data),
+because fitting is not reproducible; a resume and every rank load that one file, and each tag
+carries a copy, so exporting any tag finds the tokenizer its weights were trained with.
 """
 
 from __future__ import annotations
@@ -35,7 +43,35 @@ from ferry.core.store import CheckpointFiles, fsync_dir, json_bytes, write_synce
 FINAL = "final"
 STAGING = ".staging-"
 OLD = f"{STAGING}old-"  # a complete checkpoint moved aside while its tag is rewritten
-SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes", "class_names")
+SPEC_KEYS = ("model", "input", "output", "task", "dataset", "classes", "class_names", "tokenizer")
+
+
+def prepare_tokenizer(job_dir: Path, spec: dict[str, Any], store_root: str | Path) -> Path | None:
+    """The job's ``tokenizer.json``, fitted on the train split and written once (temporary, fsync,
+    rename); a resume reuses the file. None for a job that is not text."""
+    entry = spec.get("tokenizer")
+    if not entry:
+        return None
+    path = job_dir / CheckpointFiles.TOKENIZER
+    if path.is_file():
+        return path
+    from ferry.core.text import TokenizerConfig, fit_tokenizer
+    from ferry.datasets import load_dataset
+
+    data = load_dataset(spec["dataset"], store=store_root)
+    config = TokenizerConfig(str(entry["kind"]), int(entry["vocab_size"]), bool(entry["lowercase"]))
+    text = fit_tokenizer(data.texts_train, config).to_str()
+    with store_full_is_exhausted(job_dir.parent.parent):
+        job_dir.mkdir(parents=True, exist_ok=True)
+        tmp = job_dir / f".{CheckpointFiles.TOKENIZER}.{os.getpid()}.tmp"
+        try:
+            write_synced(tmp, text.encode("utf-8"))
+            os.replace(tmp, path)
+            fsync_dir(job_dir)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
+    return path
 
 
 def epoch_tag(epoch: int) -> str:
@@ -108,6 +144,9 @@ def save_checkpoint(
             picked = {k: spec[k] for k in ("job", *SPEC_KEYS) if k in spec}
             write_synced(staged / CheckpointFiles.SPEC, json_bytes(picked))
             write_synced(staged / CheckpointFiles.METRICS, json_bytes(metrics))
+            tokenizer = job_dir / CheckpointFiles.TOKENIZER
+            if spec.get("tokenizer") and tokenizer.is_file():
+                write_synced(staged / CheckpointFiles.TOKENIZER, tokenizer)
             if optimizer is not None:
                 tensors, meta = _flatten_optimizer(optimizer.state_dict())
                 _save_tensors(tensors, staged / CheckpointFiles.OPTIMIZER)

@@ -16,7 +16,8 @@ process group: the last complete checkpoint stays, half-written ones are in
 Determinism: the model is built after ``manual_seed(seed)``, and every epoch
 reseeds its shuffle and dropout from (seed, epoch), so the same seed in one
 process gives the same weights, and a run resumed from an epoch checkpoint
-repeats the epochs it lost exactly.
+repeats the epochs it lost exactly. A text job tokenizes with the tokenizer rank 0 fitted once
+and saved as ``checkpoints/<job>/tokenizer.json`` (``checkpoints.prepare_tokenizer``).
 """
 
 from __future__ import annotations
@@ -136,7 +137,17 @@ def train(rank: int, world: int, ctx: dict[str, Any]) -> None:
             world_size=world,
         )
     seed = spec["seed"]
-    data = load_dataset(spec["dataset"], store=ctx["store"])
+    encoder = None
+    if spec.get("tokenizer"):  # a text job: rank 0 fits (or finds) the one tokenizer, all load it
+        from ferry.core.text import TextEncoder, read_tokenizer
+
+        if rank == 0:
+            ckpt.prepare_tokenizer(job_dir, spec, ctx["store"])
+        if world > 1:
+            dist.barrier()
+        tokenizer = read_tokenizer(job_dir / CheckpointFiles.TOKENIZER)
+        encoder = TextEncoder(tokenizer, int(spec["tokenizer"]["max_length"]))
+    data = load_dataset(spec["dataset"], store=ctx["store"], encoder=encoder)
     classify = data.task == "classification"
     order = np.random.default_rng(seed + 1).permutation(len(data.x_train))
     n_val = round(len(order) * spec["val_fraction"])

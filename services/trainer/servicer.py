@@ -50,6 +50,14 @@ def spec_from_proto(spec: pb.TrainSpec) -> dict[str, Any]:
     }
     if spec.dataset.HasField("test_fraction"):
         raw["dataset"]["test_fraction"] = spec.dataset.test_fraction
+    if spec.dataset.HasField("tokenizer"):  # only the fields set: zero values take the defaults
+        tok = spec.dataset.tokenizer
+        entry: dict[str, Any] = {"kind": tok.kind} if tok.kind else {}
+        if tok.vocab_size:
+            entry["vocab_size"] = tok.vocab_size
+        if tok.HasField("lowercase"):
+            entry["lowercase"] = tok.lowercase
+        raw["dataset"]["tokenizer"] = entry
     for key in ("task", "loss", "optimizer", "schedule", "device"):
         raw[key] = getattr(spec, key)
     for key in ("momentum", "weight_decay", "step_size", "warmup_epochs", "epochs", "batch_size"):

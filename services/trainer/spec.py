@@ -14,6 +14,13 @@ A factory model is different: it is someone's code. It must lie under a module
 prefix the operator allowed, and even then it is never imported here, in the
 server: the job's own process builds it and runs the same ``check_fit``, so a
 factory that raises, hangs or exits at import fails its job, not the trainer.
+
+A text dataset (``topics``, a JSONL or text CSV upload) trains only ``transformer_text``: it
+ignores padding, so a text gives one answer whatever batch it is served in, which an LSTM or an
+embedding bag over padded ids would not. The tokenizer entry is checked, and a tokenizer is
+fitted here on the train split to learn the vocabulary size the model's embedding needs; that
+fitted size becomes the spec's ``tokenizer.vocab_size``, the bound of the job's own fit (fitting
+is not reproducible, so the job fits once more and saves the file every later step loads).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from ferry.core.errors import InvalidArgument
+from ferry.core.text import TextEncoder, fit_tokenizer, tokenizer_config
 from ferry.datasets import Dataset, load_dataset
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -35,6 +43,7 @@ LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "l1", "smo
 DEVICES = ("auto", "cpu", "cuda")
 TASKS = ("classification", "regression")
 TEXT_ARCHS = ("lstm_text", "embedding_bag_text", "transformer_text")
+RAW_TEXT_ARCH = "transformer_text"  # the one architecture that trains on raw texts
 
 
 def _choice(value: str, allowed: tuple[str, ...], what: str, default: str) -> str:
@@ -135,6 +144,14 @@ def normalize_spec(
         raise InvalidArgument("the job spec names no dataset (set dataset.name or dataset.upload)")
     _fraction(dataset_entry["test_fraction"], "test_fraction", low_open=True)
     data = load_dataset(dataset_entry, store=store_root)
+    if data.is_text:
+        model_raw = raw.get("model") or {}
+        data, spec["tokenizer"] = _tokenized(dataset_entry, data, model_raw, data_raw, store_root)
+    elif "tokenizer" in data_raw:
+        raise InvalidArgument(
+            f"dataset {data.name!r} is not text: a tokenizer applies only to a text dataset "
+            "(topics, or a JSONL or text CSV upload)"
+        )
     if task_given and task_given != data.task:
         raise InvalidArgument(f"dataset {data.name!r} is a {data.task} dataset, not {task_given}")
     dataset_entry["task"] = spec["task"] = data.task
@@ -154,6 +171,42 @@ def normalize_spec(
     spec["classes"] = data.classes
     spec["class_names"] = data.class_names
     return spec
+
+
+def _tokenized(
+    entry: dict[str, Any],
+    data: Dataset,
+    model: dict[str, Any],
+    data_raw: dict[str, Any],
+    store_root: str | Path,
+) -> tuple[Dataset, dict[str, Any]]:
+    """The text dataset as token ids, and the spec's tokenizer entry (see the module docstring)."""
+    arch = model.get("arch", "") if isinstance(model, dict) else ""
+    if arch != RAW_TEXT_ARCH:
+        given = "a factory model" if model.get("factory") and not arch else f"model {arch!r}"
+        raise InvalidArgument(
+            f"dataset {data.name!r} is text, and only {RAW_TEXT_ARCH!r} trains on raw text: {given} "
+            "would not give a text the same answer once it is served padded in a batch"
+        )
+    config = tokenizer_config(data_raw.get("tokenizer"))
+    params = model.get("params") or {}
+    max_len = params.get("max_len", _default_max_len()) if isinstance(params, dict) else 0
+    if not isinstance(max_len, int) or isinstance(max_len, bool) or max_len < 2:
+        raise InvalidArgument(
+            f"model {arch!r} param 'max_len' must be an integer of at least 2 for a text dataset, "
+            f"got {max_len!r}"
+        )
+    encoder = TextEncoder(fit_tokenizer(data.texts_train, config), max_len)
+    tokenized = load_dataset(entry, store=store_root, encoder=encoder)
+    return tokenized, {**config.to_json(), "vocab_size": encoder.vocab_size, "max_length": max_len}
+
+
+def _default_max_len() -> int:
+    import inspect
+
+    from ferry.zoo import TransformerText
+
+    return int(inspect.signature(TransformerText).parameters["max_len"].default)
 
 
 def _derived(arch: str, params: dict[str, Any], data: Dataset) -> dict[str, Any]:

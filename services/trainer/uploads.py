@@ -3,10 +3,12 @@
 Nothing is kept from an upload that fails: over the size limit (RESOURCE_EXHAUSTED),
 a checksum that does not match, or content that is not a usable dataset
 (INVALID_ARGUMENT), or a disk that fills up on the way (RESOURCE_EXHAUSTED, "the store at
-... is full"). The stored file is ``datasets/<name>.npz`` or ``.csv``, which a job names with
-``dataset.upload``; it appears in one rename of the fsynced temporary. The temporary
-(``.upload-*.tmp``) is flocked while it is written, so the next upload removes the ones a
-killed trainer left, and only those.
+... is full"). The stored file is ``datasets/<name>.npz``, ``.csv`` or ``.jsonl``, which a job
+names with ``dataset.upload``; a text upload (``.jsonl``, or a ``.csv`` with a header and a
+column of texts) is checked in full when it has the default columns ``text`` and ``label``, for
+form only when it has others (a job names them in its dataset params). It appears in one rename of the fsynced
+temporary; the temporary (``.upload-*.tmp``) is flocked while it is written, so the next
+upload removes the ones a killed trainer left, and only those.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from ferry.core.errors import AlreadyExists, InvalidArgument, ResourceExhausted, store_full
 from ferry.core.store import Store, fsync_dir, validate_name
 from ferry.core.uploads import drain
-from ferry.datasets import UPLOAD_FORMATS, read_upload
+from ferry.datasets import UPLOAD_FORMATS, check_text_upload, read_upload
 
 
 @dataclass
@@ -111,7 +113,13 @@ async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: in
                 f"checksum mismatch for dataset {name!r}: sent sha256 {expected}, received data has "
                 f"{actual}; nothing was kept"
             )
-        x, y = read_upload(tmp.read_bytes(), fmt)
+        data = tmp.read_bytes()
+        text = check_text_upload(data, fmt) if fmt in ("jsonl", "csv") else None
+        if text is not None:
+            x_shape, classes = [text[0]], text[1]
+        else:
+            x, y = read_upload(data, fmt)
+            x_shape, classes = list(x.shape), len(np.unique(y)) if y.dtype.kind in "iu" else 0
         target = store.datasets_dir / f"{name}.{fmt}"
         others = [store.datasets_dir / f"{name}.{f}" for f in UPLOAD_FORMATS]
         if not overwrite and any(p.exists() for p in others):
@@ -122,8 +130,7 @@ async def receive_upload(store: Store, chunks: AsyncIterator[Any], max_bytes: in
                     p.unlink()
         os.replace(tmp, target)
         fsync_dir(store.datasets_dir)
-        classes = len(np.unique(y)) if y.dtype.kind in "iu" else 0
-        return UploadResult(name, size, actual, list(x.shape), classes)
+        return UploadResult(name, size, actual, x_shape, classes)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

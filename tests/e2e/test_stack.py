@@ -222,3 +222,22 @@ def test_train_with_an_unknown_dataset_exits_non_zero(stack: RunningStack) -> No
     result = ferry("train", "--model", "mlp", "--dataset", "imagenet", "--trainer", trainer)
     assert result.returncode == 1
     assert "error: INVALID_ARGUMENT: unknown dataset 'imagenet'" in result.stderr
+
+
+def test_the_text_demo(tmp_path: Path) -> None:
+    """`ferry demo --text`: a transformer and its tokenizer trained on the topics corpus, exported,
+    served, and the held-out texts classified from strings through the gateway."""
+    result = ferry("demo", "--text", *stack_flags(tmp_path), timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    out = result.stdout
+    assert "published 'topics' version 1" in out
+    match = re.search(
+        r"classified (\d+) held-out texts \(sent as strings\) through the gateway: accuracy ([0-9.]+)", out
+    )
+    assert match, out
+    assert int(match.group(1)) == 480  # 20% of the corpus's 2400 texts
+    assert float(match.group(2)) >= 0.85, out
+    version = tmp_path / "store" / "models" / "topics" / "1"
+    assert (version / "tokenizer.json").is_file()
+    labels = (version / "labels.txt").read_text().split()
+    assert len(labels) >= 2

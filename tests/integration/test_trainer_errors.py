@@ -266,4 +266,6 @@ def test_uploaded_npz_and_csv_train(client: SyncTrainerClient, store: Path) -> N
         assert state_name(job) == "SUCCEEDED", job.error
         assert job.test_metrics["test_accuracy"] >= 0.85
     message = submit_error(client, {**IRIS, "dataset": {"upload": "missing"}})
-    assert message == "unknown uploaded dataset 'missing': the store holds no missing.npz or missing.csv"
+    assert message == (
+        "unknown uploaded dataset 'missing': the store holds no missing.npz, missing.csv or missing.jsonl"
+    )

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _FERRY_POOL.AddSerializedFile(b'\n\x16\x66\x65rry/v1/trainer.proto\x12\x08\x66\x65rry.v1\"@\n\nTrainModel\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"o\n\x0cTrainDataset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06upload\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x1a\n\rtest_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x42\x10\n\x0e_test_fraction\"\x89\x04\n\tTrainSpec\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.ferry.v1.TrainModel\x12\'\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x16.ferry.v1.TrainDataset\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0c\n\x04loss\x18\x04 \x01(\t\x12\x11\n\toptimizer\x18\x05 \x01(\t\x12\x0f\n\x02lr\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08momentum\x18\x07 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x10\n\x08schedule\x18\t \x01(\t\x12\x11\n\tstep_size\x18\n \x01(\x05\x12\x12\n\x05gamma\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rwarmup_epochs\x18\x0c \x01(\x05\x12\x0e\n\x06\x65pochs\x18\r \x01(\x05\x12\x12\n\nbatch_size\x18\x0e \x01(\x05\x12\x19\n\x0cval_fraction\x18\x0f \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x10 \x01(\x03H\x03\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\x12 \x01(\x05\x12 \n\x18\x65\x61rly_stopping_min_delta\x18\x13 \x01(\x01\x12\x16\n\x0egrad_clip_norm\x18\x14 \x01(\x01\x12\x0e\n\x06nprocs\x18\x15 \x01(\x05\x42\x05\n\x03_lrB\x08\n\x06_gammaB\x0f\n\r_val_fractionB\x07\n\x05_seed\"\xfb\x01\n\rTrainProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.ferry.v1.TrainProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x82\x03\n\x08TrainJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ferry.v1.TrainJobState\x12\x11\n\tspec_json\x18\x04 \x01(\t\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x17.ferry.v1.TrainProgress\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\ncreated_ms\x18\x07 \x01(\x03\x12\x12\n\nstarted_ms\x18\x08 \x01(\x03\x12\x13\n\x0b\x66inished_ms\x18\t \x01(\x03\x12\x13\n\x0b\x63heckpoints\x18\n \x03(\t\x12\x39\n\x0ctest_metrics\x18\x0b \x03(\x0b\x32#.ferry.v1.TrainJob.TestMetricsEntry\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x14\n\x0cresumed_from\x18\r \x01(\t\x1a\x32\n\x10TestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"E\n\x12TrainSubmitRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.ferry.v1.TrainSpec\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1d\n\x0fTrainGetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"b\n\x10TrainListRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.ferry.v1.TrainJobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"N\n\x11TrainListResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.ferry.v1.TrainJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11TrainWatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\nTrainEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1f\n\x03job\x18\x02 \x01(\x0b\x32\x12.ferry.v1.TrainJob\" \n\x12TrainCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"]\n\x0c\x44\x61tasetChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"k\n\x15\x44\x61tasetUploadResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0f\n\x07x_shape\x18\x04 \x03(\x03\x12\x0f\n\x07\x63lasses\x18\x05 \x01(\x05*\xc3\x01\n\rTrainJobState\x12\x1f\n\x1bTRAIN_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRAIN_JOB_STATE_QUEUED\x10\x01\x12\x1b\n\x17TRAIN_JOB_STATE_RUNNING\x10\x02\x12\x1d\n\x19TRAIN_JOB_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16TRAIN_JOB_STATE_FAILED\x10\x04\x12\x1d\n\x19TRAIN_JOB_STATE_CANCELLED\x10\x05\x32\x92\x03\n\x07Trainer\x12=\n\tSubmitJob\x12\x1c.ferry.v1.TrainSubmitRequest\x1a\x12.ferry.v1.TrainJob\x12\x37\n\x06GetJob\x12\x19.ferry.v1.TrainGetRequest\x1a\x12.ferry.v1.TrainJob\x12\x43\n\x08ListJobs\x12\x1a.ferry.v1.TrainListRequest\x1a\x1b.ferry.v1.TrainListResponse\x12?\n\x08WatchJob\x12\x1b.ferry.v1.TrainWatchRequest\x1a\x14.ferry.v1.TrainEvent0\x01\x12=\n\tCancelJob\x12\x1c.ferry.v1.TrainCancelRequest\x1a\x12.ferry.v1.TrainJob\x12J\n\rUploadDataset\x12\x16.ferry.v1.DatasetChunk\x1a\x1f.ferry.v1.DatasetUploadResponse(\x01\x62\x06proto3')
+DESCRIPTOR = _FERRY_POOL.AddSerializedFile(b'\n\x16\x66\x65rry/v1/trainer.proto\x12\x08\x66\x65rry.v1\"@\n\nTrainModel\x12\x0c\n\x04\x61rch\x18\x01 \x01(\t\x12\x0f\n\x07\x66\x61\x63tory\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\"\x9c\x01\n\x0cTrainDataset\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06upload\x18\x02 \x01(\t\x12\x13\n\x0bparams_json\x18\x03 \x01(\t\x12\x1a\n\rtest_fraction\x18\x04 \x01(\x01H\x00\x88\x01\x01\x12+\n\ttokenizer\x18\x05 \x01(\x0b\x32\x18.ferry.v1.TrainTokenizerB\x10\n\x0e_test_fraction\"X\n\x0eTrainTokenizer\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x16\n\tlowercase\x18\x03 \x01(\x08H\x00\x88\x01\x01\x42\x0c\n\n_lowercase\"\x89\x04\n\tTrainSpec\x12#\n\x05model\x18\x01 \x01(\x0b\x32\x14.ferry.v1.TrainModel\x12\'\n\x07\x64\x61taset\x18\x02 \x01(\x0b\x32\x16.ferry.v1.TrainDataset\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x0c\n\x04loss\x18\x04 \x01(\t\x12\x11\n\toptimizer\x18\x05 \x01(\t\x12\x0f\n\x02lr\x18\x06 \x01(\x01H\x00\x88\x01\x01\x12\x10\n\x08momentum\x18\x07 \x01(\x01\x12\x14\n\x0cweight_decay\x18\x08 \x01(\x01\x12\x10\n\x08schedule\x18\t \x01(\t\x12\x11\n\tstep_size\x18\n \x01(\x05\x12\x12\n\x05gamma\x18\x0b \x01(\x01H\x01\x88\x01\x01\x12\x15\n\rwarmup_epochs\x18\x0c \x01(\x05\x12\x0e\n\x06\x65pochs\x18\r \x01(\x05\x12\x12\n\nbatch_size\x18\x0e \x01(\x05\x12\x19\n\x0cval_fraction\x18\x0f \x01(\x01H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x10 \x01(\x03H\x03\x88\x01\x01\x12\x0e\n\x06\x64\x65vice\x18\x11 \x01(\t\x12\x1f\n\x17\x65\x61rly_stopping_patience\x18\x12 \x01(\x05\x12 \n\x18\x65\x61rly_stopping_min_delta\x18\x13 \x01(\x01\x12\x16\n\x0egrad_clip_norm\x18\x14 \x01(\x01\x12\x0e\n\x06nprocs\x18\x15 \x01(\x05\x42\x05\n\x03_lrB\x08\n\x06_gammaB\x0f\n\r_val_fractionB\x07\n\x05_seed\"\xfb\x01\n\rTrainProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x05\x12\x0e\n\x06\x65pochs\x18\x02 \x01(\x05\x12\x0c\n\x04step\x18\x03 \x01(\x03\x12\x17\n\x0fsteps_per_epoch\x18\x04 \x01(\x03\x12\x0c\n\x04loss\x18\x05 \x01(\x01\x12\x1a\n\x12samples_per_second\x18\x06 \x01(\x01\x12\x13\n\x0b\x65ta_seconds\x18\x07 \x01(\x01\x12\x35\n\x07metrics\x18\x08 \x03(\x0b\x32$.ferry.v1.TrainProgress.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x82\x03\n\x08TrainJob\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.ferry.v1.TrainJobState\x12\x11\n\tspec_json\x18\x04 \x01(\t\x12)\n\x08progress\x18\x05 \x01(\x0b\x32\x17.ferry.v1.TrainProgress\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12\x12\n\ncreated_ms\x18\x07 \x01(\x03\x12\x12\n\nstarted_ms\x18\x08 \x01(\x03\x12\x13\n\x0b\x66inished_ms\x18\t \x01(\x03\x12\x13\n\x0b\x63heckpoints\x18\n \x03(\t\x12\x39\n\x0ctest_metrics\x18\x0b \x03(\x0b\x32#.ferry.v1.TrainJob.TestMetricsEntry\x12\x10\n\x08\x61ttempts\x18\x0c \x01(\x05\x12\x14\n\x0cresumed_from\x18\r \x01(\t\x1a\x32\n\x10TestMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"E\n\x12TrainSubmitRequest\x12!\n\x04spec\x18\x01 \x01(\x0b\x32\x13.ferry.v1.TrainSpec\x12\x0c\n\x04name\x18\x02 \x01(\t\"\x1d\n\x0fTrainGetRequest\x12\n\n\x02id\x18\x01 \x01(\t\"b\n\x10TrainListRequest\x12\'\n\x06states\x18\x01 \x03(\x0e\x32\x17.ferry.v1.TrainJobState\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"N\n\x11TrainListResponse\x12 \n\x04jobs\x18\x01 \x03(\x0b\x32\x12.ferry.v1.TrainJob\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"\x1f\n\x11TrainWatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\";\n\nTrainEvent\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x1f\n\x03job\x18\x02 \x01(\x0b\x32\x12.ferry.v1.TrainJob\" \n\x12TrainCancelRequest\x12\n\n\x02id\x18\x01 \x01(\t\"]\n\x0c\x44\x61tasetChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66ormat\x18\x02 \x01(\t\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12\x0e\n\x06sha256\x18\x04 \x01(\t\x12\x11\n\toverwrite\x18\x05 \x01(\x08\"k\n\x15\x44\x61tasetUploadResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nsize_bytes\x18\x02 \x01(\x03\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x0f\n\x07x_shape\x18\x04 \x03(\x03\x12\x0f\n\x07\x63lasses\x18\x05 \x01(\x05*\xc3\x01\n\rTrainJobState\x12\x1f\n\x1bTRAIN_JOB_STATE_UNSPECIFIED\x10\x00\x12\x1a\n\x16TRAIN_JOB_STATE_QUEUED\x10\x01\x12\x1b\n\x17TRAIN_JOB_STATE_RUNNING\x10\x02\x12\x1d\n\x19TRAIN_JOB_STATE_SUCCEEDED\x10\x03\x12\x1a\n\x16TRAIN_JOB_STATE_FAILED\x10\x04\x12\x1d\n\x19TRAIN_JOB_STATE_CANCELLED\x10\x05\x32\x92\x03\n\x07Trainer\x12=\n\tSubmitJob\x12\x1c.ferry.v1.TrainSubmitRequest\x1a\x12.ferry.v1.TrainJob\x12\x37\n\x06GetJob\x12\x19.ferry.v1.TrainGetRequest\x1a\x12.ferry.v1.TrainJob\x12\x43\n\x08ListJobs\x12\x1a.ferry.v1.TrainListRequest\x1a\x1b.ferry.v1.TrainListResponse\x12?\n\x08WatchJob\x12\x1b.ferry.v1.TrainWatchRequest\x1a\x14.ferry.v1.TrainEvent0\x01\x12=\n\tCancelJob\x12\x1c.ferry.v1.TrainCancelRequest\x1a\x12.ferry.v1.TrainJob\x12J\n\rUploadDataset\x12\x16.ferry.v1.DatasetChunk\x1a\x1f.ferry.v1.DatasetUploadResponse(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,40 +36,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TRAINPROGRESS_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_TRAINJOB_TESTMETRICSENTRY']._loaded_options = None
   _globals['_TRAINJOB_TESTMETRICSENTRY']._serialized_options = b'8\001'
-  _globals['_TRAINJOBSTATE']._serialized_start=1997
-  _globals['_TRAINJOBSTATE']._serialized_end=2192
+  _globals['_TRAINJOBSTATE']._serialized_start=2133
+  _globals['_TRAINJOBSTATE']._serialized_end=2328
   _globals['_TRAINMODEL']._serialized_start=36
   _globals['_TRAINMODEL']._serialized_end=100
-  _globals['_TRAINDATASET']._serialized_start=102
-  _globals['_TRAINDATASET']._serialized_end=213
-  _globals['_TRAINSPEC']._serialized_start=216
-  _globals['_TRAINSPEC']._serialized_end=737
-  _globals['_TRAINPROGRESS']._serialized_start=740
-  _globals['_TRAINPROGRESS']._serialized_end=991
-  _globals['_TRAINPROGRESS_METRICSENTRY']._serialized_start=945
-  _globals['_TRAINPROGRESS_METRICSENTRY']._serialized_end=991
-  _globals['_TRAINJOB']._serialized_start=994
-  _globals['_TRAINJOB']._serialized_end=1380
-  _globals['_TRAINJOB_TESTMETRICSENTRY']._serialized_start=1330
-  _globals['_TRAINJOB_TESTMETRICSENTRY']._serialized_end=1380
-  _globals['_TRAINSUBMITREQUEST']._serialized_start=1382
-  _globals['_TRAINSUBMITREQUEST']._serialized_end=1451
-  _globals['_TRAINGETREQUEST']._serialized_start=1453
-  _globals['_TRAINGETREQUEST']._serialized_end=1482
-  _globals['_TRAINLISTREQUEST']._serialized_start=1484
-  _globals['_TRAINLISTREQUEST']._serialized_end=1582
-  _globals['_TRAINLISTRESPONSE']._serialized_start=1584
-  _globals['_TRAINLISTRESPONSE']._serialized_end=1662
-  _globals['_TRAINWATCHREQUEST']._serialized_start=1664
-  _globals['_TRAINWATCHREQUEST']._serialized_end=1695
-  _globals['_TRAINEVENT']._serialized_start=1697
-  _globals['_TRAINEVENT']._serialized_end=1756
-  _globals['_TRAINCANCELREQUEST']._serialized_start=1758
-  _globals['_TRAINCANCELREQUEST']._serialized_end=1790
-  _globals['_DATASETCHUNK']._serialized_start=1792
-  _globals['_DATASETCHUNK']._serialized_end=1885
-  _globals['_DATASETUPLOADRESPONSE']._serialized_start=1887
-  _globals['_DATASETUPLOADRESPONSE']._serialized_end=1994
-  _globals['_TRAINER']._serialized_start=2195
-  _globals['_TRAINER']._serialized_end=2597
+  _globals['_TRAINDATASET']._serialized_start=103
+  _globals['_TRAINDATASET']._serialized_end=259
+  _globals['_TRAINTOKENIZER']._serialized_start=261
+  _globals['_TRAINTOKENIZER']._serialized_end=349
+  _globals['_TRAINSPEC']._serialized_start=352
+  _globals['_TRAINSPEC']._serialized_end=873
+  _globals['_TRAINPROGRESS']._serialized_start=876
+  _globals['_TRAINPROGRESS']._serialized_end=1127
+  _globals['_TRAINPROGRESS_METRICSENTRY']._serialized_start=1081
+  _globals['_TRAINPROGRESS_METRICSENTRY']._serialized_end=1127
+  _globals['_TRAINJOB']._serialized_start=1130
+  _globals['_TRAINJOB']._serialized_end=1516
+  _globals['_TRAINJOB_TESTMETRICSENTRY']._serialized_start=1466
+  _globals['_TRAINJOB_TESTMETRICSENTRY']._serialized_end=1516
+  _globals['_TRAINSUBMITREQUEST']._serialized_start=1518
+  _globals['_TRAINSUBMITREQUEST']._serialized_end=1587
+  _globals['_TRAINGETREQUEST']._serialized_start=1589
+  _globals['_TRAINGETREQUEST']._serialized_end=1618
+  _globals['_TRAINLISTREQUEST']._serialized_start=1620
+  _globals['_TRAINLISTREQUEST']._serialized_end=1718
+  _globals['_TRAINLISTRESPONSE']._serialized_start=1720
+  _globals['_TRAINLISTRESPONSE']._serialized_end=1798
+  _globals['_TRAINWATCHREQUEST']._serialized_start=1800
+  _globals['_TRAINWATCHREQUEST']._serialized_end=1831
+  _globals['_TRAINEVENT']._serialized_start=1833
+  _globals['_TRAINEVENT']._serialized_end=1892
+  _globals['_TRAINCANCELREQUEST']._serialized_start=1894
+  _globals['_TRAINCANCELREQUEST']._serialized_end=1926
+  _globals['_DATASETCHUNK']._serialized_start=1928
+  _globals['_DATASETCHUNK']._serialized_end=2021
+  _globals['_DATASETUPLOADRESPONSE']._serialized_start=2023
+  _globals['_DATASETUPLOADRESPONSE']._serialized_end=2130
+  _globals['_TRAINER']._serialized_start=2331
+  _globals['_TRAINER']._serialized_end=2733
 # @@protoc_insertion_point(module_scope)

@@ -33,16 +33,28 @@ class TrainModel(_message.Message):
     def __init__(self, arch: _Optional[str] = ..., factory: _Optional[str] = ..., params_json: _Optional[str] = ...) -> None: ...
 
 class TrainDataset(_message.Message):
-    __slots__ = ("name", "upload", "params_json", "test_fraction")
+    __slots__ = ("name", "upload", "params_json", "test_fraction", "tokenizer")
     NAME_FIELD_NUMBER: _ClassVar[int]
     UPLOAD_FIELD_NUMBER: _ClassVar[int]
     PARAMS_JSON_FIELD_NUMBER: _ClassVar[int]
     TEST_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    TOKENIZER_FIELD_NUMBER: _ClassVar[int]
     name: str
     upload: str
     params_json: str
     test_fraction: float
-    def __init__(self, name: _Optional[str] = ..., upload: _Optional[str] = ..., params_json: _Optional[str] = ..., test_fraction: _Optional[float] = ...) -> None: ...
+    tokenizer: TrainTokenizer
+    def __init__(self, name: _Optional[str] = ..., upload: _Optional[str] = ..., params_json: _Optional[str] = ..., test_fraction: _Optional[float] = ..., tokenizer: _Optional[_Union[TrainTokenizer, _Mapping]] = ...) -> None: ...
+
+class TrainTokenizer(_message.Message):
+    __slots__ = ("kind", "vocab_size", "lowercase")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    VOCAB_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOWERCASE_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    vocab_size: int
+    lowercase: bool
+    def __init__(self, kind: _Optional[str] = ..., vocab_size: _Optional[int] = ..., lowercase: _Optional[bool] = ...) -> None: ...
 
 class TrainSpec(_message.Message):
     __slots__ = ("model", "dataset", "task", "loss", "optimizer", "lr", "momentum", "weight_decay", "schedule", "step_size", "gamma", "warmup_epochs", "epochs", "batch_size", "val_fraction", "seed", "device", "early_stopping_patience", "early_stopping_min_delta", "grad_clip_norm", "nprocs")

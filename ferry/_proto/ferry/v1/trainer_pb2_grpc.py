@@ -104,7 +104,8 @@ class TrainerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def UploadDataset(self, request_iterator, context):
-        """Store a dataset (.npz with x and y, or CSV with the label last) sent in chunks.
+        """Store a dataset sent in chunks: .npz with x and y, CSV with the label last, or text (JSONL
+        with text and label keys, or CSV whose header names a text and a label column).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
