@@ -91,7 +91,7 @@ def train_and_export(root: Path, epochs: int) -> dict[str, Any]:
             if state_name(job) != "SUCCEEDED":
                 raise SystemExit(f"training failed: {job.error}")
             gates["train_s"] = time.monotonic() - began
-            gates["test_accuracy_torch"] = dict(job.test_metrics).get("accuracy")
+            gates["test_accuracy_torch"] = dict(job.test_metrics).get("test_accuracy")
         with SyncExporterClient(exporter.address) as client:
             for precision in PRECISIONS:
                 report = client.export(job.id, f"text-{precision}", precision=precision)

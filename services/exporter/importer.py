@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import json
 import shutil
 import tarfile
 import tempfile
@@ -31,6 +30,7 @@ from ferry.core import external_data
 from ferry.core.datatypes import BY_ONNX
 from ferry.core.errors import InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_from_config, spec_to_config
+from ferry.core.params import json_object
 from ferry.core.store import CONFIG_FILE, META_FILE, MODEL_FILE, Store, validate_name
 
 MAX_IMPORT_FILES = 1024  # members of a tar upload, model.onnx included
@@ -174,12 +174,7 @@ def import_onnx(
     validate_name(model_name, "model name")
     overrides: dict[str, Any] = {}
     if config_json:
-        try:
-            overrides = json.loads(config_json)
-        except ValueError as err:
-            raise InvalidArgument(f"config_json is not JSON: {err}") from err
-        if not isinstance(overrides, dict):
-            raise InvalidArgument("config_json must be a JSON object")
+        overrides = json_object(config_json, "config_json")
     with tempfile.TemporaryDirectory(prefix="ferry-import-") as tmp:
         folder = Path(tmp)
         unpacked = unpack(data, folder)

@@ -16,6 +16,7 @@ from ferry._proto.ferry.v1 import trainer_pb2 as pb
 from ferry._proto.ferry.v1 import trainer_pb2_grpc
 from ferry.core.errors import InvalidArgument
 from ferry.core.guard import caller_name
+from ferry.core.params import json_object
 from services.trainer.jobs import JobManager
 from services.trainer.records import JobRecord, JobState
 from services.trainer.spec import normalize_spec
@@ -23,15 +24,7 @@ from services.trainer.uploads import receive_upload
 
 
 def _json_object(text: str, what: str) -> dict[str, Any]:
-    if not text:
-        return {}
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise InvalidArgument(f"{what} is not valid JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise InvalidArgument(f"{what} must be a JSON object, not {type(value).__name__}")
-    return value
+    return json_object(text, what) if text else {}
 
 
 def spec_from_proto(spec: pb.TrainSpec) -> dict[str, Any]:
