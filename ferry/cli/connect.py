@@ -97,3 +97,14 @@ def resolve(args: argparse.Namespace, service: str, key_kind: str = "admin") -> 
             raise InvalidArgument(f"cannot read the CA file {ca}: {err}") from err
         options["tls"] = True
     return Target(address, options)
+
+
+def json_arg(text: str) -> dict[str, Any]:
+    """An argparse type: a flag whose value is a JSON object."""
+    try:
+        value = json.loads(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value

@@ -13,7 +13,7 @@ import sys
 import time
 from typing import Any
 
-from ferry.cli.connect import add_connection_flags, resolve
+from ferry.cli.connect import add_connection_flags, json_arg, resolve
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     models.add_argument("--delete", type=int, default=None, metavar="VERSION", help="delete this version")
     models.add_argument("--import", dest="import_file", default=None, metavar="FILE.onnx", help="upload")
     models.add_argument("--max-batch-size", type=int, default=0, help="with --import")
+    models.add_argument(
+        "--config", type=json_arg, default=None, help="with --import: config.json entries, as a JSON object"
+    )
     add_connection_flags(models, "exporter", "--exporter")
     models.set_defaults(handler=_models)
 
@@ -92,7 +95,9 @@ def _models(args: argparse.Namespace) -> int:
                 print(f"{name}\tversions {', '.join(map(str, versions))}")
             return 0
         if args.import_file:
-            version, _ = client.import_onnx(args.model, args.import_file, max_batch_size=args.max_batch_size)
+            version, _ = client.import_onnx(
+                args.model, args.import_file, max_batch_size=args.max_batch_size, config=args.config
+            )
             print(f"imported {args.import_file} as {args.model} version {version}")
             return 0
         if args.delete is not None:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ferry.cli.connect import Target, add_connection_flags, resolve
+from ferry.cli.connect import Target, add_connection_flags, json_arg, resolve
 from ferry.core.jobstates import TERMINAL, JobState
 
 BAR = 24
@@ -25,16 +25,6 @@ def _target(args: argparse.Namespace) -> Target:
     return resolve(args, "trainer")
 
 
-def _json_arg(text: str) -> dict[str, Any]:
-    try:
-        value = json.loads(text)
-    except ValueError as err:
-        raise argparse.ArgumentTypeError(f"not JSON: {err}") from err
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("must be a JSON object")
-    return value
-
-
 def register(sub: argparse._SubParsersAction) -> None:
     train = sub.add_parser("train", help="submit a training job and follow its progress")
     model = train.add_mutually_exclusive_group()
@@ -42,14 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--model", help="zoo architecture: mlp, cnn, lstm_text, embedding_bag_text, transformer_text"
     )
     model.add_argument("--factory", help="or a user factory package.module:function")
-    train.add_argument("--params", type=_json_arg, help="model params as JSON, e.g. '{\"hidden\": [64]}'")
+    train.add_argument("--params", type=json_arg, help="model params as JSON, e.g. '{\"hidden\": [64]}'")
     data = train.add_mutually_exclusive_group()
     data.add_argument(
         "--dataset", help="digits, iris, wine, breast_cancer, synthetic_classification, ..., topics (text)"
     )
     data.add_argument("--upload", help="or the name of an uploaded dataset (ferry upload)")
     train.add_argument(
-        "--dataset-params", type=_json_arg, help="dataset params as JSON, e.g. '{\"flatten\": true}'"
+        "--dataset-params", type=json_arg, help="dataset params as JSON, e.g. '{\"flatten\": true}'"
     )
     train.add_argument("--test-fraction", type=float, help="held-out test split (default 0.2)")
     tok = train.add_argument_group("tokenizer (text datasets: topics, a JSONL or text CSV upload)")

@@ -13,6 +13,12 @@ files its tensors name, all at the top of the archive, regular files only, at mo
 limit). Every location is checked (``ferry.core.external_data``: relative, no ``..``, no
 symlink, inside the version folder, long enough) before onnx or ONNX Runtime opens it, a file
 no tensor names is refused, and nothing is published unless every check passes.
+
+The tar may also carry the files a version serves beside its graph (``SIDE_FILES``):
+``tokenizer.json``, which gives the model a raw-text input (``ferry.core.textinput``; the config
+gets a ``text`` entry, derived from the graph's inputs unless ``config_json`` gives one), and
+``labels.txt`` for the classification extension. Each is read and checked here, so a tokenizer
+that cannot be read or a graph that texts cannot feed is refused at import, not at load.
 """
 
 from __future__ import annotations
@@ -27,13 +33,17 @@ from pathlib import Path
 from typing import Any
 
 from ferry.core import external_data
+from ferry.core.classify import LABELS_FILE
 from ferry.core.datatypes import BY_ONNX
 from ferry.core.errors import InvalidArgument
 from ferry.core.modelconfig import ModelSpec, TensorSpec, spec_from_config, spec_to_config
 from ferry.core.params import json_object
 from ferry.core.store import CONFIG_FILE, META_FILE, MODEL_FILE, Store, validate_name
+from ferry.core.text import TOKENIZER_FILE, read_tokenizer
 
 MAX_IMPORT_FILES = 1024  # members of a tar upload, model.onnx included
+MAX_LABELS_BYTES = 1 << 20
+SIDE_FILES = (TOKENIZER_FILE, LABELS_FILE)
 TAR_HINT = "; a model with external data is uploaded as a tar of model.onnx and its data files"
 
 
@@ -186,7 +196,7 @@ def import_onnx(
             hint = TAR_HINT if "external data" in err.message and unpacked is None else ""
             raise InvalidArgument(err.message + hint) from err
         external = external_data.check_model(model, folder)
-        unreferenced = sorted(set(files) - {MODEL_FILE} - set(external))
+        unreferenced = sorted(set(files) - {MODEL_FILE, *SIDE_FILES} - set(external))
         if unreferenced:
             raise InvalidArgument(
                 f"the uploaded tar holds files no tensor of the model names: {unreferenced}"
@@ -194,7 +204,12 @@ def import_onnx(
         outputs = [TensorSpec(t.name, t.datatype, t.dims) for t in outputs]
         spec = ModelSpec(model_name, tuple(inputs), tuple(outputs), max_batch_size=max_batch_size)
         config = {**spec_to_config(spec), **overrides, "name": model_name}
-        spec_from_config(model_name, config)  # the merged config must still be a valid config
+        _check_side_files(folder, files)
+        if TOKENIZER_FILE in files:
+            config.setdefault("text", {})
+        merged = spec_from_config(model_name, config)  # the merged config must still be a valid config
+        if merged.text is not None:  # written out whole, so the store says which input takes what
+            config["text"] = merged.text.to_config()
         sizes: dict[str, Any] = {"model_bytes": len(model)}
         if external:
             sizes["external_data"] = external
@@ -210,3 +225,22 @@ def import_onnx(
         version = store.publish_version(model_name, files, meta, config)
     meta["version"] = version
     return version, meta
+
+
+def _check_side_files(folder: Path, files: dict[str, Path | bytes]) -> None:
+    """INVALID_ARGUMENT naming the file when an uploaded tokenizer or labels file cannot serve."""
+    if TOKENIZER_FILE in files:
+        try:
+            read_tokenizer(folder / TOKENIZER_FILE)
+        except InvalidArgument as err:
+            raise InvalidArgument(f"the uploaded tar's {err.message}") from err
+    if LABELS_FILE in files:
+        path = folder / LABELS_FILE
+        if path.stat().st_size > MAX_LABELS_BYTES:
+            raise InvalidArgument(f"the uploaded tar's {LABELS_FILE} is over {MAX_LABELS_BYTES} bytes")
+        try:
+            path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InvalidArgument(
+                f"the uploaded tar's {LABELS_FILE} is not UTF-8 ({err.reason} at byte {err.start})"
+            ) from err

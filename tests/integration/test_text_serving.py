@@ -69,12 +69,31 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
             (version / "labels.txt").write_text("".join(f"{n}\n" for n in LABELS), encoding="utf-8")
         elif model == "corrupt":
             (version / TOKENIZER_FILE).write_text('{"model": "nothing like a tokenizer"', encoding="utf-8")
-    with worker_and_gateway(root, ("topics",)) as (addresses, _):
+    _import_bert_shaped(root, work, tokenizer)
+    with worker_and_gateway(root, ("topics", "bert-shaped")) as (addresses, _):
         yield {
             "addresses": addresses,
             "encoder": TextEncoder(read_tokenizer(tokenizer), MAX_LENGTH),
             "store": root,
         }
+
+
+def _import_bert_shaped(root: Path, work: Path, tokenizer: Path) -> None:
+    """A graph with a BERT's three inputs, imported with its tokenizer through ImportOnnx's tar."""
+    import io
+    import tarfile
+
+    from ferry.core.store import Store
+    from services.exporter.importer import import_onnx
+    from tests.support.models import export_bert_shaped
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for path in (export_bert_shaped(work / "model.onnx"), tokenizer):
+            archive.add(str(path), arcname=path.name)
+    import_onnx(
+        Store(root), "bert-shaped", out.getvalue(), 8, json.dumps({"text": {"max_length": MAX_LENGTH}})
+    )
 
 
 HOPS = ["worker", "gateway"]
@@ -259,3 +278,17 @@ def test_texts_over_http_json_mean_the_same(servers: dict[str, Any]) -> None:
         assert isinstance(doc, dict) and "text 1 has nothing to classify" in doc["error"]
     finally:
         proc.stop()
+
+
+@pytest.mark.parametrize("hop", HOPS)
+def test_an_imported_bert_shaped_graph_is_fed_ids_mask_and_token_types(
+    servers: dict[str, Any], hop: str
+) -> None:
+    client = tc.InferenceServerClient(servers["addresses"][hop])
+    texts = ["the team won", "heavy rain and strong winds are expected tonight across the city"]
+    counts = client.infer("bert-shaped", [_texts([t.encode() for t in texts])]).as_numpy("counts")
+    encoded = servers["encoder"].encode(texts)
+    assert counts[:, 0].tolist() == encoded.mask.sum(axis=1).tolist()  # the mask: tokens per text
+    assert counts[:, 1].tolist() == (encoded.ids * encoded.mask).sum(axis=1).tolist()
+    assert counts[:, 2].tolist() == [0, 0]  # one text per row: every token type is 0
+    assert encoded.mask[0].sum() < encoded.mask[1].sum() == MAX_LENGTH  # padded, and cut

@@ -126,3 +126,39 @@ def export_add_sub(path: Path, width: int = 16, datatype: str = "INT32") -> Path
     from benchmarks.shm import export_add_sub as build
 
     return build(path, width, datatype)
+
+
+def export_bert_shaped(path: Path) -> Path:
+    """A graph with a BERT's three inputs (``input_ids``, ``attention_mask``, ``token_type_ids``,
+    INT64 ``[batch, sequence]``) that shows what it was fed: ``counts`` [batch, 3] FP32 holds each
+    row's sum of mask, of ids under the mask, and of token types."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    names = ("input_ids", "attention_mask", "token_type_ids")
+    nodes = [
+        helper.make_node("Mul", ["input_ids", "attention_mask"], ["kept"]),
+        *(
+            helper.make_node("Cast", [n], [f"{n}_f"], to=TensorProto.FLOAT)
+            for n in ("attention_mask", "kept")
+        ),
+        helper.make_node("Cast", ["token_type_ids"], ["types_f"], to=TensorProto.FLOAT),
+        helper.make_node("Concat", ["attention_mask_f", "kept_f", "types_f"], ["stacked"], axis=1),
+        helper.make_node("Reshape", ["stacked", "shape"], ["rows"]),
+        helper.make_node("ReduceSum", ["rows", "axes"], ["counts"], keepdims=0),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bert_shaped",
+        [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"]) for n in names],
+        [helper.make_tensor_value_info("counts", TensorProto.FLOAT, ["batch", 3])],
+        initializer=[
+            helper.make_tensor("shape", TensorProto.INT64, [3], [0, 3, -1]),
+            helper.make_tensor("axes", TensorProto.INT64, [1], [2]),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, str(path))
+    return path

@@ -66,3 +66,69 @@ def test_resolve_options_defaults_and_errors() -> None:
         resolve_options({"quantization": "weird"}, settings)
     with pytest.raises(InvalidArgument, match="invalid checkpoint tag"):
         resolve_options({"checkpoint": "../x"}, settings)
+
+
+def _tar_of(files: dict[str, bytes]) -> bytes:
+    import io
+    import tarfile
+
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w") as archive:
+        for name, content in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(content)
+            archive.addfile(info, io.BytesIO(content))
+    return out.getvalue()
+
+
+def _tokenizer_json() -> bytes:
+    from ferry.core.text import TokenizerConfig, fit_tokenizer
+
+    return fit_tokenizer(["the cat sat", "a dog ran"] * 5, TokenizerConfig(vocab_size=60)).to_str().encode()
+
+
+def test_an_import_with_its_tokenizer_and_labels_takes_text(tmp_path: Path) -> None:
+    from tests.support.models import export_bert_shaped
+
+    store = Store(tmp_path / "store")
+    model = export_bert_shaped(tmp_path / "bert.onnx").read_bytes()
+    files = {"model.onnx": model, "tokenizer.json": _tokenizer_json(), "labels.txt": b"mask\nids\ntypes\n"}
+    version, _ = import_onnx(store, "bert", _tar_of(files), 8, '{"text": {"max_length": 32}}')
+    folder = store.version_dir("bert", version)
+    assert {p.name for p in folder.iterdir()} >= {"model.onnx", "tokenizer.json", "labels.txt"}
+    text = store.read_config("bert")["text"]
+    assert (text["ids"], text["mask"], text["type_ids"], text["max_length"]) == (
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+        32,
+    )
+
+
+@pytest.mark.parametrize(
+    ("which", "message"),
+    [
+        ("corrupt tokenizer", "the uploaded tar's tokenizer.json is not a readable tokenizer"),
+        ("labels not UTF-8", "the uploaded tar's labels.txt is not UTF-8"),
+        ("a tokenizer for float inputs", "say which input takes the token ids"),
+    ],
+)
+def test_side_files_that_cannot_serve_are_refused_and_nothing_is_published(
+    tmp_path: Path, which: str, message: str
+) -> None:
+    from tests.support.models import export_bert_shaped
+
+    store = Store(tmp_path / "store")
+    files = {"model.onnx": export_bert_shaped(tmp_path / "bert.onnx").read_bytes()}
+    if which == "corrupt tokenizer":
+        files["tokenizer.json"] = b'{"model": 1'
+    elif which == "labels not UTF-8":
+        files["labels.txt"] = b"ok\n\xff\xfe\n"
+    else:
+        files = {
+            "model.onnx": export_mlp(tmp_path / "m.onnx").read_bytes(),
+            "tokenizer.json": _tokenizer_json(),
+        }
+    with pytest.raises(InvalidArgument, match=message):
+        import_onnx(store, "m", _tar_of(files), 8)
+    assert store.list_versions("m") == []
