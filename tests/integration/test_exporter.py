@@ -204,8 +204,8 @@ def test_export_stops_when_its_client_disconnects(
     from ferry._proto.ferry.v1 import exporter_pb2, exporter_pb2_grpc
 
     gate = tmp_path / "gate"
-    gate.touch()  # the model's factory waits while this exists: the export stays in its load stage
     train_job(store, "job-gated", "gated", steps=1, params={"gate": str(gate)})
+    gate.touch()  # the model's factory waits while this exists: the export stays in its load stage
     seen = len(exporter.output())
     with grpc.insecure_channel(exporter.address) as ch:
         call = exporter_pb2_grpc.ExporterStub(ch).Export(

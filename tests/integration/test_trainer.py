@@ -21,6 +21,8 @@ from ferry.core.errors import FailedPrecondition
 from tests.support.deps import require_module
 from tests.support.procs import ServiceProcess, free_port
 
+pytestmark = pytest.mark.solo  # its own trainer and store: the file-order pass only
+
 torch = require_module("torch")
 safetensors_torch = require_module("safetensors.torch")
 

@@ -26,6 +26,8 @@ from ferry.core.store import Store
 from tests.support.deps import require_module
 from tests.support.procs import REPO, ServiceProcess
 
+pytestmark = pytest.mark.solo  # its own trainer, exporter and store: the file-order pass only
+
 torch = require_module("torch")
 ort = require_module("onnxruntime")
 
