@@ -48,6 +48,14 @@ class CircuitBreaker:
         if self._state != CLOSED:
             self._set(CLOSED)
 
+    def abandon(self) -> None:
+        """A call that was let through ended without an answer (its caller was cancelled).
+
+        It says nothing about the backend, so the state stays; but a half-open trial that never
+        reports back would keep every later call out for good, so the next one may try.
+        """
+        self._trial_out = False
+
     def failure(self) -> None:
         self._trial_out = False
         if self._state == HALF_OPEN:

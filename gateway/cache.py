@@ -235,6 +235,9 @@ class ResultCache:
             return False, None
         try:
             result = await asyncio.wait_for(call(), self.timeout_s)
+        except asyncio.CancelledError:
+            self.breaker.abandon()
+            raise
         except Exception as err:  # fail-open: any backend trouble is a miss, never an error
             self.stats.errors += 1
             self.breaker.failure()

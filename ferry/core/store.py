@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any, Final
 
 from ferry.core.errors import InvalidArgument, NotFound, store_full_is_exhausted
+from ferry.core.classify import LABELS_FILE
+from ferry.core.text import TOKENIZER_FILE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
 MODEL_FILE = "model.onnx"
@@ -52,6 +54,21 @@ class CheckpointFiles:
     # A text job's tokenizer (ferry.core.text.TOKENIZER_FILE), fitted once per job: the job folder
     # holds it (checkpoints/<job>/tokenizer.json) and every tag a copy, the one an export publishes.
     TOKENIZER: Final = "tokenizer.json"
+
+
+def weight_bytes(version_dir: Path) -> int:
+    """The bytes of a version's graph and weights: ``model.onnx`` and its external data.
+
+    That is every file in the folder but the sidecars that ride along (meta, labels, tokenizer):
+    the exporter and ImportOnnx publish nothing else, and an imported model's data files may
+    have any name its tensors give them, so no name pattern would find them all.
+    """
+    sidecars = {META_FILE, LABELS_FILE, TOKENIZER_FILE}
+    return sum(
+        p.stat().st_size
+        for p in version_dir.rglob("*")
+        if p.is_file() and not p.is_symlink() and p.relative_to(version_dir).as_posix() not in sidecars
+    )
 
 
 def validate_name(name: str, what: str = "name") -> str:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ferry.core.errors import InvalidArgument, NotFound
-from ferry.core.store import Store, validate_name
+from ferry.core.store import Store, validate_name, weight_bytes
 
 
 @dataclass
@@ -43,7 +43,7 @@ def list_versions(store: Store, model: str) -> list[VersionSummary]:
                 precision=str(meta.get("precision", "")),
                 source=str(source.get("job_id") or source.get("kind") or ""),
                 created_unix_ms=int(meta.get("created_unix_ms", 0)),
-                size_bytes=store.model_file(model, version).stat().st_size,
+                size_bytes=weight_bytes(store.version_dir(model, version)),
             )
         )
     return out

@@ -271,18 +271,22 @@ class ExportPipeline:
                 fp32 = precision.optimize(raw, work / "fp32.onnx", opts.optimization)
                 s["detail"] = f"{fp32.stat().st_size} bytes"
             with stage("precision", opts.precision) as s:
-                served = self._precision(ckpt, opts, fp32, work)
+                served, calibrated = self._precision(ckpt, opts, fp32, work)
                 threshold = self.settings.external_data_threshold_bytes
                 served, external = with_external_data(served, work / "published", threshold)
                 s["detail"] = f"{served.stat().st_size} bytes" + "".join(
                     f", external data {name} {size} bytes" for name, size in external.items()
                 )
+                if calibrated:
+                    s["detail"] += f", calibrated on {calibrated['samples']} {calibrated['source']} samples"
             with stage("parity", f"{opts.precision}, batch 1 and {opts.parity_batch}") as s:
                 report = self._gate(ckpt, opts, samples, fp32, served)
                 s["detail"] = "passed" if report["passed"] else f"failed: {report['failure']}"
             meta = self._meta(ckpt, opts, report, raw, fp32, served, stages)
             if external:
                 meta["files"]["external_data"] = external
+            if calibrated:
+                meta["calibration"] = calibrated
             if not report["passed"]:
                 return ExportResult(model_name, failure=str(report["failure"]), meta=meta)
             with stage("package") as s:
@@ -337,11 +341,19 @@ class ExportPipeline:
         report["samples_source"] = samples.source
         return report
 
-    def _precision(self, ckpt: Checkpoint, opts: ExportOptions, fp32: Path, work: Path) -> Path:
+    def _precision(
+        self, ckpt: Checkpoint, opts: ExportOptions, fp32: Path, work: Path
+    ) -> tuple[Path, dict[str, Any] | None]:
+        """The served graph, and for static int8 where its calibration samples came from.
+
+        Calibration reads the train split: the parity gate then measures on test rows the
+        quantiser has never seen, so a static model cannot pass on data it was fitted to.
+        """
         if opts.precision == "fp16":
-            return precision.to_fp16(fp32, work / "fp16.onnx")
+            return precision.to_fp16(fp32, work / "fp16.onnx"), None
         if opts.precision == "int8":
             calibration: list[np.ndarray] = []
+            calibrated: dict[str, Any] | None = None
             if opts.quantization == "static":
                 cal = held_out(
                     ckpt.spec,
@@ -349,13 +361,16 @@ class ExportPipeline:
                     self.settings.seed + 1,
                     vocab_size(ckpt.spec),
                     self.store.root,
+                    split="train",
                     tokenizer=ckpt.tokenizer,
                 )
                 calibration = [cal.inputs[i : i + 16] for i in range(0, len(cal), 16)]
-            return precision.to_int8(
+                calibrated = {"source": cal.source, "samples": len(cal)}
+            int8 = precision.to_int8(
                 fp32, work / "int8.onnx", opts.quantization, ckpt.input["name"], calibration
             )
-        return fp32
+            return int8, calibrated
+        return fp32, None
 
     def _config(self, model_name: str, ckpt: Checkpoint, opts: ExportOptions) -> dict[str, Any]:
         spec = ModelSpec(

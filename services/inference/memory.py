@@ -17,16 +17,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ferry.core.errors import ResourceExhausted
+from ferry.core.store import weight_bytes
 
 Key = tuple[str, int]  # (model, version)
 
 
 def version_bytes(version_dir: Path, instances: int) -> int:
     """The booked size of a version: its files (the model and its external data) per instance."""
-    files = sum(
-        p.stat().st_size for p in version_dir.iterdir() if p.is_file() and p.name.startswith("model.onnx")
-    )
-    return files * max(1, instances)
+    return weight_bytes(version_dir) * max(1, instances)
 
 
 @dataclass

@@ -111,6 +111,9 @@ def test_fp16_and_int8_pass_their_gates_and_shrink(client: SyncExporterClient, s
         assert pooled["top1_agreement"] >= 0.97 and pooled["metric_drop_points"] <= 1.0
         assert pooled["metric_against"] == "labels"
         assert report.meta["parity"]["fp32_graph"]["passed"]
+    # static int8 calibrates on train rows; the gate above measured it on the held-out test rows
+    assert mlp["static"].meta["calibration"] == {"source": "dataset:train", "samples": 128}
+    assert "calibration" not in mlp["dynamic"].meta and "calibration" not in cnn["fp16"].meta
     versions = {v["version"]: v["precision"] for v in client.list_versions("cnn")}
     assert versions == {1: "fp32", 2: "fp16"}
     assert {v["precision"] for v in client.list_versions("mlp-int8")} == {"int8"}

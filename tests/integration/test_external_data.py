@@ -267,6 +267,8 @@ def test_import_a_tar_with_external_data_publishes_both_files_and_serves(
     }
     assert version_files(store, "imported-ext", 1) == {"model.onnx", DATA_FILE, "meta.json"}
     assert (store.version_dir("imported-ext", 1) / DATA_FILE).read_bytes() == data
+    # ListVersions counts the graph and its data, not the graph alone
+    assert [v["size_bytes"] for v in exporter.list_versions("imported-ext")] == [len(model) + len(data)]
     x = np.random.default_rng(6).standard_normal((2, 8)).astype(np.float32)
     np.testing.assert_allclose(served(worker, "imported-ext", x), ort_run(plain, x), atol=1e-5)
     # a plain ONNX file (no tar) keeps working as before

@@ -12,7 +12,7 @@ import pytest
 
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry.core import codec
-from gateway.breaker import OPEN, CircuitBreaker
+from gateway.breaker import CLOSED, OPEN, CircuitBreaker
 from gateway.cache import (
     LruBackend,
     ResultCache,
@@ -151,6 +151,46 @@ async def test_fail_open_then_breaker_stops_asking(mode: str) -> None:
     assert backend.calls == 2
     assert cache.breaker.state == OPEN
     assert cache.stats.errors == 2 and cache.stats.skipped == 4 and cache.stats.misses == 10
+
+
+class Healing:
+    """A backend that hangs until it is told it is well again, then answers every key."""
+
+    name = "healing"
+
+    def __init__(self) -> None:
+        self.well = False
+        self.calls = 0
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        self.calls += 1
+        if not self.well:
+            await asyncio.sleep(10)
+        return [b"v" for _ in keys]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_s: int) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@aio
+async def test_a_cancelled_half_open_trial_does_not_keep_the_cache_shut() -> None:
+    """A caller cancelled (a client gone, a deadline) during the trial must not wedge the breaker:
+    the next lookup is the trial, and a well backend closes it."""
+    backend = Healing()
+    cache = ResultCache(backend, timeout_s=5, breaker=CircuitBreaker(failures=1, reset_s=0.0))
+    cache.breaker.failure()  # open; with reset 0 the next look is half-open
+    trial = asyncio.ensure_future(cache.get_many(["k"]))
+    while backend.calls == 0:
+        await asyncio.sleep(0.001)
+    trial.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await trial
+    backend.well = True
+    assert await cache.get_many(["k"]) == [b"v"]
+    assert backend.calls == 2 and cache.breaker.state == CLOSED and cache.stats.errors == 0
 
 
 @aio
