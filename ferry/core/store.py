@@ -31,8 +31,8 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-from ferry.core.errors import InvalidArgument, NotFound, store_full_is_exhausted
 from ferry.core.classify import LABELS_FILE
+from ferry.core.errors import InvalidArgument, NotFound, store_full_is_exhausted
 from ferry.core.text import TOKENIZER_FILE
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
