@@ -34,6 +34,14 @@ MAX_VOCAB = 1_000_000
 MIN_VOCAB = len(SPECIALS) + 1
 
 
+def find_tokenizer(version_dir: Path) -> Path | None:
+    """A version's ``tokenizer.json``: its own, else its model's (one shared by every version)."""
+    return next(
+        (d / TOKENIZER_FILE for d in (version_dir, version_dir.parent) if (d / TOKENIZER_FILE).is_file()),
+        None,
+    )
+
+
 @dataclass(frozen=True)
 class TokenizerConfig:
     """How a job's tokenizer is fitted; ``vocab_size`` is an upper bound (a small corpus gives fewer)."""

@@ -1,12 +1,12 @@
 """How much memory the worker's loaded versions hold, against an operator's budget. Pure.
 
-A version is booked at what its sessions keep resident for certain: the bytes of its model
-files (``model.onnx`` and any external data) once per instance, since each ONNX Runtime session
-holds its own copy of the weights. That is an estimate (a session adds its arena and the
-optimized graph on top), but one that is known before the load, the same on every host, and
-what ``ModelStatistics.memory_usage`` reports. With ``--memory-budget-bytes`` a load that would
-take the booked total past the budget is refused with RESOURCE_EXHAUSTED naming it, or, with
-``--evict lru``, makes room by unloading the models least recently used first; an evicted model
+A version is booked at what its sessions keep resident for certain: the bytes of its model files
+(``model.onnx`` and any external data) once per instance, since each ONNX Runtime session holds its
+own copy of the weights, and a text model's ``tokenizer.json`` once. That is an estimate (a session
+adds its arena and the optimized graph on top), but one that is known before the load, the same on
+every host, and what ``ModelStatistics.memory_usage`` reports. With ``--memory-budget-bytes`` a load
+that would take the booked total past the budget is refused with RESOURCE_EXHAUSTED naming it, or,
+with ``--evict lru``, makes room by unloading the models least recently used first; an evicted model
 loads again on its next request, which waits for that load.
 """
 
@@ -18,13 +18,16 @@ from pathlib import Path
 
 from ferry.core.errors import ResourceExhausted
 from ferry.core.store import weight_bytes
+from ferry.core.text import find_tokenizer
 
 Key = tuple[str, int]  # (model, version)
 
 
 def version_bytes(version_dir: Path, instances: int) -> int:
-    """The booked size of a version: its files (the model and its external data) per instance."""
-    return weight_bytes(version_dir) * max(1, instances)
+    """The booked size of a version: its files (the model and its external data) per instance,
+    and its tokenizer's file once (the instances share one tokenizer)."""
+    tokenizer = find_tokenizer(version_dir)
+    return weight_bytes(version_dir) * max(1, instances) + (tokenizer.stat().st_size if tokenizer else 0)
 
 
 @dataclass

@@ -37,7 +37,7 @@ from ferry.core.errors import (
 from ferry.core.grpcserver import incident
 from ferry.core.modelconfig import ModelSpec, spec_from_config, version_policy_of
 from ferry.core.store import Store
-from ferry.core.text import TOKENIZER_FILE, TextEncoder, read_tokenizer
+from ferry.core.text import TOKENIZER_FILE, TextEncoder, find_tokenizer, read_tokenizer
 from ferry.core.textinput import parse_text
 from services.inference.batcher import Batcher
 from services.inference.memory import MemoryBook, version_bytes
@@ -283,7 +283,7 @@ class Repository:
                 raise InvalidArgument(
                     f"the config gives {t.name!r} datatype {t.datatype} but the graph's is {graph[t.name]}"
                 )
-        spec, encoder = _text(spec, self.store.version_dir(name, number), self.store.model_dir(name))
+        spec, encoder = _text(spec, self.store.version_dir(name, number))
         initial: dict[str, np.ndarray] = {}
         if spec.sequence is not None:
             check_graph(spec.sequence, runner.input_names, runner.output_names)
@@ -470,13 +470,11 @@ def parse_version(text: str) -> int:
 MUST_PASS = ("1", "true", "yes")
 
 
-def _text(spec: ModelSpec, version_dir: Path, model_dir: Path) -> tuple[ModelSpec, TextEncoder | None]:
+def _text(spec: ModelSpec, version_dir: Path) -> tuple[ModelSpec, TextEncoder | None]:
     """A version takes text when its config has a ``text`` entry or its folder (else its model's)
     holds ``tokenizer.json``; the tokenizer is read here, so a missing or corrupt one fails the load
     with the reason while the other versions keep serving."""
-    path = next(
-        (d / TOKENIZER_FILE for d in (version_dir, model_dir) if (d / TOKENIZER_FILE).is_file()), None
-    )
+    path = find_tokenizer(version_dir)
     if spec.text is None and path is None:
         return spec, None
     if spec.text is None:

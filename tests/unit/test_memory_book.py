@@ -15,13 +15,22 @@ def test_a_version_is_booked_at_its_weight_files_per_instance(tmp_path: Path) ->
     (tmp_path / "model.onnx.data").write_bytes(b"x" * 900)
     (tmp_path / "meta.json").write_text("{}")
     (tmp_path / "labels.txt").write_text("a\nb\n")
-    (tmp_path / "tokenizer.json").write_text("{}")
     assert version_bytes(tmp_path, 1) == 1000 and version_bytes(tmp_path, 3) == 3000
     # an imported model's data files have the names its tensors give them, in subfolders too
     (tmp_path / "weights").mkdir()
     (tmp_path / "weights" / "embedding.bin").write_bytes(b"x" * 24)
     (tmp_path / "weights" / "tokenizer.json").write_bytes(b"x" * 6)  # a sidecar only at the top
     assert version_bytes(tmp_path, 1) == 1030
+
+
+def test_a_tokenizer_is_booked_once_from_the_version_or_its_model(tmp_path: Path) -> None:
+    version = tmp_path / "1"
+    version.mkdir()
+    (version / "model.onnx").write_bytes(b"x" * 100)
+    (tmp_path / "tokenizer.json").write_bytes(b"t" * 40)  # the model's, shared by its versions
+    assert version_bytes(version, 2) == 240
+    (version / "tokenizer.json").write_bytes(b"t" * 7)  # the version's own comes first
+    assert version_bytes(version, 2) == 207
 
 
 def test_without_a_budget_anything_loads() -> None:
