@@ -26,7 +26,7 @@ from ferry.core.errors import InvalidArgument
 from ferry.core.store import CONFIG_FILE, Store
 from ferry.core.text import TOKENIZER_FILE, TextEncoder, read_tokenizer
 from tests.support.deps import require_module
-from tests.support.procs import REPO, ServiceProcess
+from tests.support.procs import REPO, ServiceProcess, on_store
 
 pytestmark = pytest.mark.solo  # its own trainer and exporter: the file-order pass only
 
@@ -56,18 +56,14 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> Store:
 
 @pytest.fixture(scope="module")
 def trainer(store: Store) -> Iterator[ServiceProcess]:
-    proc = ServiceProcess.serve(
-        "trainer", "--store", str(store.root), "--port", "0", "--threads-per-job", "2"
-    ).start()
-    yield proc
-    proc.stop()
+    with on_store("trainer", store.root, "--threads-per-job", "2") as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")
 def exporter(store: Store) -> Iterator[ServiceProcess]:
-    proc = ServiceProcess.serve("exporter", "--store", str(store.root), "--port", "0").start()
-    yield proc
-    proc.stop()
+    with on_store("exporter", store.root) as proc:
+        yield proc
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from benchmarks import procs as bench_procs
@@ -46,6 +46,16 @@ class ServiceProcess(ServerProcess):
 
     def output(self) -> str:
         return "".join(self.lines)
+
+
+@contextlib.contextmanager
+def on_store(service: str, store_root: Path, *args: str) -> Iterator[ServiceProcess]:
+    """A trainer or exporter serving ``store_root`` on a free port, stopped on the way out."""
+    proc = ServiceProcess.serve(service, "--store", str(store_root), "--port", "0", *args).start()
+    try:
+        yield proc
+    finally:
+        proc.stop()
 
 
 class RedisServer(bench_procs.RedisServer):
