@@ -7,8 +7,9 @@ one forms by itself, so at concurrency 1 nothing waits on a timer, and under loa
 batches grow up to ``max_batch_size`` rows. ``max_queue_delay_us`` (default 0)
 optionally holds a small batch back to let it grow.
 
-Only requests whose non-batch dimensions agree are concatenated (a text model
-with a free sequence length runs one batch per length). If a merged run fails,
+Only requests whose inputs and non-batch dimensions agree are concatenated (token ids
+of a free sequence length run one batch per length unless ``sequence_buckets`` pad them;
+raw texts, one per row, all merge and are tokenized as one batch by ``prepare``). If a merged run fails,
 each request is run alone, so one bad request never fails its neighbours.
 """
 
@@ -42,6 +43,9 @@ Outputs = dict[str, np.ndarray]
 # (one runner slot only).
 INLINE_BELOW_NS = 1_000_000
 RunFn = Callable[[dict[str, np.ndarray]], Outputs]
+# Turns a formed batch's inputs into the graph's feeds, with per-row side outputs to split and
+# hand back with the graph's (a text model tokenizes here: ``services.inference.textfeeds``).
+PrepareFn = Callable[[dict[str, np.ndarray]], tuple[dict[str, np.ndarray], Outputs]]
 
 
 @dataclass(eq=False)
@@ -50,16 +54,17 @@ class Pending:
 
     inputs: dict[str, np.ndarray]
     rows: int
-    key: tuple[tuple[int, ...], ...]
+    key: tuple[tuple[str, tuple[int, ...]], ...]
     future: asyncio.Future[Any]
     enqueued_ns: int
     deadline: float | None = None  # time.monotonic() seconds
     timings: dict[str, int] = field(default_factory=dict)
 
 
-def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple[tuple[int, ...], ...]:
-    """Requests with equal keys can be concatenated along the first axis."""
-    return tuple(a.shape[1:] if batched else a.shape for a in inputs.values())
+def shape_key(inputs: dict[str, np.ndarray], batched: bool) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """Requests with equal keys can be concatenated along the first axis. Names count: a text
+    model's version takes texts or token ids, and a batch holds one kind."""
+    return tuple((name, a.shape[1:] if batched else a.shape) for name, a in inputs.items())
 
 
 def plan_batch(items: Sequence[tuple[int, Any]], max_rows: int, preferred: Sequence[int] = ()) -> list[int]:
@@ -115,9 +120,11 @@ class Batcher:
         policy: BatchingPolicy | None,
         slots: int,
         stats: ModelStats,
+        prepare: PrepareFn | None = None,
     ) -> None:
         self.label = label
         self._run = run
+        self._prepare = prepare
         self._batched = max_batch_size > 0
         self._max_rows = max_batch_size if (policy is not None and self._batched) else 0
         self._policy = policy or BatchingPolicy()
@@ -295,7 +302,8 @@ class Batcher:
     def _execute(
         self, inputs: list[dict[str, np.ndarray]], rows: list[int]
     ) -> tuple[list[Any], int, int, int, int]:
-        """Runs in an executor thread: concatenate, run, split. Returns per-request results."""
+        """Runs in an executor thread: concatenate, prepare, run, split. Returns per-request
+        results; preparing (a text batch's tokenizing) counts as the batch's input time."""
         t0 = time.perf_counter_ns()
         total = sum(rows)
         if len(inputs) == 1:
@@ -304,7 +312,9 @@ class Batcher:
             feeds = {name: np.concatenate([r[name] for r in inputs], axis=0) for name in inputs[0]}
         t1 = time.perf_counter_ns()
         try:
-            outputs = self._run(feeds)
+            feeds, side = self._prepare(feeds) if self._prepare is not None else (feeds, {})
+            t1 = time.perf_counter_ns()
+            outputs = {**self._run(feeds), **side}
         except Exception as err:
             if len(inputs) == 1:
                 return [_as_ferry_error(err, self.label)], total, t1 - t0, 0, 0
@@ -327,7 +337,8 @@ class Batcher:
 
     def _run_alone(self, feeds: dict[str, np.ndarray]) -> Any:
         try:
-            return self._run(feeds)
+            feeds, side = self._prepare(feeds) if self._prepare is not None else (feeds, {})
+            return {**self._run(feeds), **side}
         except Exception as err:
             return _as_ferry_error(err, self.label)
 

@@ -9,7 +9,6 @@ status in one place.
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -25,11 +24,9 @@ from ferry.core.classify import check_count, class_counts, top_k
 from ferry.core.codec import add_output
 from ferry.core.configproto import config_proto, metadata_proto
 from ferry.core.errors import FerryError, InvalidArgument, ModelUnavailable
-from ferry.core.modelconfig import ModelSpec
 from ferry.core.params import int_param
 from ferry.core.sequencing import sequence_control
-from ferry.core.text import Encoded, TextEncoder
-from ferry.core.textinput import TextInput, add_truncation, check_texts
+from ferry.core.textinput import add_truncation, check_texts
 from ferry.core.v2api import CallInfo, stream_answers
 from ferry.core.validation import accept_request
 from services.inference.cuda_ipc import DeviceMemory, load_runtime
@@ -49,8 +46,7 @@ from services.inference.shm import (
     output_refs,
     with_shm_inputs,
 )
-
-INLINE_TEXT_CHARS = 4096  # a request's texts up to this size are tokenized on the event loop
+from services.inference.textfeeds import truncated_rows
 
 EXTENSIONS = [
     "model_repository",
@@ -141,11 +137,12 @@ class WorkerDataPlane:
             if self.repo.memory.evict:  # the least-recently-used order is all it is kept for
                 self.repo.memory.used(version.model, time.monotonic())
             admitted = self._admit(version, request, call.time_remaining)
-            if version.encoder is not None and version.spec.text is not None:
-                text = version.spec.text
-                if text.input in admitted.inputs:
-                    await self._tokenize(admitted, text, version.encoder)
+            text = version.spec.text if version.encoder is not None else None
+            if text is not None and text.input in admitted.inputs:  # tokenized with its batch
+                texts = [str(t) for t in admitted.inputs[text.input].reshape(-1)]
+                check_texts(text.input, texts, text.max_text_bytes)
             outputs, queue_ns, timings = await self._run(admitted, request.parameters)
+            admitted.truncated = truncated_rows(outputs)
             response = self._respond(request, admitted, outputs)
             if tracing.enabled():
                 _trace_batch(version.model, queue_ns, timings)
@@ -162,20 +159,6 @@ class WorkerDataPlane:
             # Unknown names stay out of the label set, so clients cannot grow it without bound.
             self.metrics.observe(request.model_name if version else "_unknown", err.code.name, total)
             raise
-
-    async def _tokenize(self, admitted: Admitted, text: TextInput, encoder: TextEncoder) -> None:
-        """Texts in, the graph's id, mask and type inputs out. A large batch is tokenized on a
-        thread (the library spreads it over its own threads with the GIL released), so the event
-        loop keeps decoding other requests; a small one is cheaper inline than the hop."""
-        texts = [str(t) for t in admitted.inputs[text.input].reshape(-1)]
-        check_texts(text.input, texts, text.max_text_bytes)
-        if sum(len(t) for t in texts) <= INLINE_TEXT_CHARS:
-            encoded = encoder.encode(texts, text.input)
-        else:
-            loop = asyncio.get_running_loop()
-            encoded = await loop.run_in_executor(None, encoder.encode, texts, text.input)
-        admitted.inputs = _graph_feeds(admitted.version.spec, text, encoded)
-        admitted.truncated = encoded.truncated
 
     async def _run(self, admitted: Admitted, params: Mapping[str, Any]) -> Answer:
         """The batcher's answer; a sequence model's request is fed its sequence's state, in turn."""
@@ -321,20 +304,6 @@ class WorkerDataPlane:
         """Where nothing can be registered, unregistering is the spec's no-op (clients call it to
         start clean)."""
         self.shm.unregister(request.name, CUDA)
-
-
-def _graph_feeds(spec: ModelSpec, text: TextInput, encoded: Encoded) -> dict[str, np.ndarray]:
-    """The encoded texts as the graph's inputs, in the integer type each one takes."""
-    feeds = {}
-    for name, values in (
-        (text.ids, encoded.ids),
-        (text.mask, encoded.mask),
-        (text.type_ids, encoded.type_ids),
-    ):
-        if name:
-            tensor = spec.input(name)
-            feeds[name] = values.astype(np.int32) if tensor and tensor.datatype == "INT32" else values
-    return feeds
 
 
 def _trace_batch(model: str, queue_ns: int, timings: dict[str, int]) -> None:

@@ -45,6 +45,7 @@ from services.inference.runner import OrtRunner, provider_list
 from services.inference.sequences import Sequences, check_graph, initial_states
 from services.inference.settings import WorkerSettings
 from services.inference.stats import ModelStats
+from services.inference.textfeeds import TextFeeds
 
 log = logging.getLogger("ferry.worker.repository")
 
@@ -211,6 +212,7 @@ class Repository:
             policy=spec.batching,
             slots=len(runner.sessions),
             stats=stats,
+            prepare=TextFeeds(spec, built.encoder) if built.encoder is not None else None,
         )
         old = state.ready.get(number)
         labels = read_labels(self.store.version_dir(state.name, number), self.store.model_dir(state.name))

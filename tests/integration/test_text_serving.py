@@ -23,9 +23,10 @@ from benchmarks.buckets import CLASSES, VOCAB, export_transformer
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.core.text import TOKENIZER_FILE, TextEncoder, TokenizerConfig, fit_tokenizer, read_tokenizer
-from tests.integration.test_gateway import wait_until, worker_and_gateway
+from tests.integration.test_gateway import stats, wait_until, worker_and_gateway
 from tests.integration.test_worker_http import call, serve
 from tests.support.deps import require_module
+from tests.support.gate import held_config
 from tests.support.models import publish
 
 tc = require_module("tritonclient.grpc")
@@ -62,15 +63,18 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]
         "text": {"max_length": MAX_LENGTH},
         "sequence_buckets": {"max_length": 64},
     }
-    for model in ("topics", "corrupt", "missing"):
-        version = publish(root, model, 1, onnx_file, config)
-        if model == "topics":
+    # "held" batches only once four requests are queued, and has no sequence_buckets: its texts of
+    # different lengths can share a run only if they are tokenized together, in the batch they form
+    held = held_config(4, 8, text=config["text"])
+    for model in ("topics", "held", "corrupt", "missing"):
+        version = publish(root, model, 1, onnx_file, held if model == "held" else config)
+        if model in ("topics", "held"):
             (version / TOKENIZER_FILE).write_bytes(tokenizer.read_bytes())
             (version / "labels.txt").write_text("".join(f"{n}\n" for n in LABELS), encoding="utf-8")
         elif model == "corrupt":
             (version / TOKENIZER_FILE).write_text('{"model": "nothing like a tokenizer"', encoding="utf-8")
     _import_bert_shaped(root, work, tokenizer)
-    with worker_and_gateway(root, ("topics", "bert-shaped")) as (addresses, _):
+    with worker_and_gateway(root, ("topics", "held", "bert-shaped")) as (addresses, _):
         yield {
             "addresses": addresses,
             "encoder": TextEncoder(read_tokenizer(tokenizer), MAX_LENGTH),
@@ -160,6 +164,43 @@ def test_a_long_text_is_cut_to_max_length_and_the_answer_says_so(servers: dict[s
     assert cut.ids.shape[1] == MAX_LENGTH and cut.truncated == (0,)
     by_ids = client.infer("topics", [_ids(cut.ids)]).as_numpy("output")
     np.testing.assert_allclose(answer.as_numpy("output")[1], by_ids[0], atol=1e-5, rtol=1e-4)
+
+
+def test_texts_sent_apart_are_tokenized_and_run_as_one_batch(servers: dict[str, Any]) -> None:
+    """Four requests of one text each, of different lengths and one past max_length: the worker
+    tokenizes them together in the batch they form, pads them to its longest, runs it once, and each
+    answer is the one its text gets alone, with the truncation on the long one's answer only."""
+    import asyncio
+
+    tc_aio = require_module("tritonclient.grpc.aio")
+    address = servers["addresses"]["worker"]
+    texts = [b"rain", b"the striker scored twice", " ".join(["strong winds"] * 12).encode(), b"bake bread"]
+    client = tc.InferenceServerClient(address)
+    alone = [client.infer("topics", [_texts([t])]) for t in texts]
+    before = stats(address, "held")
+
+    async def together() -> list[Any]:
+        aio = tc_aio.InferenceServerClient(address)
+        try:  # held in the queue until all four are there
+            return list(await asyncio.gather(*(aio.infer("held", [_texts([t])]) for t in texts)))
+        finally:
+            await aio.close()
+
+    answers = asyncio.run(together())
+    after = stats(address, "held")
+    assert after.inference_count - before.inference_count == len(texts)
+    assert after.execution_count - before.execution_count == 1
+    for got, want in zip(answers, alone, strict=True):
+        np.testing.assert_allclose(got.as_numpy("output"), want.as_numpy("output"), atol=1e-5, rtol=1e-4)
+    cut = [dict(a.get_response().parameters) for a in answers]
+    assert [
+        ("truncated" in p, p["truncated_rows"].string_param if "truncated_rows" in p else "") for p in cut
+    ] == [
+        (False, ""),
+        (False, ""),
+        (True, "0"),
+        (False, ""),
+    ]
 
 
 @pytest.mark.parametrize("hop", HOPS)

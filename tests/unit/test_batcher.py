@@ -153,3 +153,61 @@ def test_a_request_timeout_holds_while_a_batch_is_held_back() -> None:
         await batcher.close()
 
     asyncio.run(run())
+
+
+def test_prepare_sees_the_formed_batch_and_its_side_outputs_are_split_by_rows() -> None:
+    """The batch is prepared once, whole, and a per-row side output returns to each member;
+    a batch that fails to prepare falls back to each request alone, so one bad row fails alone."""
+    prepared: list[int] = []
+
+    def prepare(feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        x = feeds["x"]
+        if (x > 100).any():
+            raise InvalidArgument("too large to prepare")
+        prepared.append(len(x))
+        return {"x": x + 1}, {"seen": x[:, 0] * 10}
+
+    async def run() -> list[object]:
+        batcher = Batcher(
+            "m:1",
+            double,
+            max_batch_size=8,
+            policy=BatchingPolicy(),
+            slots=1,
+            stats=ModelStats(),
+            prepare=prepare,
+        )
+        results = []
+        for values in ((1, 2, 3, 4), (5, 300, 7, 8)):
+            futures = [batcher.submit({"x": np.full((1, 1), v, np.float32)}, 1) for v in values]
+            results += await asyncio.gather(*futures, return_exceptions=True)
+        await batcher.close()
+        return results
+
+    results = asyncio.run(run())
+    bad = results.pop(5)
+    assert isinstance(bad, InvalidArgument) and bad.message == "too large to prepare"
+    for (outputs, _q, _t), v in zip(results, (1, 2, 3, 4, 5, 7, 8), strict=True):  # type: ignore[misc]
+        assert (outputs["y"].tolist(), outputs["seen"].tolist()) == ([[2 * (v + 1)]], [10 * v])
+    assert max(prepared) > 1  # a merged batch was prepared whole
+
+
+def test_inputs_of_other_names_never_share_a_batch() -> None:
+    """A text version takes texts or token ids: two requests of the same shape but other input
+    names must not be concatenated."""
+
+    def either(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        (name,) = feeds
+        return {"y": feeds[name] * (2 if name == "a" else 3)}
+
+    async def run() -> tuple[list[object], ModelStats]:
+        batcher, stats = make(run=either)
+        futures = [
+            batcher.submit({"a" if i % 2 else "b": np.full((1, 1), i, np.float32)}, 1) for i in range(6)
+        ]
+        results = await asyncio.gather(*futures)
+        await batcher.close()
+        return results, stats
+
+    results, _ = asyncio.run(run())
+    assert [r[0]["y"].tolist() for r in results] == [[[i * (2 if i % 2 else 3)]] for i in range(6)]
