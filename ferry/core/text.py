@@ -34,6 +34,11 @@ MAX_VOCAB = 1_000_000
 MIN_VOCAB = len(SPECIALS) + 1
 
 
+def blank_text(name: str, row: int) -> str:
+    """The one message for a text with nothing to classify, wherever it is found."""
+    return f"input {name!r}: text {row} has nothing to classify (it is empty or only whitespace)"
+
+
 def find_tokenizer(version_dir: Path) -> Path | None:
     """A version's ``tokenizer.json``: its own, else its model's (one shared by every version)."""
     return next(
@@ -177,9 +182,7 @@ class TextEncoder:
             mask[r] = enc.attention_mask
             type_ids[r] = enc.type_ids
             if not any(m == 0 for m in enc.special_tokens_mask):
-                raise InvalidArgument(
-                    f"input {name!r}: text {r} has nothing to classify (it is empty or only whitespace)"
-                )
+                raise InvalidArgument(blank_text(name, r))
             if enc.overflowing:
                 truncated.append(r)
         return Encoded(ids, mask, type_ids, tuple(truncated))

@@ -27,6 +27,7 @@ from typing import Any
 
 from ferry.core.errors import InvalidArgument
 from ferry.core.params import config_int, json_object
+from ferry.core.text import blank_text
 
 CONFIG_KEY = "text"
 PROTO_PARAMETER = "ferry.text"  # the entry as JSON in ModelConfig.parameters, for the gateway
@@ -123,13 +124,18 @@ def from_proto_parameter(value: str) -> dict[str, Any]:
 
 
 def check_texts(name: str, texts: Sequence[str], max_bytes: int) -> None:
-    """Refuse a text too long to tokenize; its row and the limit in the message."""
+    """Refuse, before it is queued, a text too long to tokenize or with nothing in it; its row in
+    the message. A blank text caught here never joins a batch, so it cannot make its neighbours
+    run one by one (a text that only the tokenizer finds empty still fails with its batch's
+    fallback)."""
     for row, text in enumerate(texts):
         size = len(text.encode("utf-8")) if len(text) * 4 > max_bytes else len(text)
         if size > max_bytes:
             raise InvalidArgument(
                 f"input {name!r}: text {row} is {size} bytes, over this model's max_text_bytes {max_bytes}"
             )
+        if not text.strip():
+            raise InvalidArgument(blank_text(name, row))
 
 
 def truncated_rows(value: str) -> list[int]:

@@ -135,6 +135,12 @@ def test_a_text_over_the_byte_limit_is_refused_with_its_row() -> None:
         check_texts("text", ["short", "ü" * 11], 20)
 
 
+@pytest.mark.parametrize(("texts", "row"), [(["ok", ""], 1), (["\u3000\t \n", "ok"], 0)])
+def test_a_blank_text_is_refused_before_it_is_queued(texts: list[str], row: int) -> None:
+    with pytest.raises(InvalidArgument, match=rf"text {row} has nothing to classify"):
+        check_texts("text", texts, 100)
+
+
 def test_the_truncation_report_follows_each_member_of_a_merged_batch() -> None:
     assert split_truncation("0,3,4", [0, 2, 4, 7]) == [[0], [1], [0]]
     merged = pb.ModelInferResponse(model_name="m", model_version="1")
