@@ -1,7 +1,9 @@
 """A circuit breaker for the result cache: stop asking a sick Redis for a while.
 
 closed -> (``failures`` errors in a row) -> open -> (after ``reset_s``) -> half-open:
-one trial call goes through; success closes, failure opens again. The clock is
+one trial call goes through; success closes, failure opens again. A trial that has not
+reported back within another ``reset_s`` is taken as lost, and the next call is the trial:
+no single call, however it ends, can keep the breaker half-open for good. The clock is
 injectable so the state machine is unit-tested without sleeping.
 """
 
@@ -25,6 +27,7 @@ class CircuitBreaker:
     _count: int = 0
     _opened_at: float = 0.0
     _trial_out: bool = field(default=False)
+    _trial_at: float = 0.0
 
     @property
     def state(self) -> str:
@@ -37,8 +40,9 @@ class CircuitBreaker:
         state = self.state
         if state == CLOSED:
             return True
-        if state == HALF_OPEN and not self._trial_out:
+        if state == HALF_OPEN and (not self._trial_out or self.clock() - self._trial_at >= self.reset_s):
             self._trial_out = True
+            self._trial_at = self.clock()
             return True
         return False
 

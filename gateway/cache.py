@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from ferry._proto.inference import grpc_service_pb2 as pb
+from gateway.bounded import bounded
 from gateway.breaker import CircuitBreaker
 from gateway.near_cache import NearCache
 from gateway.redis_url import make_client
@@ -234,7 +235,7 @@ class ResultCache:
             self.stats.skipped += 1
             return False, None
         try:
-            result = await asyncio.wait_for(call(), self.timeout_s)
+            result = await bounded(call(), self.timeout_s)
         except asyncio.CancelledError:
             self.breaker.abandon()
             raise

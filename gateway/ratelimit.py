@@ -18,7 +18,6 @@ configured name still get a bucket each.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import time
@@ -26,6 +25,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ferry.core.auth import Buckets, check_limits
+from gateway.bounded import bounded
 
 log = logging.getLogger("ferry.gateway.ratelimit")
 
@@ -152,7 +152,7 @@ class SharedLimiter:
         check_limits(rate, burst)
         if self._fallback.try_shared():
             try:
-                admitted = await asyncio.wait_for(
+                admitted = await bounded(
                     self._script(keys=[self.prefix + name], args=[rate, burst, idle_ttl_ms(rate, burst)]),
                     self.timeout_s,
                 )

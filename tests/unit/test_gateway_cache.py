@@ -193,6 +193,48 @@ async def test_a_cancelled_half_open_trial_does_not_keep_the_cache_shut() -> Non
     assert backend.calls == 2 and cache.breaker.state == CLOSED and cache.stats.errors == 0
 
 
+class Stubborn:
+    """A backend that hangs, and when cancelled takes a second more to stop (a client cleaning up
+    a dead connection): waiting for it to stop would hold the caller far past its timeout."""
+
+    name = "stubborn"
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.stopped = 0
+
+    async def get_many(self, keys: list[str]) -> list[bytes | None]:
+        self.calls += 1
+        try:
+            await asyncio.sleep(10)
+        except asyncio.CancelledError:
+            await asyncio.sleep(1.0)
+            self.stopped += 1
+            raise
+        return [None for _ in keys]
+
+    async def set_many(self, items: list[tuple[str, bytes]], ttl_s: int) -> None:
+        await self.get_many([])
+
+    async def close(self) -> None:
+        pass
+
+
+@aio
+async def test_a_backend_slow_to_stop_costs_the_caller_its_timeout_only() -> None:
+    backend = Stubborn()
+    cache = ResultCache(backend, timeout_s=0.02, breaker=CircuitBreaker(failures=1, reset_s=0.0))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await cache.get_many(["k"]) == [None]
+    await cache.set_many([("k", b"v")])  # the half-open trial: it, too, ends at its timeout
+    waited = loop.time() - started
+    assert cache.stats.errors == 2 and backend.calls == 2 and backend.stopped == 0
+    assert waited < 0.9  # neither waited for the backend's one-second clean-up
+    await asyncio.sleep(1.1)
+    assert backend.stopped == 2  # both late calls were cancelled, and ended in the background
+
+
 @aio
 async def test_values_over_the_cap_are_not_stored() -> None:
     cache = ResultCache(LruBackend(), max_value_bytes=4)

@@ -114,6 +114,22 @@ def test_breaker_opens_half_opens_and_closes() -> None:
     assert states == [OPEN, HALF_OPEN, OPEN, HALF_OPEN, CLOSED]
 
 
+def test_a_lost_half_open_trial_gives_way_after_another_reset_period() -> None:
+    """A trial that never reports back (success, failure or abandon) must not keep every later
+    call out: after another reset_s the next call is the trial."""
+    clock = Clock()
+    b = CircuitBreaker(failures=1, reset_s=1.0, clock=clock)
+    b.failure()
+    clock.now += 1.0
+    assert b.allow()  # the trial goes, and is never heard of again
+    clock.now += 0.5
+    assert not b.allow()
+    clock.now += 0.5
+    assert b.allow() and not b.allow()  # one new trial, still one at a time
+    b.success()
+    assert b.state == CLOSED
+
+
 @pytest.mark.parametrize(
     ("code", "details", "broken"),
     [
