@@ -312,7 +312,7 @@ class Batcher:
             feeds = {name: np.concatenate([r[name] for r in inputs], axis=0) for name in inputs[0]}
         t1 = time.perf_counter_ns()
         try:
-            feeds, side = self._prepare(feeds) if self._prepare is not None else (feeds, {})
+            feeds, side = self._prepared(feeds)
             t1 = time.perf_counter_ns()
             outputs = {**self._run(feeds), **side}
         except Exception as err:
@@ -335,9 +335,13 @@ class Batcher:
         t3 = time.perf_counter_ns()
         return results, total, t1 - t0, t2 - t1, t3 - t2
 
+    def _prepared(self, feeds: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], Outputs]:
+        """The graph's feeds and the per-row side outputs of a batch, or of one request alone."""
+        return self._prepare(feeds) if self._prepare is not None else (feeds, {})
+
     def _run_alone(self, feeds: dict[str, np.ndarray]) -> Any:
         try:
-            feeds, side = self._prepare(feeds) if self._prepare is not None else (feeds, {})
+            feeds, side = self._prepared(feeds)
             return {**self._run(feeds), **side}
         except Exception as err:
             return _as_ferry_error(err, self.label)
