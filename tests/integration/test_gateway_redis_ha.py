@@ -29,7 +29,14 @@ from ferry.core import codec
 from gateway.cache import RedisBackend, ResultCache
 from gateway.near_cache import NearCache
 from gateway.ratelimit import SharedLimiter
-from tests.integration.test_gateway import Load, mlp_request, start_gateway, start_workers, wait_until
+from tests.integration.test_gateway import (
+    OUTLAST,
+    Load,
+    mlp_request,
+    start_gateway,
+    start_workers,
+    wait_until,
+)
 from tests.support.deps import require_binary
 from tests.support.models import export_mlp, ort_run, publish
 from tests.support.procs import ClusterSet, SentinelSet, ServiceProcess, free_port
@@ -111,7 +118,8 @@ def test_master_killed_under_load_fails_nothing_and_hits_return_from_the_new_mas
         before = scrape(metrics_port)
 
         async def scenario() -> tuple[Load, float, str]:
-            async with Load(address, lambda n: mlp_request(1, seed=n % SEEDS), concurrency=6) as load:
+            make = lambda n: mlp_request(1, seed=n % SEEDS)  # noqa: E731
+            async with Load(address, make, concurrency=6, limit=OUTLAST) as load:
                 deadline = time.monotonic() + 30
                 while admin_stats(address).hits < 50 and time.monotonic() < deadline:
                     await load.until(20, timeout=10)
@@ -133,8 +141,10 @@ def test_master_killed_under_load_fails_nothing_and_hits_return_from_the_new_mas
                 recovered = time.monotonic() - killed
                 seen = (
                     f"hits {s.hits} (at the kill's first error {dead}), errors {s.errors}, breaker "
-                    f"{s.breaker_state}, sentinels' master {redis.master_port()} (was {old_master})"
+                    f"{s.breaker_state}, sentinels' master {redis.master_port()} (was {old_master}), "
+                    f"{load.ok} answers, load {'still running' if load.running else 'ended'}"
                 )
+                assert load.running, f"the load ended before the failover did: {seen}"
                 await load.until(100, timeout=30)
                 assert redis.master_port() == redis.replica.port != old_master
             return load, recovered, seen
@@ -181,7 +191,7 @@ def test_a_version_rollout_never_serves_an_old_answer_from_any_replicas_near_cac
 
         async def scenario() -> tuple[list[Load], float]:
             make = lambda n: mlp_request(1, seed=n % seeds, model="roll")  # noqa: E731
-            loads = [Load(gw.address, make, concurrency=3, limit=2000) for gw in replicas]
+            loads = [Load(gw.address, make, concurrency=3, limit=OUTLAST) for gw in replicas]
             for load in loads:
                 await load.__aenter__()
             try:
