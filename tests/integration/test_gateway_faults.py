@@ -22,7 +22,14 @@ from ferry._proto.ferry.v1 import admin_pb2, admin_pb2_grpc
 from ferry._proto.inference import grpc_service_pb2 as pb
 from ferry._proto.inference import grpc_service_pb2_grpc as pb_grpc
 from ferry.client.inference import build_request
-from tests.integration.test_gateway import Load, mlp_request, start_gateway, start_workers, wait_until
+from tests.integration.test_gateway import (
+    OUTLAST,
+    Load,
+    mlp_request,
+    start_gateway,
+    start_workers,
+    wait_until,
+)
 from tests.support.deps import require_binary
 from tests.support.gate import HELD_ROWS, held_config, until_metric
 from tests.support.models import export_mlp, publish
@@ -133,13 +140,14 @@ def test_redis_killed_mid_load_fails_nothing(cluster: dict[str, Any]) -> None:
     before = cache_stats(cluster)
 
     async def scenario() -> Load:
-        async with cached_load(cluster, concurrency=6, limit=3000) as load:
+        async with cached_load(cluster, concurrency=6, limit=OUTLAST) as load:
             # the breaker half-opens, a trial succeeds, the cache fills and answers
             deadline = asyncio.get_running_loop().time() + 30
             while cache_stats(cluster).hits == before.hits and asyncio.get_running_loop().time() < deadline:
                 await load.until(20)
             redis.stop()
             await load.until(300)
+            assert load.running, "the load ended before Redis was killed"
         return load
 
     load = asyncio.run(scenario())
